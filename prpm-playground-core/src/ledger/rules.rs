@@ -1,0 +1,742 @@
+//! The ledger's rules as one pure function: `apply(config, snapshot, command, now)` returns the
+//! new account state and the log entries to append, or a rejection. No I/O: both backends call
+//! it inside their own transactions, so the rules cannot differ between them.
+//!
+//! Rules (see README "Bucket rules"):
+//! * Buckets are spent in the configured order; inside the rollover bucket the lot that expires
+//!   first is spent first.
+//! * Expired holds and expired credits are removed lazily by every command on the account (as
+//!   `expire_hold` / `expire_credits` entries) and by the sweep job, so expired credits are
+//!   never spent even if the job is late.
+//! * A hold reserves credits without taking them from a bucket; `available = total - held`.
+//!   A hold (and a spend while holds are open) may only count credits that outlive every open
+//!   hold's deadline, which guarantees that a settle always finds the credits it reserved.
+
+use chrono::{DateTime, Months, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::types::*;
+use crate::error::{Error, Result};
+
+/// Placeholder for the id of a hold created by the same transition.
+pub const NEW_HOLD: HoldId = HoldId(0);
+/// At most this many missed periods are processed by one rollover step.
+const MAX_PERIODS_PER_STEP: u32 = 36;
+
+/// Ledger settings shared by both backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerConfig {
+    pub spend_order: SpendOrder,
+    /// Credits a new user gets (purchased bucket, source bonus).
+    pub signup_credits_user: Credits,
+    /// Credits a verified organisation gets.
+    pub signup_credits_org: Credits,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { spend_order: SpendOrder::DEFAULT, signup_credits_user: 5, signup_credits_org: 200 }
+    }
+}
+
+/// Credits in the rollover bucket that share one expiry date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lot {
+    pub amount: Credits,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A subscription plan as the ledger tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanState {
+    pub monthly_credits: Credits,
+    /// False once the plan was ended: no allocation at the next period end.
+    pub active: bool,
+    pub period_end: DateTime<Utc>,
+}
+
+/// An account's stored state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    pub kind: AccountKind,
+    pub monthly: Credits,
+    pub purchased: Credits,
+    /// Sorted by expiry, every amount positive, at most [`MAX_ROLLOVER_LOTS`].
+    pub rollover: Vec<Lot>,
+    pub held: Credits,
+    pub plan: Option<PlanState>,
+}
+
+impl AccountState {
+    pub fn new(kind: AccountKind) -> Self {
+        AccountState { kind, monthly: 0, purchased: 0, rollover: Vec::new(), held: 0, plan: None }
+    }
+    pub fn rollover_total(&self) -> Credits {
+        self.rollover.iter().map(|l| l.amount).sum()
+    }
+    pub fn balances(&self) -> Balances {
+        Balances { monthly: self.monthly, rollover: self.rollover_total(), purchased: self.purchased, held: self.held }
+    }
+    /// The earliest rollover expiry.
+    pub fn next_expiry(&self) -> Option<Lot> {
+        self.rollover.first().copied()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenHold {
+    pub id: HoldId,
+    pub amount: Credits,
+    pub deadline: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    Open,
+    Settled,
+    Released,
+    Expired,
+}
+
+impl HoldStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Open => "open",
+            HoldStatus::Settled => "settled",
+            HoldStatus::Released => "released",
+            HoldStatus::Expired => "expired",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "open" => HoldStatus::Open,
+            "settled" => HoldStatus::Settled,
+            "released" => HoldStatus::Released,
+            "expired" => HoldStatus::Expired,
+            _ => return Err(Error::Invariant(format!("unknown hold status {s:?}"))),
+        })
+    }
+}
+
+/// The hold a settle or release names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldRecord {
+    pub id: HoldId,
+    pub amount: Credits,
+    pub deadline: DateTime<Utc>,
+    pub status: HoldStatus,
+}
+
+/// The charge a refund names, with what was refunded of it so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChargeRecord {
+    pub id: EntryId,
+    pub kind: EntryKind,
+    /// Credits taken per bucket (positive).
+    pub charged: BucketAmounts,
+    /// The latest rollover expiry the charge consumed.
+    pub rollover_expires_at: Option<DateTime<Utc>>,
+    /// Credits given back so far per bucket (positive).
+    pub refunded: BucketAmounts,
+}
+
+/// What the backend loads for one command.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The account (for settle/release: the hold's account); `None` if it does not exist.
+    pub state: Option<AccountState>,
+    /// The account's open holds (including ones past their deadline, not yet swept).
+    pub open_holds: Vec<OpenHold>,
+    /// For settle and release.
+    pub hold: Option<HoldRecord>,
+    /// For refunds: the named entry if it is a charge of this account.
+    pub charge: Option<ChargeRecord>,
+}
+
+/// A log entry to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    pub kind: EntryKind,
+    pub delta: BucketAmounts,
+    pub held_delta: Credits,
+    /// Total credits (all buckets) after this entry.
+    pub balance_after: Credits,
+    pub held_after: Credits,
+    pub source: Option<GrantSource>,
+    /// [`NEW_HOLD`] stands for the hold this transition creates.
+    pub hold: Option<HoldId>,
+    pub ref_entry: Option<EntryId>,
+    pub reference: String,
+    /// For rollover credits entering (grant, rollover, refund) or leaving (spend, settle):
+    /// the expiry of the lot (the latest one, for charges).
+    pub rollover_expires_at: Option<DateTime<Utc>>,
+    /// The command's main entry (its id goes into the effect).
+    pub main: bool,
+}
+
+impl NewEntry {
+    fn new(kind: EntryKind) -> Self {
+        NewEntry {
+            kind,
+            delta: BucketAmounts::default(),
+            held_delta: 0,
+            balance_after: 0,
+            held_after: 0,
+            source: None,
+            hold: None,
+            ref_entry: None,
+            reference: String::new(),
+            rollover_expires_at: None,
+            main: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewHold {
+    pub amount: Credits,
+    pub deadline: DateTime<Utc>,
+    pub reference: String,
+}
+
+/// What the backend must write for an applied command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub state: AccountState,
+    pub entries: Vec<NewEntry>,
+    pub new_hold: Option<NewHold>,
+    pub closed_holds: Vec<(HoldId, HoldStatus)>,
+    pub usage: Option<Usage>,
+    pub effect: Effect,
+}
+
+/// Applies `cmd` to `snap` at `now`. `Err` is a bad request or a broken invariant;
+/// `Ok(Err(_))` an expected refusal; `Ok(Ok(_))` what to write.
+pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<Utc>) -> Result<Result<Transition, Rejection>> {
+    cmd.validate()?;
+    if let Command::CreateAccount(c) = cmd {
+        if snap.state.is_some() {
+            return Ok(Err(Rejection::AccountExists));
+        }
+        let mut tx = Tx::new(cfg, AccountState::new(c.kind), Vec::new(), now);
+        let granted = match c.kind {
+            AccountKind::User => cfg.signup_credits_user,
+            AccountKind::Organisation => cfg.signup_credits_org,
+        };
+        if granted > 0 {
+            tx.grant(Bucket::Purchased, granted, GrantSource::Bonus, None, "signup".into())?;
+        }
+        let effect = Effect::AccountCreated { granted, balances: tx.s.balances() };
+        return tx.finish(effect);
+    }
+    // Settle and release name a hold: an unknown hold is a rejection, not an unknown account.
+    if let Some(hold_id) = cmd.hold() {
+        let Some(hold) = snap.hold else { return Ok(Err(Rejection::UnknownHold(hold_id))) };
+        match hold.status {
+            HoldStatus::Open if hold.deadline > now => {}
+            HoldStatus::Open | HoldStatus::Expired => return Ok(Err(Rejection::HoldExpired(hold_id))),
+            HoldStatus::Settled => return Ok(Err(Rejection::AlreadySettled(hold_id))),
+            HoldStatus::Released => return Ok(Err(Rejection::AlreadyReleased(hold_id))),
+        }
+    }
+    let state = match (&snap.state, cmd.account()) {
+        (Some(s), _) => s.clone(),
+        (None, Some(a)) => return Err(Error::UnknownAccount(a.to_string())),
+        (None, None) => return Err(Error::Invariant("hold without an account".into())),
+    };
+    let mut tx = Tx::new(cfg, state, snap.open_holds.clone(), now);
+    tx.normalize()?;
+
+    let effect = match cmd {
+        Command::CreateAccount(_) => unreachable!("handled above"),
+        Command::Grant(c) => {
+            let expires_at = match c.bucket {
+                Bucket::Rollover => {
+                    let max = add_month(now)?;
+                    let at = c.expires_at.unwrap_or(max);
+                    if at <= now || at > max {
+                        return Err(Error::invalid("expires_at", "rollover credits must expire within one month from now"));
+                    }
+                    Some(at)
+                }
+                _ => None,
+            };
+            tx.grant(c.bucket, c.amount, c.source, expires_at, c.reference.clone())?;
+            Effect::Granted { entry: EntryId(0), balances: tx.s.balances() }
+        }
+        Command::Hold(c) => {
+            let deadline = now + chrono::Duration::seconds(c.ttl_secs.into());
+            let horizon = tx.horizon().max(deadline);
+            let available = tx.usable(horizon) - tx.s.held;
+            if c.amount > available {
+                return Ok(Err(Rejection::InsufficientCredits { needed: c.amount, available: available.max(0) }));
+            }
+            tx.s.held += c.amount;
+            tx.holds.push(OpenHold { id: NEW_HOLD, amount: c.amount, deadline });
+            tx.new_hold = Some(NewHold { amount: c.amount, deadline, reference: c.reference.clone() });
+            let mut e = NewEntry::new(EntryKind::Hold);
+            e.held_delta = c.amount;
+            e.hold = Some(NEW_HOLD);
+            e.reference = c.reference.clone();
+            e.main = true;
+            tx.push(e);
+            Effect::Held { hold: NEW_HOLD, amount: c.amount, deadline, balances: tx.s.balances() }
+        }
+        Command::Settle(c) => {
+            let hold = tx.close_hold(c.hold, HoldStatus::Settled)?;
+            let charge = c.credits.min(hold.amount);
+            let (charged, expiry) = tx.take(charge)?;
+            let mut e = NewEntry::new(EntryKind::Settle);
+            e.delta = charged.neg();
+            e.held_delta = -hold.amount;
+            e.hold = Some(c.hold);
+            e.rollover_expires_at = expiry;
+            e.main = true;
+            tx.push(e);
+            tx.usage = c.usage.clone();
+            Effect::Settled {
+                hold: c.hold,
+                entry: EntryId(0),
+                charged,
+                released: hold.amount - charge,
+                capped: c.credits > hold.amount,
+                balances: tx.s.balances(),
+            }
+        }
+        Command::Release(c) => {
+            let hold = tx.close_hold(c.hold, HoldStatus::Released)?;
+            let mut e = NewEntry::new(EntryKind::Release);
+            e.held_delta = -hold.amount;
+            e.hold = Some(c.hold);
+            e.main = true;
+            tx.push(e);
+            Effect::Released { hold: c.hold, released: hold.amount, balances: tx.s.balances() }
+        }
+        Command::Spend(c) => {
+            let available = tx.usable(tx.horizon()) - tx.s.held;
+            if c.amount > available {
+                return Ok(Err(Rejection::InsufficientCredits { needed: c.amount, available: available.max(0) }));
+            }
+            let (charged, expiry) = tx.take(c.amount)?;
+            let mut e = NewEntry::new(EntryKind::Spend);
+            e.delta = charged.neg();
+            e.reference = c.reference.clone();
+            e.rollover_expires_at = expiry;
+            e.main = true;
+            tx.push(e);
+            tx.usage = c.usage.clone();
+            Effect::Spent { entry: EntryId(0), charged, balances: tx.s.balances() }
+        }
+        Command::Refund(c) => {
+            let Some(charge) = snap.charge.filter(|ch| ch.id == c.entry && matches!(ch.kind, EntryKind::Spend | EntryKind::Settle)) else {
+                return Ok(Err(Rejection::NotACharge(c.entry)));
+            };
+            let refundable = charge.charged.total() - charge.refunded.total();
+            if c.amount > refundable {
+                return Ok(Err(Rejection::RefundExceedsCharge { requested: c.amount, refundable }));
+            }
+            // Last taken, first returned: walk the spend order backwards.
+            let mut returned = BucketAmounts::default();
+            let mut left = c.amount;
+            for b in cfg.spend_order.buckets().into_iter().rev() {
+                let n = left.min(charge.charged.get(b) - charge.refunded.get(b));
+                *returned.get_mut(b) = n;
+                left -= n;
+            }
+            debug_assert_eq!(left, 0);
+            let rollover_expiry = charge.rollover_expires_at;
+            if returned.rollover > 0 && rollover_expiry.is_none() {
+                return Err(Error::Invariant(format!("charge {:?} took rollover credits without an expiry", charge.id)));
+            }
+            tx.add(Bucket::Monthly, returned.monthly)?;
+            tx.add(Bucket::Purchased, returned.purchased)?;
+            if returned.rollover > 0 {
+                tx.add_lot(returned.rollover, rollover_expiry.expect("checked"))?;
+            }
+            let mut e = NewEntry::new(EntryKind::Refund);
+            e.delta = returned;
+            e.ref_entry = Some(c.entry);
+            e.reference = c.reference.clone();
+            e.rollover_expires_at = rollover_expiry.filter(|_| returned.rollover > 0);
+            e.main = true;
+            tx.push(e);
+            // Rollover credits whose lot has expired meanwhile expire again at once.
+            tx.expire_lots()?;
+            Effect::Refunded { entry: EntryId(0), returned, balances: tx.s.balances() }
+        }
+        Command::Clawback(c) => {
+            // Never take credits that back an open hold: clamp at what is free.
+            let horizon = tx.horizon();
+            let slack = (tx.usable(horizon) - tx.s.held).max(0);
+            let (in_bucket, not_backing) = match c.bucket {
+                Bucket::Monthly => (tx.s.monthly, 0),
+                Bucket::Purchased => (tx.s.purchased, 0),
+                Bucket::Rollover => {
+                    let short: Credits = tx.s.rollover.iter().filter(|l| l.expires_at <= horizon).map(|l| l.amount).sum();
+                    (tx.s.rollover_total(), short)
+                }
+            };
+            let n = c.amount.min(in_bucket).min(not_backing + slack);
+            let mut taken = BucketAmounts::default();
+            let mut entry = None;
+            if n > 0 {
+                match c.bucket {
+                    Bucket::Rollover => {
+                        tx.take_rollover(n);
+                    }
+                    b => tx.add(b, -n)?,
+                }
+                taken = BucketAmounts::only(c.bucket, n);
+                let mut e = NewEntry::new(EntryKind::Clawback);
+                e.delta = taken.neg();
+                e.reference = c.reference.clone();
+                e.main = true;
+                tx.push(e);
+                entry = Some(EntryId(0));
+            }
+            Effect::ClawedBack { entry, taken, shortfall: c.amount - n, balances: tx.s.balances() }
+        }
+        Command::SetPlan(c) => {
+            let mut granted = 0;
+            match (c.plan, tx.s.plan) {
+                (Some(terms), current) => {
+                    if terms.period_end <= now {
+                        return Err(Error::invalid("period_end", "must be in the future"));
+                    }
+                    tx.s.plan = Some(PlanState { monthly_credits: terms.monthly_credits, active: true, period_end: terms.period_end });
+                    if current.is_none() && terms.monthly_credits > 0 {
+                        tx.grant(Bucket::Monthly, terms.monthly_credits, GrantSource::Plan, None, format!("period:{}", terms.period_end.to_rfc3339()))?;
+                        granted = terms.monthly_credits;
+                    }
+                }
+                (None, Some(mut p)) => {
+                    p.active = false;
+                    tx.s.plan = Some(p);
+                }
+                (None, None) => {}
+            }
+            Effect::PlanSet { granted, balances: tx.s.balances() }
+        }
+        Command::Rollover { .. } => {
+            let Some(plan) = tx.s.plan.filter(|p| p.period_end <= now) else {
+                return Ok(Err(Rejection::NothingDue));
+            };
+            if !tx.holds.is_empty() {
+                return Ok(Err(Rejection::HoldsOpen));
+            }
+            let (mut moved, mut expired, mut granted, mut periods) = (0, 0, 0, 0);
+            let mut plan = Some(plan);
+            while let Some(p) = plan.filter(|p| p.period_end <= now && periods < MAX_PERIODS_PER_STEP) {
+                let t = p.period_end;
+                let next = add_month(t)?;
+                tx.expire_lots_at(t)?;
+                let keep = tx.s.monthly.min(p.monthly_credits);
+                let excess = tx.s.monthly - keep;
+                if keep > 0 {
+                    tx.s.monthly -= keep;
+                    tx.add_lot(keep, next)?;
+                    let mut e = NewEntry::new(EntryKind::Rollover);
+                    e.delta = BucketAmounts { monthly: -keep, rollover: keep, purchased: 0 };
+                    e.reference = format!("period:{}", t.to_rfc3339());
+                    e.rollover_expires_at = Some(next);
+                    tx.push(e);
+                }
+                if excess > 0 {
+                    tx.s.monthly -= excess;
+                    let mut e = NewEntry::new(EntryKind::ExpireCredits);
+                    e.delta = BucketAmounts::only(Bucket::Monthly, -excess);
+                    e.reference = format!("rollover cap, period:{}", t.to_rfc3339());
+                    tx.push(e);
+                }
+                if p.active {
+                    if p.monthly_credits > 0 {
+                        tx.grant(Bucket::Monthly, p.monthly_credits, GrantSource::Plan, None, format!("period:{}", next.to_rfc3339()))?;
+                    }
+                    granted += p.monthly_credits;
+                    plan = Some(PlanState { period_end: next, ..p });
+                } else {
+                    plan = None;
+                }
+                moved += keep;
+                expired += excess;
+                periods += 1;
+            }
+            tx.s.plan = plan;
+            tx.expire_lots()?;
+            Effect::RolledOver { periods, moved, expired, granted, balances: tx.s.balances() }
+        }
+        Command::Sweep { .. } => {
+            if tx.entries.is_empty() {
+                return Ok(Err(Rejection::NothingDue));
+            }
+            Effect::Swept { holds_expired: tx.holds_expired, credits_expired: tx.expired_credits, balances: tx.s.balances() }
+        }
+    };
+    tx.finish(effect)
+}
+
+/// Adds one calendar month (clamped to the month's last day).
+pub fn add_month(t: DateTime<Utc>) -> Result<DateTime<Utc>> {
+    t.checked_add_months(Months::new(1)).ok_or_else(|| Error::invalid("time", "out of range"))
+}
+
+/// The account as it stands at `now` (expired holds and credits removed), without writing.
+pub fn view_at(state: &AccountState, open_holds: &[OpenHold], now: DateTime<Utc>) -> (AccountState, Vec<OpenHold>) {
+    let cfg = LedgerConfig::default();
+    let mut tx = Tx::new(&cfg, state.clone(), open_holds.to_vec(), now);
+    // normalize only removes; it cannot fail on a valid state.
+    if tx.normalize().is_err() {
+        return (state.clone(), open_holds.to_vec());
+    }
+    (tx.s, tx.holds)
+}
+
+/// The credits that may back a hold living until `horizon`: buckets that do not expire plus
+/// rollover lots that outlive it.
+pub fn usable_at(state: &AccountState, horizon: DateTime<Utc>) -> Credits {
+    state.monthly + state.purchased + state.rollover.iter().filter(|l| l.expires_at > horizon).map(|l| l.amount).sum::<Credits>()
+}
+
+/// Checks a stored state's own invariants (used by verify and debug assertions).
+pub fn check_state(state: &AccountState, open_holds: &[OpenHold]) -> std::result::Result<(), String> {
+    if state.monthly < 0 || state.purchased < 0 || state.held < 0 {
+        return Err(format!("negative bucket or held: {:?}", state.balances()));
+    }
+    if state.rollover.iter().any(|l| l.amount <= 0) {
+        return Err("empty or negative rollover lot".into());
+    }
+    if state.rollover.windows(2).any(|w| w[0].expires_at >= w[1].expires_at) {
+        return Err("rollover lots not sorted by expiry".into());
+    }
+    if state.rollover.len() > MAX_ROLLOVER_LOTS {
+        return Err("too many rollover lots".into());
+    }
+    let held: Credits = open_holds.iter().map(|h| h.amount).sum();
+    if held != state.held {
+        return Err(format!("held {} but open holds sum to {held}", state.held));
+    }
+    Ok(())
+}
+
+struct Tx<'c> {
+    cfg: &'c LedgerConfig,
+    s: AccountState,
+    holds: Vec<OpenHold>,
+    entries: Vec<NewEntry>,
+    closed: Vec<(HoldId, HoldStatus)>,
+    new_hold: Option<NewHold>,
+    usage: Option<Usage>,
+    now: DateTime<Utc>,
+    holds_expired: u32,
+    expired_credits: Credits,
+}
+
+impl<'c> Tx<'c> {
+    fn new(cfg: &'c LedgerConfig, s: AccountState, holds: Vec<OpenHold>, now: DateTime<Utc>) -> Self {
+        Tx { cfg, s, holds, entries: Vec::new(), closed: Vec::new(), new_hold: None, usage: None, now, holds_expired: 0, expired_credits: 0 }
+    }
+
+    /// Appends an entry, stamping the balances after it.
+    fn push(&mut self, mut e: NewEntry) {
+        e.balance_after = self.s.monthly + self.s.rollover_total() + self.s.purchased;
+        e.held_after = self.s.held;
+        self.entries.push(e);
+    }
+
+    fn total(&self) -> Credits {
+        self.s.monthly + self.s.rollover_total() + self.s.purchased
+    }
+
+    /// The latest deadline of the open holds (at least now).
+    fn horizon(&self) -> DateTime<Utc> {
+        self.holds.iter().map(|h| h.deadline).max().unwrap_or(self.now).max(self.now)
+    }
+
+    fn usable(&self, horizon: DateTime<Utc>) -> Credits {
+        usable_at(&self.s, horizon)
+    }
+
+    /// Returns holds past their deadline and removes credits past their expiry.
+    fn normalize(&mut self) -> Result<()> {
+        let now = self.now;
+        let (expired, open): (Vec<_>, Vec<_>) = self.holds.iter().partition(|h| h.deadline <= now);
+        self.holds = open;
+        for h in expired {
+            self.s.held -= h.amount;
+            self.closed.push((h.id, HoldStatus::Expired));
+            self.holds_expired += 1;
+            let mut e = NewEntry::new(EntryKind::ExpireHold);
+            e.held_delta = -h.amount;
+            e.hold = Some(h.id);
+            self.push(e);
+        }
+        self.expire_lots()
+    }
+
+    fn expire_lots(&mut self) -> Result<()> {
+        self.expire_lots_at(self.now)
+    }
+
+    fn expire_lots_at(&mut self, t: DateTime<Utc>) -> Result<()> {
+        while let Some(lot) = self.s.rollover.first().copied().filter(|l| l.expires_at <= t) {
+            self.s.rollover.remove(0);
+            self.expired_credits += lot.amount;
+            let mut e = NewEntry::new(EntryKind::ExpireCredits);
+            e.delta = BucketAmounts::only(Bucket::Rollover, -lot.amount);
+            e.rollover_expires_at = Some(lot.expires_at);
+            self.push(e);
+        }
+        Ok(())
+    }
+
+    /// Adds `n` (possibly negative) to a bucket without an expiry.
+    fn add(&mut self, b: Bucket, n: Credits) -> Result<()> {
+        let slot = match b {
+            Bucket::Monthly => &mut self.s.monthly,
+            Bucket::Purchased => &mut self.s.purchased,
+            Bucket::Rollover => return Err(Error::Invariant("rollover credits need a lot".into())),
+        };
+        let v = *slot + n;
+        if v > MAX_BUCKET_CREDITS {
+            return Err(Error::invalid("amount", format!("the {} bucket would exceed {MAX_BUCKET_CREDITS}", b.as_str())));
+        }
+        if v < 0 {
+            return Err(Error::Invariant(format!("the {} bucket would go negative", b.as_str())));
+        }
+        *slot = v;
+        Ok(())
+    }
+
+    fn add_lot(&mut self, n: Credits, expires_at: DateTime<Utc>) -> Result<()> {
+        if self.s.rollover_total() + n > MAX_BUCKET_CREDITS {
+            return Err(Error::invalid("amount", format!("the rollover bucket would exceed {MAX_BUCKET_CREDITS}")));
+        }
+        match self.s.rollover.binary_search_by_key(&expires_at, |l| l.expires_at) {
+            Ok(i) => self.s.rollover[i].amount += n,
+            Err(i) => {
+                if self.s.rollover.len() >= MAX_ROLLOVER_LOTS {
+                    return Err(Error::invalid("expires_at", format!("at most {MAX_ROLLOVER_LOTS} distinct rollover expiry dates")));
+                }
+                self.s.rollover.insert(i, Lot { amount: n, expires_at });
+            }
+        }
+        Ok(())
+    }
+
+    fn grant(&mut self, b: Bucket, n: Credits, source: GrantSource, expires_at: Option<DateTime<Utc>>, reference: String) -> Result<()> {
+        match (b, expires_at) {
+            (Bucket::Rollover, Some(at)) => self.add_lot(n, at)?,
+            (Bucket::Rollover, None) => return Err(Error::Invariant("rollover grant without expiry".into())),
+            (b, _) => self.add(b, n)?,
+        }
+        let mut e = NewEntry::new(EntryKind::Grant);
+        e.delta = BucketAmounts::only(b, n);
+        e.source = Some(source);
+        e.reference = reference;
+        e.rollover_expires_at = expires_at;
+        e.main = true;
+        self.push(e);
+        Ok(())
+    }
+
+    /// Takes up to `n` from the rollover lots, earliest expiry first; returns the amount taken
+    /// and the latest expiry touched.
+    fn take_rollover(&mut self, n: Credits) -> (Credits, Option<DateTime<Utc>>) {
+        let mut left = n;
+        let mut latest = None;
+        while left > 0 {
+            let Some(lot) = self.s.rollover.first_mut() else { break };
+            let k = left.min(lot.amount);
+            lot.amount -= k;
+            left -= k;
+            latest = Some(lot.expires_at);
+            if lot.amount == 0 {
+                self.s.rollover.remove(0);
+            }
+        }
+        (n - left, latest)
+    }
+
+    /// Takes `n` credits in spend order. The caller has checked there are enough.
+    fn take(&mut self, n: Credits) -> Result<(BucketAmounts, Option<DateTime<Utc>>)> {
+        if n > self.total() {
+            return Err(Error::Invariant(format!("charge of {n} exceeds the {} credits left", self.total())));
+        }
+        let mut taken = BucketAmounts::default();
+        let mut expiry = None;
+        let mut left = n;
+        for b in self.cfg.spend_order.buckets() {
+            if left == 0 {
+                break;
+            }
+            let k = match b {
+                Bucket::Rollover => {
+                    let (k, at) = self.take_rollover(left);
+                    expiry = at.filter(|_| k > 0);
+                    k
+                }
+                Bucket::Monthly => {
+                    let k = left.min(self.s.monthly);
+                    self.s.monthly -= k;
+                    k
+                }
+                Bucket::Purchased => {
+                    let k = left.min(self.s.purchased);
+                    self.s.purchased -= k;
+                    k
+                }
+            };
+            *taken.get_mut(b) = k;
+            left -= k;
+        }
+        debug_assert_eq!(left, 0);
+        Ok((taken, expiry))
+    }
+
+    fn close_hold(&mut self, id: HoldId, status: HoldStatus) -> Result<OpenHold> {
+        let i = self
+            .holds
+            .iter()
+            .position(|h| h.id == id)
+            .ok_or_else(|| Error::Invariant(format!("hold {id:?} is open but not among the account's open holds")))?;
+        let hold = self.holds.remove(i);
+        self.s.held -= hold.amount;
+        self.closed.push((id, status));
+        Ok(hold)
+    }
+
+    fn finish(self, mut effect: Effect) -> Result<Result<Transition, Rejection>> {
+        // Every transition keeps the invariants; a failure here is a bug, never a partial write.
+        check_state(&self.s, &self.holds).map_err(Error::Invariant)?;
+        if self.usable(self.horizon()) < self.s.held {
+            return Err(Error::Invariant("open holds are no longer backed by credits".into()));
+        }
+        // Balances reported are the final ones (lazy expiry may follow the main entry).
+        set_balances(&mut effect, self.s.balances());
+        Ok(Ok(Transition {
+            state: self.s,
+            entries: self.entries,
+            new_hold: self.new_hold,
+            closed_holds: self.closed,
+            usage: self.usage,
+            effect,
+        }))
+    }
+}
+
+fn set_balances(effect: &mut Effect, b: Balances) {
+    match effect {
+        Effect::AccountCreated { balances, .. }
+        | Effect::Granted { balances, .. }
+        | Effect::Held { balances, .. }
+        | Effect::Settled { balances, .. }
+        | Effect::Released { balances, .. }
+        | Effect::Spent { balances, .. }
+        | Effect::Refunded { balances, .. }
+        | Effect::ClawedBack { balances, .. }
+        | Effect::PlanSet { balances, .. }
+        | Effect::RolledOver { balances, .. }
+        | Effect::Swept { balances, .. } => *balances = b,
+    }
+}

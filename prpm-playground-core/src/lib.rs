@@ -1,0 +1,28 @@
+//! # prpm-playground-core
+//!
+//! Prices, gates, meters and bills LLM runs with a three-bucket credit ledger (monthly,
+//! rollover, purchased), two-phase holds, idempotent mutations and an append-only log, over
+//! SQLite (embedded default) or PostgreSQL.
+//!
+//! * [`pricing`]: pure token pricing (credits, USD, estimates, request cap).
+//! * [`ledger`]: the ledger's vocabulary and its rules as a pure function.
+//! * [`store`]: the [`Store`] trait and the SQLite backend.
+//! * [`jobs`]: maintenance steps (hold expiry, rollover, rollover expiry) over any store.
+//! * [`history`]: CSV export of the transaction log.
+//! * [`conformance`]: the behaviour every backend must show, as library code.
+
+pub mod clock;
+pub mod conformance;
+pub mod error;
+pub mod history;
+pub mod jobs;
+pub mod ledger;
+pub mod pricing;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, Result};
+pub use ledger::*;
+pub use pricing::{Estimate, EstimateRequest, PriceTable, Pricing, Quote, TokenUsage};
+pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
+pub use store::{BalanceView, Due, Entry, HistoryPage, HistoryQuery, Store, UsageRow, VerifyReport};

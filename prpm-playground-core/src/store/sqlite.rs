@@ -1,0 +1,896 @@
+//! The SQLite backend: one file in WAL mode (or in memory), one writer thread that commits
+//! concurrent commands in groups, and a small pool of read connections.
+//!
+//! Group commit: the writer takes every command queued (up to `max_batch`), applies each in its
+//! own savepoint inside one `BEGIN IMMEDIATE` transaction, commits once (one fsync with
+//! `synchronous=FULL`) and then answers every caller with its own outcome. A command that fails
+//! rolls back its savepoint only; if the commit itself fails every caller of the batch gets the
+//! error and nothing of the batch is written.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::clock::{SystemClock, to_millis};
+use crate::ledger::rules::{self, ChargeRecord, HoldRecord, NEW_HOLD, OpenHold, Snapshot, Transition};
+
+mod embedded {
+    refinery::embed_migrations!("../migrations/sqlite");
+}
+
+/// `PRAGMA application_id` of our files ("PRPM").
+pub const APPLICATION_ID: i32 = 0x5052_504D;
+const MAX_DISCREPANCIES: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// fsync on every commit (durable against power loss). The default.
+    Full,
+    /// fsync at checkpoints only (durable against process crashes, not power loss).
+    Normal,
+}
+
+/// How to open a SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The database file; `None` for an in-memory database.
+    pub path: Option<PathBuf>,
+    pub synchronous: Synchronous,
+    /// How long a connection waits for a lock held by another process.
+    pub busy_timeout: Duration,
+    /// Most commands committed in one transaction.
+    pub max_batch: usize,
+    /// Read connections (file databases only; in memory, reads go through the writer).
+    pub readers: usize,
+    pub ledger: LedgerConfig,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl SqliteOptions {
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        SqliteOptions { path: Some(path.into()), ..SqliteOptions::memory() }
+    }
+    pub fn memory() -> Self {
+        SqliteOptions {
+            path: None,
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            max_batch: 512,
+            readers: 4,
+            ledger: LedgerConfig::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+    pub fn ledger(mut self, ledger: LedgerConfig) -> Self {
+        self.ledger = ledger;
+        self
+    }
+    pub fn synchronous(mut self, s: Synchronous) -> Self {
+        self.synchronous = s;
+        self
+    }
+}
+
+type ReadFn = Box<dyn FnOnce(&Connection) + Send>;
+
+enum Job {
+    Exec(Command, oneshot::Sender<Result<Outcome>>),
+    Read(ReadFn),
+}
+
+struct ReadPool {
+    path: PathBuf,
+    busy_timeout: Duration,
+    idle: Mutex<Vec<Connection>>,
+    max_idle: usize,
+}
+
+impl ReadPool {
+    fn get(&self) -> Result<Connection> {
+        if let Some(c) = self.idle.lock().unwrap().pop() {
+            return Ok(c);
+        }
+        let c = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        c.busy_timeout(self.busy_timeout)?;
+        c.pragma_update(None, "query_only", true)?;
+        Ok(c)
+    }
+    fn put(&self, c: Connection) {
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < self.max_idle {
+            idle.push(c);
+        }
+    }
+}
+
+/// The SQLite store. Cheap to share behind an `Arc`; dropping it stops the writer thread after
+/// the commands already queued.
+pub struct SqliteStore {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Option<Arc<ReadPool>>,
+    clock: Arc<dyn Clock>,
+    ledger: LedgerConfig,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.readers.as_ref().map(|r| &r.path)).finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) a database file with the default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        SqliteStore::open_with(SqliteOptions::file(path.as_ref()))
+    }
+
+    /// Opens a fresh in-memory database.
+    pub fn open_in_memory() -> Result<Self> {
+        SqliteStore::open_with(SqliteOptions::memory())
+    }
+
+    /// Opens a store: checks the file is ours and not newer than this code, switches to WAL,
+    /// applies pending migrations, starts the writer.
+    pub fn open_with(opts: SqliteOptions) -> Result<Self> {
+        if opts.max_batch == 0 {
+            return Err(Error::invalid("max_batch", "must be at least 1"));
+        }
+        let mut conn = match &opts.path {
+            Some(path) => {
+                check_header(path)?;
+                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+            }
+            None => Connection::open_in_memory()?,
+        };
+        conn.busy_timeout(opts.busy_timeout)?;
+        check_ours(&conn)?;
+        if opts.path.is_some() {
+            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::Backend(format!("could not switch to WAL (journal_mode is {mode})")));
+            }
+        }
+        let sync = match opts.synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        embedded::migrations::runner()
+            .set_abort_divergent(true)
+            .set_abort_missing(true)
+            .run(&mut conn)
+            .map_err(|e| Error::Backend(format!("migration failed: {e}")))?;
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+
+        let (tx, rx) = mpsc::channel();
+        let clock = opts.clock.clone();
+        let ledger = opts.ledger.clone();
+        let max_batch = opts.max_batch;
+        let writer = std::thread::Builder::new()
+            .name("prpm-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch))
+            .map_err(|e| Error::Backend(format!("cannot start the writer thread: {e}")))?;
+        let readers = opts.path.as_ref().filter(|_| opts.readers > 0).map(|p| {
+            Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers })
+        });
+        Ok(SqliteStore { jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), readers, clock: opts.clock, ledger: opts.ledger })
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        let jobs = self.jobs.lock().unwrap();
+        jobs.as_ref().ok_or(Error::Closed)?.send(job).map_err(|_| Error::Closed)
+    }
+
+    /// Runs `f` on a read connection (or on the writer for in-memory databases).
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        match &self.readers {
+            Some(pool) => {
+                let pool = pool.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = pool.get()?;
+                    let r = f(&conn);
+                    pool.put(conn);
+                    r
+                })
+                .await
+                .map_err(|e| Error::Backend(format!("read task failed: {e}")))?
+            }
+            None => {
+                let (tx, rx) = oneshot::channel();
+                self.send(Job::Read(Box::new(move |c| {
+                    let _ = tx.send(f(c));
+                })))?;
+                rx.await.map_err(|_| Error::Closed)?
+            }
+        }
+    }
+
+    /// Stops the writer after the queued commands and waits for it.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap().take();
+        if let Some(h) = self.writer.lock().unwrap().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn check_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::Backend(format!("{}: {e}", path.display()))),
+    };
+    let mut head = [0u8; 16];
+    let n = f.read(&mut head).map_err(|e| Error::Backend(format!("{}: {e}", path.display())))?;
+    if n == 0 {
+        return Ok(());
+    }
+    if n < 16 || &head != b"SQLite format 3\0" {
+        return Err(Error::NotOurDatabase(format!("{} is not a SQLite database", path.display())));
+    }
+    Ok(())
+}
+
+fn check_ours(conn: &Connection) -> Result<()> {
+    let app_id: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::NotADatabase => Error::NotOurDatabase(e.to_string()),
+        e => e.into(),
+    })?;
+    let tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        [],
+        |r| r.get(0),
+    )?;
+    if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
+        return Err(Error::NotOurDatabase(format!("application_id is {app_id:#x} and the file has {tables} tables of another application")));
+    }
+    if tables > 0 {
+        let found: Option<i64> = conn
+            .query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0))
+            .optional()?
+            .flatten();
+        let supported = embedded::migrations::runner().get_migrations().iter().map(|m| i64::from(m.version())).max().unwrap_or(0);
+        if let Some(found) = found.filter(|f| *f > supported) {
+            return Err(Error::SchemaTooNew { found, supported });
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ledger: LedgerConfig, max_batch: usize) {
+    let mut execs = Vec::with_capacity(max_batch);
+    let mut reads: Vec<ReadFn> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Exec(cmd, reply) => execs.push((cmd, reply)),
+                Job::Read(f) => reads.push(f),
+            }
+            if execs.len() < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !execs.is_empty() {
+            let now = to_millis(clock.now());
+            commit_batch(&mut conn, &mut execs, &ledger, now);
+        }
+        for f in reads.drain(..) {
+            f(&conn);
+        }
+    }
+}
+
+fn commit_batch(conn: &mut Connection, execs: &mut Vec<(Command, oneshot::Sender<Result<Outcome>>)>, ledger: &LedgerConfig, now: DateTime<Utc>) {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let msg = format!("cannot begin: {e}");
+            for (_, reply) in execs.drain(..) {
+                let _ = reply.send(Err(Error::Backend(msg.clone())));
+            }
+            return;
+        }
+    };
+    let mut results = Vec::with_capacity(execs.len());
+    for (cmd, reply) in execs.drain(..) {
+        let r = match tx.savepoint() {
+            Ok(mut sp) => {
+                let r = exec_one(&sp, &cmd, ledger, now);
+                if matches!(r, Ok(Ok(_))) {
+                    sp.commit().map_err(Error::from).and(r)
+                } else {
+                    let _ = sp.rollback();
+                    r
+                }
+            }
+            Err(e) => Err(e.into()),
+        };
+        results.push((reply, r));
+    }
+    match tx.commit() {
+        Ok(()) => {
+            for (reply, r) in results {
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            let msg = format!("commit failed: {e}");
+            for (reply, _) in results {
+                let _ = reply.send(Err(Error::Backend(msg.clone())));
+            }
+        }
+    }
+}
+
+/// 64-bit FNV-1a of the command's canonical form.
+fn fingerprint(cmd: &Command) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cmd.fingerprint().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn at(ms: i64) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms).ok_or(rusqlite::Error::IntegralValueOutOfRange(0, ms))
+}
+
+fn exec_one(conn: &Connection, cmd: &Command, ledger: &LedgerConfig, now: DateTime<Utc>) -> Result<Outcome> {
+    cmd.validate()?;
+    let fp = fingerprint(cmd);
+    if let Some(key) = cmd.key() {
+        let found: Option<(i64, String)> = conn
+            .prepare_cached("SELECT fingerprint, outcome FROM idempotency WHERE key = ?1")?
+            .query_row([key.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((stored, outcome)) = found {
+            if stored != fp {
+                return Err(Error::IdempotencyConflict { key: key.to_string() });
+            }
+            let effect: Effect = serde_json::from_str(&outcome).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
+            return Ok(Ok(Committed { effect, replayed: true }));
+        }
+    }
+
+    // Load the snapshot.
+    let mut snap = Snapshot::default();
+    let mut account_id: Option<i64> = None;
+    if let Some(hold_id) = cmd.hold() {
+        let row = conn
+            .prepare_cached("SELECT account_id, amount, deadline_ms, status FROM holds WHERE id = ?1")?
+            .query_row([hold_id.0], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)))
+            .optional()?;
+        if let Some((acc, amount, deadline, status)) = row {
+            snap.hold = Some(HoldRecord { id: hold_id, amount, deadline: at(deadline)?, status: rules::HoldStatus::parse(&status)? });
+            account_id = Some(acc);
+        }
+    }
+    let loaded = match (account_id, cmd.account()) {
+        (Some(id), _) => load_account_by_id(conn, id)?.map(|(ext, s)| (id, ext, s)),
+        (None, Some(ext)) => load_account(conn, ext)?.map(|(id, s)| (id, ext.clone(), s)),
+        (None, None) => None,
+    };
+    if let Some((id, _, state)) = loaded {
+        snap.open_holds = load_open_holds(conn, id)?;
+        snap.state = Some(state);
+        account_id = Some(id);
+        if let Command::Refund(r) = cmd {
+            snap.charge = load_charge(conn, id, r.entry)?;
+        }
+    }
+
+    let mut t = match rules::apply(ledger, &snap, cmd, now)? {
+        Ok(t) => t,
+        Err(rejection) => return Ok(Err(rejection)),
+    };
+
+    // Write the transition.
+    let account_id = match (account_id, cmd) {
+        (Some(id), _) => {
+            update_account(conn, id, &t.state, now)?;
+            id
+        }
+        (None, Command::CreateAccount(c)) => insert_account(conn, &c.account, &t.state, now)?,
+        (None, _) => return Err(Error::Invariant("transition without an account".into())),
+    };
+    write_transition(conn, account_id, &mut t, now)?;
+    if let Some(key) = cmd.key() {
+        let outcome = serde_json::to_string(&t.effect).expect("effects serialize");
+        conn.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![key.as_str(), fp, outcome, ms(now)])?;
+    }
+    Ok(Ok(Committed { effect: t.effect, replayed: false }))
+}
+
+fn write_transition(conn: &Connection, account_id: i64, t: &mut Transition, now: DateTime<Utc>) -> Result<()> {
+    let mut new_hold_id = None;
+    if let Some(h) = &t.new_hold {
+        conn.prepare_cached(
+            "INSERT INTO holds (account_id, amount, deadline_ms, status, reference, created_ms) VALUES (?1, ?2, ?3, 'open', ?4, ?5)",
+        )?
+        .execute(params![account_id, h.amount, ms(h.deadline), h.reference, ms(now)])?;
+        let id = HoldId(conn.last_insert_rowid());
+        t.effect.set_hold(id);
+        new_hold_id = Some(id);
+    }
+    for (id, status) in &t.closed_holds {
+        let n = conn
+            .prepare_cached("UPDATE holds SET status = ?2, closed_ms = ?3 WHERE id = ?1 AND status = 'open'")?
+            .execute(params![id.0, status.as_str(), ms(now)])?;
+        if n != 1 {
+            return Err(Error::Invariant(format!("hold {id:?} was not open")));
+        }
+    }
+    let mut main_entry = None;
+    {
+        let mut ins = conn.prepare_cached(
+            "INSERT INTO ledger_entries (account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )?;
+        for e in &t.entries {
+            let hold = e.hold.map(|h| if h == NEW_HOLD { new_hold_id.expect("new hold inserted") } else { h });
+            ins.execute(params![
+                account_id,
+                ms(now),
+                e.kind.as_str(),
+                e.delta.monthly,
+                e.delta.rollover,
+                e.delta.purchased,
+                e.held_delta,
+                e.balance_after,
+                e.held_after,
+                e.source.map(GrantSource::as_str),
+                hold.map(|h| h.0),
+                e.ref_entry.map(|r| r.0),
+                e.reference,
+                e.rollover_expires_at.map(ms),
+            ])?;
+            if e.main {
+                main_entry = Some((EntryId(conn.last_insert_rowid()), e.delta, hold));
+            }
+        }
+    }
+    if let Some((id, _, _)) = main_entry {
+        t.effect.set_entry(id);
+    }
+    if let Some(u) = &t.usage {
+        let (entry, delta, hold) = main_entry.ok_or_else(|| Error::Invariant("usage without a charge entry".into()))?;
+        conn.prepare_cached(
+            "INSERT INTO usage_records (account_id, at_ms, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?
+        .execute(params![
+            account_id,
+            ms(now),
+            entry.0,
+            hold.map(|h| h.0),
+            u.operation,
+            u.model,
+            u.tokens.input as i64,
+            u.tokens.output as i64,
+            u.tokens.cache_read as i64,
+            u.tokens.cache_write as i64,
+            -delta.total(),
+            u.cost_micros,
+        ])?;
+    }
+    Ok(())
+}
+
+fn lots_json(lots: &[Lot]) -> String {
+    let v: Vec<(i64, i64)> = lots.iter().map(|l| (l.amount, ms(l.expires_at))).collect();
+    serde_json::to_string(&v).expect("lots serialize")
+}
+
+fn parse_lots(s: &str) -> Result<Vec<Lot>> {
+    let v: Vec<(i64, i64)> = serde_json::from_str(s).map_err(|e| Error::Invariant(format!("rollover_lots: {e}")))?;
+    v.into_iter()
+        .map(|(amount, exp)| Ok(Lot { amount, expires_at: at(exp)? }))
+        .collect()
+}
+
+const ACCOUNT_COLUMNS: &str = "id, external_id, kind, monthly, purchased, held, rollover_lots, plan_credits, plan_active, period_end_ms";
+
+fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, String, i64, i64, i64, String, Option<i64>, Option<bool>, Option<i64>)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+}
+
+type AccountRow = (i64, String, String, i64, i64, i64, String, Option<i64>, Option<bool>, Option<i64>);
+
+fn state_from(row: AccountRow) -> Result<(i64, AccountId, AccountState)> {
+    let (id, ext, kind, monthly, purchased, held, lots, plan_credits, plan_active, period_end) = row;
+    let kind = match kind.as_str() {
+        "user" => AccountKind::User,
+        "organisation" => AccountKind::Organisation,
+        k => return Err(Error::Invariant(format!("unknown account kind {k:?}"))),
+    };
+    let plan = match (plan_credits, plan_active, period_end) {
+        (Some(c), Some(a), Some(p)) => Some(PlanState { monthly_credits: c, active: a, period_end: at(p)? }),
+        _ => None,
+    };
+    let state = AccountState { kind, monthly, purchased, rollover: parse_lots(&lots)?, held, plan };
+    Ok((id, AccountId::new(ext)?, state))
+}
+
+fn load_account(conn: &Connection, ext: &AccountId) -> Result<Option<(i64, AccountState)>> {
+    let row = conn
+        .prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE external_id = ?1"))?
+        .query_row([ext.as_str()], account_from_row)
+        .optional()?;
+    row.map(|r| state_from(r).map(|(id, _, s)| (id, s))).transpose()
+}
+
+fn load_account_by_id(conn: &Connection, id: i64) -> Result<Option<(AccountId, AccountState)>> {
+    let row = conn
+        .prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"))?
+        .query_row([id], account_from_row)
+        .optional()?;
+    row.map(|r| state_from(r).map(|(_, ext, s)| (ext, s))).transpose()
+}
+
+fn load_open_holds(conn: &Connection, account_id: i64) -> Result<Vec<OpenHold>> {
+    let mut stmt = conn.prepare_cached("SELECT id, amount, deadline_ms FROM holds WHERE account_id = ?1 AND status = 'open'")?;
+    let rows = stmt.query_map([account_id], |r| Ok(OpenHold { id: HoldId(r.get(0)?), amount: r.get(1)?, deadline: at(r.get(2)?)? }))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn load_charge(conn: &Connection, account_id: i64, entry: EntryId) -> Result<Option<ChargeRecord>> {
+    let row = conn
+        .prepare_cached("SELECT kind, d_monthly, d_rollover, d_purchased, rollover_expires_ms FROM ledger_entries WHERE id = ?1 AND account_id = ?2")?
+        .query_row(params![entry.0, account_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<i64>>(4)?))
+        })
+        .optional()?;
+    let Some((kind, m, ro, p, exp)) = row else { return Ok(None) };
+    let refunded = conn
+        .prepare_cached("SELECT COALESCE(SUM(d_monthly), 0), COALESCE(SUM(d_rollover), 0), COALESCE(SUM(d_purchased), 0) FROM ledger_entries WHERE ref_entry = ?1 AND kind = 'refund'")?
+        .query_row([entry.0], |r| Ok(BucketAmounts { monthly: r.get(0)?, rollover: r.get(1)?, purchased: r.get(2)? }))?;
+    Ok(Some(ChargeRecord {
+        id: entry,
+        kind: EntryKind::parse(&kind)?,
+        charged: BucketAmounts { monthly: -m, rollover: -ro, purchased: -p },
+        rollover_expires_at: exp.map(at).transpose()?,
+        refunded,
+    }))
+}
+
+fn plan_columns(s: &AccountState) -> (Option<i64>, Option<bool>, Option<i64>) {
+    match s.plan {
+        Some(p) => (Some(p.monthly_credits), Some(p.active), Some(ms(p.period_end))),
+        None => (None, None, None),
+    }
+}
+
+fn insert_account(conn: &Connection, ext: &AccountId, s: &AccountState, now: DateTime<Utc>) -> Result<i64> {
+    let (pc, pa, pe) = plan_columns(s);
+    conn.prepare_cached(
+        "INSERT INTO accounts (external_id, kind, monthly, rollover, purchased, held, rollover_lots, next_expiry_ms, plan_credits, plan_active, period_end_ms, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+    )?
+    .execute(params![
+        ext.as_str(),
+        s.kind.as_str(),
+        s.monthly,
+        s.rollover_total(),
+        s.purchased,
+        s.held,
+        lots_json(&s.rollover),
+        s.next_expiry().map(|l| ms(l.expires_at)),
+        pc,
+        pa,
+        pe,
+        ms(now)
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn update_account(conn: &Connection, id: i64, s: &AccountState, now: DateTime<Utc>) -> Result<()> {
+    let (pc, pa, pe) = plan_columns(s);
+    conn.prepare_cached(
+        "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, next_expiry_ms = ?7,
+         plan_credits = ?8, plan_active = ?9, period_end_ms = ?10, updated_ms = ?11 WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        s.monthly,
+        s.rollover_total(),
+        s.purchased,
+        s.held,
+        lots_json(&s.rollover),
+        s.next_expiry().map(|l| ms(l.expires_at)),
+        pc,
+        pa,
+        pe,
+        ms(now)
+    ])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Entry, String, Option<String>)> {
+    let kind: String = r.get(3)?;
+    let source: Option<String> = r.get(11)?;
+    Ok((
+        Entry {
+            id: EntryId(r.get(0)?),
+            account: AccountId::new(r.get::<_, String>(1)?).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+            at: at(r.get(2)?)?,
+            kind: EntryKind::Grant,
+            delta: BucketAmounts { monthly: r.get(4)?, rollover: r.get(5)?, purchased: r.get(6)? },
+            held_delta: r.get(7)?,
+            balance_after: r.get(8)?,
+            held_after: r.get(9)?,
+            source: None,
+            hold: r.get::<_, Option<i64>>(10)?.map(HoldId),
+            ref_entry: r.get::<_, Option<i64>>(12)?.map(EntryId),
+            reference: r.get(13)?,
+            rollover_expires_at: r.get::<_, Option<i64>>(14)?.map(at).transpose()?,
+        },
+        kind,
+        source,
+    ))
+}
+
+fn parse_source(s: &str) -> Result<GrantSource> {
+    Ok(match s {
+        "plan" => GrantSource::Plan,
+        "purchase" => GrantSource::Purchase,
+        "bonus" => GrantSource::Bonus,
+        "admin" => GrantSource::Admin,
+        _ => return Err(Error::Invariant(format!("unknown grant source {s:?}"))),
+    })
+}
+
+fn query_history(conn: &Connection, q: &HistoryQuery) -> Result<HistoryPage> {
+    let Some((account_id, _)) = load_account(conn, &q.account)? else {
+        return Err(Error::UnknownAccount(q.account.to_string()));
+    };
+    let mut sql = String::from(
+        "SELECT e.id, a.external_id, e.at_ms, e.kind, e.d_monthly, e.d_rollover, e.d_purchased, e.d_held, e.balance_after, e.held_after,
+                e.hold_id, e.source, e.ref_entry, e.reference, e.rollover_expires_ms
+         FROM ledger_entries e JOIN accounts a ON a.id = e.account_id
+         WHERE e.account_id = ?1 AND e.id < ?2 AND e.at_ms >= ?3 AND e.at_ms < ?4",
+    );
+    if !q.kinds.is_empty() {
+        let kinds: Vec<String> = q.kinds.iter().map(|k| format!("'{}'", k.as_str())).collect();
+        sql.push_str(&format!(" AND e.kind IN ({})", kinds.join(",")));
+    }
+    sql.push_str(" ORDER BY e.id DESC LIMIT ?5");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            account_id,
+            q.before.map_or(i64::MAX, |b| b.0),
+            q.from.map_or(i64::MIN, ms),
+            q.until.map_or(i64::MAX, ms),
+            i64::from(q.limit) + 1
+        ],
+        entry_from_row,
+    )?;
+    let mut entries = Vec::new();
+    for row in rows {
+        let (mut e, kind, source) = row?;
+        e.kind = EntryKind::parse(&kind)?;
+        e.source = source.as_deref().map(parse_source).transpose()?;
+        entries.push(e);
+    }
+    let next = if entries.len() > q.limit as usize {
+        entries.truncate(q.limit as usize);
+        entries.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(HistoryPage { entries, next })
+}
+
+fn query_balance(conn: &Connection, account: &AccountId, now: DateTime<Utc>) -> Result<BalanceView> {
+    let Some((id, state)) = load_account(conn, account)? else {
+        return Err(Error::UnknownAccount(account.to_string()));
+    };
+    let holds = load_open_holds(conn, id)?;
+    let (state, holds) = rules::view_at(&state, &holds, now);
+    Ok(BalanceView::from_state(account.clone(), &state, holds.len() as u32))
+}
+
+fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+    let Some((id, _)) = load_account(conn, account)? else {
+        return Err(Error::UnknownAccount(account.to_string()));
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT at_ms, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros
+         FROM usage_records WHERE account_id = ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![id, limit], |r| {
+        Ok(UsageRow {
+            account: account.clone(),
+            at: at(r.get(0)?)?,
+            entry: EntryId(r.get(1)?),
+            hold: r.get::<_, Option<i64>>(2)?.map(HoldId),
+            usage: Usage {
+                operation: r.get(3)?,
+                model: r.get(4)?,
+                tokens: crate::pricing::TokenUsage {
+                    input: r.get::<_, i64>(5)? as u64,
+                    output: r.get::<_, i64>(6)? as u64,
+                    cache_read: r.get::<_, i64>(7)? as u64,
+                    cache_write: r.get::<_, i64>(8)? as u64,
+                },
+                cost_micros: r.get(10)?,
+            },
+            credits: r.get(9)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn query_due(conn: &Connection, due: Due, after: Option<&AccountId>, limit: u32, now: DateTime<Utc>) -> Result<Vec<AccountId>> {
+    let sql = match due {
+        Due::Rollover => "SELECT external_id FROM accounts WHERE period_end_ms <= ?1 AND external_id > ?2 ORDER BY external_id LIMIT ?3",
+        Due::ExpiredCredits => "SELECT external_id FROM accounts WHERE next_expiry_ms <= ?1 AND external_id > ?2 ORDER BY external_id LIMIT ?3",
+        Due::ExpiredHolds => {
+            "SELECT a.external_id FROM accounts a WHERE a.external_id > ?2
+               AND EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.id AND h.status = 'open' AND h.deadline_ms <= ?1)
+             ORDER BY a.external_id LIMIT ?3"
+        }
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params![ms(now), after.map_or("", |a| a.as_str()), limit], |r| r.get::<_, String>(0))?;
+    rows.map(|r| AccountId::new(r?)).collect()
+}
+
+fn run_verify(conn: &Connection) -> Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let push = |report: &mut VerifyReport, account: &str, what: &str, stored: i64, from_log: i64| -> Result<()> {
+        if report.discrepancies.len() < MAX_DISCREPANCIES {
+            report.discrepancies.push(Discrepancy { account: AccountId::new(account)?, what: what.to_owned(), stored, from_log });
+        }
+        Ok(())
+    };
+    // Bucket totals and held against the sums of the log, and the account's own invariants.
+    let mut stmt = conn.prepare(
+        "SELECT a.id, a.external_id, a.monthly, a.rollover, a.purchased, a.held, a.rollover_lots,
+                COALESCE(l.m, 0), COALESCE(l.r, 0), COALESCE(l.p, 0), COALESCE(l.h, 0), COALESCE(l.n, 0),
+                (SELECT COALESCE(SUM(amount), 0) FROM holds h WHERE h.account_id = a.id AND h.status = 'open')
+         FROM accounts a LEFT JOIN (
+             SELECT account_id, SUM(d_monthly) AS m, SUM(d_rollover) AS r, SUM(d_purchased) AS p, SUM(d_held) AS h, COUNT(*) AS n
+             FROM ledger_entries GROUP BY account_id) l ON l.account_id = a.id
+         ORDER BY a.id",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let ext: String = r.get(1)?;
+        let stored = [r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?, r.get(5)?];
+        let logged = [r.get::<_, i64>(7)?, r.get(8)?, r.get(9)?, r.get(10)?];
+        for (i, what) in ["monthly", "rollover", "purchased", "held"].into_iter().enumerate() {
+            if stored[i] != logged[i] {
+                push(&mut report, &ext, what, stored[i], logged[i])?;
+            }
+        }
+        let lots: String = r.get(6)?;
+        let lot_sum: i64 = parse_lots(&lots)?.iter().map(|l| l.amount).sum();
+        if lot_sum != stored[1] {
+            push(&mut report, &ext, "rollover lots", stored[1], lot_sum)?;
+        }
+        let open: i64 = r.get(12)?;
+        if open != stored[3] {
+            push(&mut report, &ext, "open holds", stored[3], open)?;
+        }
+        report.accounts += 1;
+        report.entries += r.get::<_, i64>(11)? as u64;
+    }
+    // Every entry's balance_after / held_after against the running sums.
+    let mut stmt = conn.prepare(
+        "SELECT a.external_id, x.balance_after, x.bal, x.held_after, x.hld FROM (
+             SELECT account_id, balance_after, held_after,
+                    SUM(d_monthly + d_rollover + d_purchased) OVER w AS bal, SUM(d_held) OVER w AS hld
+             FROM ledger_entries WINDOW w AS (PARTITION BY account_id ORDER BY id ROWS UNBOUNDED PRECEDING)) x
+         JOIN accounts a ON a.id = x.account_id
+         WHERE x.balance_after != x.bal OR x.held_after != x.hld",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let ext: String = r.get(0)?;
+        let (ba, bal, ha, hld): (i64, i64, i64, i64) = (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+        if ba != bal {
+            push(&mut report, &ext, "entry balance_after", ba, bal)?;
+        }
+        if ha != hld {
+            push(&mut report, &ext, "entry held_after", ha, hld)?;
+        }
+    }
+    Ok(report)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn execute(&self, cmd: Command) -> Result<Outcome> {
+        cmd.validate()?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Exec(cmd, tx))?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    async fn balance(&self, account: &AccountId) -> Result<BalanceView> {
+        let account = account.clone();
+        let now = to_millis(self.clock.now());
+        self.read(move |c| query_balance(c, &account, now)).await
+    }
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
+        query.validate()?;
+        let q = query.clone();
+        self.read(move |c| query_history(c, &q)).await
+    }
+
+    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
+        }
+        let account = account.clone();
+        self.read(move |c| query_usage(c, &account, limit)).await
+    }
+
+    async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
+        }
+        let after = after.cloned();
+        let now = to_millis(self.clock.now());
+        self.read(move |c| query_due(c, due, after.as_ref(), limit, now)).await
+    }
+
+    async fn verify(&self) -> Result<VerifyReport> {
+        self.read(|c| {
+            // One read transaction so the two passes see the same snapshot.
+            c.execute_batch("BEGIN")?;
+            let r = run_verify(c);
+            c.execute_batch("COMMIT")?;
+            r
+        })
+        .await
+    }
+
+    fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    fn config(&self) -> &LedgerConfig {
+        &self.ledger
+    }
+}
