@@ -102,10 +102,10 @@ impl HistoryQuery {
         if !(1..=MAX_PAGE).contains(&self.limit) {
             return Err(Error::invalid("limit", format!("{} is outside 1..={MAX_PAGE}", self.limit)));
         }
-        if let (Some(f), Some(u)) = (self.from, self.until) {
-            if f > u {
-                return Err(Error::invalid("from", "is after until"));
-            }
+        if let (Some(f), Some(u)) = (self.from, self.until)
+            && f > u
+        {
+            return Err(Error::invalid("from", "is after until"));
         }
         Ok(())
     }

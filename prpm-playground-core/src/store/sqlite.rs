@@ -525,7 +525,7 @@ fn parse_lots(s: &str) -> Result<Vec<Lot>> {
 
 const ACCOUNT_COLUMNS: &str = "id, external_id, kind, monthly, purchased, held, rollover_lots, plan_credits, plan_active, period_end_ms";
 
-fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, String, i64, i64, i64, String, Option<i64>, Option<bool>, Option<i64>)> {
+fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccountRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
 }
 
