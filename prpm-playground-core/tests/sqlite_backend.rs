@@ -1,0 +1,209 @@
+//! What is about SQLite itself: the file format, WAL, migrations, refusing foreign or newer
+//! files, durability across reopen, tamper detection, and many threads on one file.
+
+use std::sync::Arc;
+
+use prpm_playground_core::conformance::{acct, applied, create_user, grant, rejected, spend_cmd};
+use prpm_playground_core::*;
+use rusqlite::Connection;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap()
+}
+
+#[test]
+fn file_is_wal_full_sync_with_our_application_id_and_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let store = SqliteStore::open(&path).unwrap();
+    drop(store);
+    let c = Connection::open(&path).unwrap();
+    let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+    let app: i32 = c.query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
+    assert_eq!(app, prpm_playground_core::store::sqlite::APPLICATION_ID);
+    let v: i64 = c.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, 1);
+    // Opening again applies nothing and keeps the data.
+    SqliteStore::open(&path).unwrap();
+}
+
+#[test]
+fn data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let u = create_user(&*s, "u").await;
+        applied(s.spend(spend_cmd(&u, 2, "s1")).await);
+    });
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let b = s.balance(&acct("u")).await.unwrap();
+        assert_eq!(b.total, 3);
+        // The idempotency record survived too.
+        assert!(s.spend(spend_cmd(&acct("u"), 2, "s1")).await.unwrap().unwrap().replayed);
+        assert!(s.verify().await.unwrap().is_clean());
+    });
+}
+
+#[test]
+fn refuses_files_that_are_not_ours_and_leaves_them_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not a database at all.
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, b"this is a text file, not a database, and it is long enough").unwrap();
+    let err = SqliteStore::open(&junk).unwrap_err();
+    assert_eq!(err.code(), "not_our_database", "{err}");
+    assert_eq!(std::fs::read(&junk).unwrap(), b"this is a text file, not a database, and it is long enough");
+
+    // Another application's SQLite database.
+    let other = dir.path().join("other.db");
+    {
+        let c = Connection::open(&other).unwrap();
+        c.execute_batch("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT); INSERT INTO notes (body) VALUES ('hi');").unwrap();
+    }
+    let before = std::fs::read(&other).unwrap();
+    let err = SqliteStore::open(&other).unwrap_err();
+    assert_eq!(err.code(), "not_our_database", "{err}");
+    assert_eq!(std::fs::read(&other).unwrap(), before, "file changed");
+    let c = Connection::open(&other).unwrap();
+    let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "delete", "journal mode changed");
+}
+
+#[test]
+fn refuses_a_schema_newer_than_the_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    drop(SqliteStore::open(&path).unwrap());
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (99, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
+            [],
+        )
+        .unwrap();
+    }
+    match SqliteStore::open(&path) {
+        Err(Error::SchemaTooNew { found: 99, supported: 1 }) => {}
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_log_is_append_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        create_user(&*s, "u").await;
+    });
+    let c = Connection::open(&path).unwrap();
+    assert!(c.execute("UPDATE ledger_entries SET d_purchased = 500", []).is_err());
+    assert!(c.execute("DELETE FROM ledger_entries", []).is_err());
+}
+
+#[test]
+fn verify_reports_every_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let u = create_user(&*s, "u").await;
+        create_user(&*s, "w").await;
+        grant(&*s, &u, Bucket::Monthly, 10, None, "g").await;
+        assert!(s.verify().await.unwrap().is_clean());
+    });
+    {
+        // Someone edits balances behind the ledger's back, and forges a log row.
+        let c = Connection::open(&path).unwrap();
+        c.execute("UPDATE accounts SET purchased = purchased + 7 WHERE external_id = 'u'", []).unwrap();
+        c.execute("UPDATE accounts SET held = 3 WHERE external_id = 'w'", []).unwrap();
+        c.execute(
+            "INSERT INTO ledger_entries (account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
+             SELECT id, 0, 'grant', 1, 0, 0, 0, 999, 0, 'forged' FROM accounts WHERE external_id = 'w'",
+            [],
+        )
+        .unwrap();
+    }
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let r = s.verify().await.unwrap();
+        let mut found: Vec<(String, String, i64, i64)> =
+            r.discrepancies.iter().map(|d| (d.account.to_string(), d.what.clone(), d.stored, d.from_log)).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                ("u".into(), "purchased".into(), 12, 5),
+                ("w".into(), "entry balance_after".into(), 999, 6),
+                ("w".into(), "held".into(), 3, 0),
+                ("w".into(), "monthly".into(), 0, 1),
+                ("w".into(), "open holds".into(), 3, 0),
+            ]
+        );
+        assert_eq!(r.accounts, 2);
+    });
+}
+
+/// Many OS threads, each with its own runtime, spending from one account of one file.
+#[test]
+fn threads_on_a_file_never_overspend() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("l.db")).unwrap());
+    rt().block_on(async {
+        let u = create_user(&*store, "hot").await;
+        grant(&*store, &u, Bucket::Purchased, 295, None, "g").await; // 300
+    });
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let (mut ok, mut short) = (0, 0);
+                    for i in 0..40 {
+                        let amount = 1 + (i % 3);
+                        match store.spend(spend_cmd(&acct("hot"), amount, &format!("t{t}-{i}"))).await.unwrap() {
+                            Ok(_) => ok += amount,
+                            Err(Rejection::InsufficientCredits { .. }) => short += 1,
+                            Err(other) => panic!("{other:?}"),
+                        }
+                    }
+                    (ok, short)
+                })
+            })
+        })
+        .collect();
+    let results: Vec<(i64, i64)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let spent: i64 = results.iter().map(|r| r.0).sum();
+    rt().block_on(async {
+        let b = store.balance(&acct("hot")).await.unwrap();
+        assert_eq!(spent + b.total, 300, "spent {spent}, left {}", b.total);
+        assert!(b.total < 3, "demand (16 threads x 80 credits) exceeds supply; at most 2 can be left, got {}", b.total);
+        assert!(store.verify().await.unwrap().is_clean());
+    });
+}
+
+#[test]
+fn rejections_and_replays_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let count = |path: &std::path::Path| -> (i64, i64, i64) {
+        let c = Connection::open(path).unwrap();
+        let q = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        (q("SELECT count(*) FROM ledger_entries"), q("SELECT count(*) FROM idempotency"), q("SELECT count(*) FROM usage_records"))
+    };
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let u = create_user(&*s, "u").await;
+        applied(s.spend(spend_cmd(&u, 1, "s1")).await);
+        let before = count(&path);
+        assert_eq!(rejected(s.spend(spend_cmd(&u, 50, "s2")).await).code(), "insufficient_credits");
+        assert!(s.spend(spend_cmd(&u, 1, "s1")).await.unwrap().unwrap().replayed);
+        assert!(s.spend(spend_cmd(&u, 2, "s1")).await.is_err());
+        assert!(s.spend(spend_cmd(&u, 0, "s3")).await.is_err());
+        assert_eq!(count(&path), before);
+    });
+}
