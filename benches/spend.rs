@@ -1,1 +1,357 @@
-fn main() {}
+//! The SQLite spend paths against a hand-written baseline, measured in the same run.
+//!
+//! Every database is a file in WAL mode with `synchronous=FULL` (one fsync per commit).
+//! The baseline is the straightforward design: per spend one transaction that selects the
+//! account's buckets, updates them, inserts a log row and a usage row, and commits.
+//!
+//! `cargo bench --bench spend` prints criterion's figures and then a table of throughputs and
+//! ratios to the baseline. Under `cargo test --all-targets` each benchmark runs once on small
+//! data (the 10-million-row log shrinks to 10,000 rows unless `PRPM_BENCH_LOG_ROWS` is set).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use prpm_playground_core::conformance::{acct, key};
+use prpm_playground_core::*;
+use rusqlite::{Connection, params};
+
+const ACCOUNTS: usize = 1_000;
+const CALLERS: usize = 64;
+const START_CREDITS: i64 = 1_000_000_000;
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+/// Per benchmark: (operations, wall time) summed over every measurement criterion made.
+static TOTALS: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+
+fn record(name: &'static str, ops: u64, elapsed: Duration) {
+    let mut t = TOTALS.lock().unwrap();
+    let e = t.entry(name).or_default();
+    e.0 += ops;
+    e.1 += elapsed;
+}
+
+fn next_key() -> IdempotencyKey {
+    key(&format!("bench-{}", SEQ.fetch_add(1, Ordering::Relaxed)))
+}
+
+fn account(i: usize) -> AccountId {
+    acct(&format!("acct-{i:05}"))
+}
+
+fn usage() -> Usage {
+    Usage {
+        operation: "playground_run".into(),
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenUsage { input: 1_200, output: 400, cache_read: 0, cache_write: 0 },
+        cost_micros: 9_600,
+    }
+}
+
+fn spend_cmd(i: usize) -> Spend {
+    Spend { account: account(i), amount: 1, usage: Some(usage()), reference: "bench".into(), key: next_key() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Baseline
+
+struct Baseline {
+    conn: Connection,
+}
+
+impl Baseline {
+    fn open(path: &Path) -> Baseline {
+        let conn = Connection::open(path).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)).unwrap();
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS credits (account_id TEXT PRIMARY KEY, monthly INTEGER NOT NULL, rollover INTEGER NOT NULL, purchased INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS transactions (id INTEGER PRIMARY KEY, account_id TEXT NOT NULL, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+                 d_monthly INTEGER NOT NULL, d_rollover INTEGER NOT NULL, d_purchased INTEGER NOT NULL, balance_after INTEGER NOT NULL, reference TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS transactions_by_account ON transactions (account_id, id);
+             CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY, account_id TEXT NOT NULL, at_ms INTEGER NOT NULL, model TEXT NOT NULL,
+                 input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, credits INTEGER NOT NULL, cost_micros INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS usage_by_account ON usage (account_id, id);",
+        )
+        .unwrap();
+        let tx = conn.unchecked_transaction().unwrap();
+        for i in 0..ACCOUNTS {
+            tx.execute("INSERT OR IGNORE INTO credits VALUES (?1, 0, 0, ?2)", params![account(i).as_str(), START_CREDITS]).unwrap();
+        }
+        tx.commit().unwrap();
+        Baseline { conn }
+    }
+
+    /// One spend, the plain way.
+    fn spend(&mut self, i: usize, amount: i64) {
+        let a = account(i);
+        let now = chrono::Utc::now().timestamp_millis();
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
+        let (m, r, p): (i64, i64, i64) = tx
+            .prepare_cached("SELECT monthly, rollover, purchased FROM credits WHERE account_id = ?1")
+            .unwrap()
+            .query_row([a.as_str()], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .unwrap();
+        assert!(m + r + p >= amount, "baseline account ran dry");
+        let tm = amount.min(m);
+        let tr = (amount - tm).min(r);
+        let tp = amount - tm - tr;
+        tx.prepare_cached("UPDATE credits SET monthly = ?2, rollover = ?3, purchased = ?4 WHERE account_id = ?1")
+            .unwrap()
+            .execute(params![a.as_str(), m - tm, r - tr, p - tp])
+            .unwrap();
+        tx.prepare_cached(
+            "INSERT INTO transactions (account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, balance_after, reference) VALUES (?1, ?2, 'spend', ?3, ?4, ?5, ?6, 'bench')",
+        )
+        .unwrap()
+        .execute(params![a.as_str(), now, -tm, -tr, -tp, m + r + p - amount])
+        .unwrap();
+        let u = usage();
+        tx.prepare_cached("INSERT INTO usage (account_id, at_ms, model, input_tokens, output_tokens, credits, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+            .unwrap()
+            .execute(params![a.as_str(), now, u.model, u.tokens.input as i64, u.tokens.output as i64, amount, u.cost_micros])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ours
+
+fn open_store(path: &Path) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open_with(SqliteOptions::file(path).synchronous(Synchronous::Full)).unwrap())
+}
+
+async fn seed_accounts(store: &dyn Store) {
+    let creates = (0..ACCOUNTS).map(|i| async move {
+        let a = account(i);
+        store.create_account(a.clone(), AccountKind::User, key(&format!("create-{i}"))).await.unwrap().ok();
+        let g = Grant {
+            account: a,
+            bucket: Bucket::Purchased,
+            amount: START_CREDITS,
+            source: GrantSource::Admin,
+            expires_at: None,
+            reference: "bench".into(),
+            key: key(&format!("grant-{i}")),
+        };
+        store.grant(g).await.unwrap().unwrap();
+    });
+    futures_util::future::join_all(creates).await;
+}
+
+/// Fills the log (and the usage and idempotency tables, as that many spends would) with
+/// `rows` rows spread over the accounts, directly in SQL. Zero-credit rows, so balances stay.
+fn fill_log(path: &Path, rows: u64) {
+    let conn = Connection::open(path).unwrap();
+    let have: i64 = conn.query_row("SELECT count(*) FROM ledger_entries", [], |r| r.get(0)).unwrap();
+    if have as u64 >= rows {
+        return;
+    }
+    let t0 = Instant::now();
+    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -1000000;").unwrap();
+    let tx = conn.unchecked_transaction().unwrap();
+    let n = rows - have as u64;
+    tx.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?1)
+         INSERT INTO ledger_entries (account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
+         SELECT 1 + (x % ?2), 1700000000000 + x, 'spend', 0, 0, 0, 0, ?3, 0, 'history' FROM c",
+        params![n as i64, ACCOUNTS as i64, START_CREDITS + 5],
+    )
+    .unwrap();
+    tx.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?1)
+         INSERT INTO usage_records (account_id, at_ms, entry_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+         SELECT 1 + (x % ?2), 1700000000000 + x, x, 'playground_run', 'claude-sonnet-4-5', 1200, 400, 0, 0, 0, 0 FROM c",
+        params![n as i64, ACCOUNTS as i64],
+    )
+    .unwrap();
+    tx.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?1)
+         INSERT INTO idempotency (key, fingerprint, outcome, at_ms) SELECT printf('history-%010d', x), x, '{}', 1700000000000 + x FROM c",
+        params![n as i64],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+    eprintln!("filled the log with {n} rows in {:.1?}", t0.elapsed());
+}
+
+/// Runs `iters` operations spread over `callers` concurrent tasks; returns the wall time.
+fn concurrent<F, Fut>(rt: &tokio::runtime::Runtime, callers: usize, iters: u64, op: F) -> (u64, Duration)
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let per = iters.div_ceil(callers as u64).max(1);
+    rt.block_on(async move {
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..callers)
+            .map(|c| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    for i in 0..per {
+                        op(c, i).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        (per * callers as u64, t0.elapsed())
+    })
+}
+
+fn pick(c: usize, i: u64) -> usize {
+    (c * 7919 + i as usize * 104_729) % ACCOUNTS
+}
+
+async fn hold_settle(store: &dyn Store, i: usize) {
+    let h = match store.hold(Hold { account: account(i), amount: 4, ttl_secs: 600, reference: "bench".into(), key: next_key() }).await.unwrap().unwrap().effect {
+        Effect::Held { hold, .. } => hold,
+        other => panic!("{other:?}"),
+    };
+    store.settle(Settle { hold: h, credits: 1, usage: Some(usage()), key: next_key() }).await.unwrap().unwrap();
+}
+
+fn main() {
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let log_rows: u64 = std::env::var("PRPM_BENCH_LOG_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench_mode { 10_000_000 } else { 10_000 });
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let scratch = tempfile::tempdir_in(&data_dir).unwrap();
+
+    let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+    let mut baseline = Baseline::open(&scratch.path().join("baseline.db"));
+    let store = open_store(&scratch.path().join("ours.db"));
+    rt.block_on(seed_accounts(&*store));
+
+    // The big log lives across runs (building it takes a while); spends add to it harmlessly.
+    let big_path = data_dir.join(format!("log-{log_rows}.db"));
+    {
+        let s = open_store(&big_path);
+        rt.block_on(async {
+            if s.balance(&account(0)).await.is_err() {
+                seed_accounts(&*s).await;
+            }
+        });
+    }
+    fill_log(&big_path, log_rows);
+    let big = open_store(&big_path);
+
+    let mut c = Criterion::default().configure_from_args().sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    let mut g = c.benchmark_group("sqlite_spend");
+    g.throughput(Throughput::Elements(1));
+
+    let mut i = 0usize;
+    g.bench_function("baseline_single", |b| {
+        b.iter_custom(|iters| {
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                i = (i + 1) % ACCOUNTS;
+                baseline.spend(i, 1);
+            }
+            let e = t0.elapsed();
+            record("baseline_single", iters, e);
+            e
+        })
+    });
+    for (name, s) in [("spend_single", store.clone()), ("spend_single_big_log", big.clone())] {
+        let rt = rt.clone();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let s = s.clone();
+                let e = rt.block_on(async move {
+                    let t0 = Instant::now();
+                    for k in 0..iters {
+                        s.spend(spend_cmd(pick(0, k))).await.unwrap().unwrap();
+                    }
+                    t0.elapsed()
+                });
+                record(name, iters, e);
+                e
+            })
+        });
+    }
+    {
+        let s = store.clone();
+        let rt = rt.clone();
+        g.bench_function("hold_settle_single", |b| {
+            b.iter_custom(|iters| {
+                let s = s.clone();
+                let e = rt.block_on(async move {
+                    let t0 = Instant::now();
+                    for k in 0..iters {
+                        hold_settle(&*s, pick(1, k)).await;
+                    }
+                    t0.elapsed()
+                });
+                record("hold_settle_single", iters, e);
+                e
+            })
+        });
+    }
+    {
+        let s = store.clone();
+        let rt = rt.clone();
+        g.bench_function("spend_64_callers", |b| {
+            b.iter_custom(|iters| {
+                let s = s.clone();
+                let (ops, e) = concurrent(&rt, CALLERS, iters, move |c, k| {
+                    let s = s.clone();
+                    async move {
+                        s.spend(spend_cmd(pick(c, k))).await.unwrap().unwrap();
+                    }
+                });
+                record("spend_64_callers", ops, e);
+                e.mul_f64(iters as f64 / ops as f64)
+            })
+        });
+        let s = store.clone();
+        g.bench_function("hold_settle_64_callers", |b| {
+            b.iter_custom(|iters| {
+                let s = s.clone();
+                let (ops, e) = concurrent(&rt, CALLERS, iters, move |c, k| {
+                    let s = s.clone();
+                    async move { hold_settle(&*s, pick(c, k)).await }
+                });
+                record("hold_settle_64_callers", ops, e);
+                e.mul_f64(iters as f64 / ops as f64)
+            })
+        });
+    }
+    g.finish();
+    c.final_summary();
+
+    let report = rt.block_on(store.verify()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.discrepancies);
+
+    let totals = TOTALS.lock().unwrap();
+    let rate = |name: &str| totals.get(name).map(|(n, t)| *n as f64 / t.as_secs_f64()).unwrap_or(f64::NAN);
+    let base = rate("baseline_single");
+    println!("\nSQLite spend paths (WAL, synchronous=FULL), operations per second, ratio to the baseline:");
+    println!("{:<44} {:>12} {:>9} {:>8}", "benchmark", "ops/s", "ratio", "target");
+    for (name, label, target) in [
+        ("baseline_single", "baseline: plain SQL transaction per spend", "1.00"),
+        ("spend_single", "spend, single caller", ">= 0.70"),
+        ("hold_settle_single", "hold + settle pairs, single caller", ">= 0.35"),
+        ("spend_64_callers", "spend, 64 callers over 1,000 accounts", ">= 10"),
+        ("hold_settle_64_callers", "hold + settle pairs, 64 callers", ">= 5"),
+    ] {
+        println!("{label:<44} {:>12.0} {:>8.2}x {target:>8}", rate(name), rate(name) / base);
+    }
+    let empty = rate("spend_single");
+    let big_rate = rate("spend_single_big_log");
+    println!(
+        "{:<44} {:>12.0} {:>8.2}x {:>8}",
+        format!("spend, single caller, {log_rows} log rows"),
+        big_rate,
+        empty / big_rate,
+        "<= 1.5"
+    );
+    println!("(the last ratio is the time per spend with the big log over the time with an empty log)");
+}
