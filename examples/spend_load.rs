@@ -1,0 +1,73 @@
+//! A load generator: `callers` concurrent tasks spending 1 credit at a time from `accounts`
+//! accounts of one SQLite file; prints the throughput and checks `verify()`.
+//!
+//! ```text
+//! cargo run --release --example spend_load -- [db-path] [callers] [spends] [accounts]
+//! ```
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prpm_playground_core::*;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).cloned().unwrap_or_else(|| "spend-load.db".into());
+    let callers: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
+    let spends: usize = args.get(3).map_or(Ok(50_000), |s| s.parse())?;
+    let accounts: usize = args.get(4).map_or(Ok(1_000), |s| s.parse())?;
+    let store: Arc<dyn Store> = Arc::new(match path.as_str() {
+        ":memory:" => SqliteStore::open_in_memory()?,
+        _ if std::env::var("X_NORMAL").is_ok() => SqliteStore::open_with(SqliteOptions::file(&path).synchronous(Synchronous::Normal))?,
+        _ => SqliteStore::open(&path)?,
+    });
+    let id = |i: usize| AccountId::new(format!("load-{i:05}")).unwrap();
+    for i in 0..accounts {
+        store.create_account(id(i), AccountKind::User, IdempotencyKey::new(format!("load-create-{i}"))?).await?.ok();
+        let g = Grant {
+            account: id(i),
+            bucket: Bucket::Purchased,
+            amount: 1_000_000_000,
+            source: GrantSource::Admin,
+            expires_at: None,
+            reference: "load".into(),
+            key: IdempotencyKey::new(format!("load-grant-{i}"))?,
+        };
+        store.grant(g).await?.ok();
+    }
+    let run = chrono::Utc::now().timestamp_micros();
+    let per = spends.div_ceil(callers);
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for k in 0..per {
+                    let s = Spend {
+                        account: id((c * 7919 + k * 104_729) % accounts),
+                        amount: 1,
+                        usage: Some(Usage {
+                            operation: "playground_run".into(),
+                            model: "claude-sonnet-4-5".into(),
+                            tokens: TokenUsage { input: 1_200, output: 400, cache_read: 0, cache_write: 0 },
+                            cost_micros: 9_600,
+                        }),
+                        reference: "load".into(),
+                        key: IdempotencyKey::new(format!("load-{run}-{c}-{k}")).unwrap(),
+                    };
+                    store.spend(s).await.unwrap().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    let e = t0.elapsed();
+    let n = per * callers;
+    println!("{n} spends by {callers} callers over {accounts} accounts in {e:.2?}: {:.0} spends/s", n as f64 / e.as_secs_f64());
+    let report = store.verify().await?;
+    println!("verify: {}", if report.is_clean() { "clean" } else { "DIFFERENCES" });
+    Ok(())
+}
