@@ -19,7 +19,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let accounts: usize = args.get(4).map_or(Ok(1_000), |s| s.parse())?;
     let store: Arc<dyn Store> = Arc::new(match path.as_str() {
         ":memory:" => SqliteStore::open_in_memory()?,
-        _ if std::env::var("X_NORMAL").is_ok() => SqliteStore::open_with(SqliteOptions::file(&path).synchronous(Synchronous::Normal))?,
         _ => SqliteStore::open(&path)?,
     });
     let id = |i: usize| AccountId::new(format!("load-{i:05}")).unwrap();

@@ -63,12 +63,12 @@ BEGIN
     SELECT RAISE(ABORT, 'ledger_entries is append-only');
 END;
 
--- What every settle and metered spend consumed.
+-- What every settle and metered spend consumed, keyed by its log entry (appends only; the
+-- account's usage is found through ledger_entries_by_account).
 CREATE TABLE usage_records (
-    id                 INTEGER PRIMARY KEY,
+    entry_id           INTEGER PRIMARY KEY,
     account_id         INTEGER NOT NULL REFERENCES accounts (id),
     at_ms              INTEGER NOT NULL,
-    entry_id           INTEGER NOT NULL,
     hold_id            INTEGER,
     operation          TEXT    NOT NULL,
     model              TEXT    NOT NULL,
@@ -79,7 +79,6 @@ CREATE TABLE usage_records (
     credits            INTEGER NOT NULL,
     cost_micros        INTEGER NOT NULL
 );
-CREATE INDEX usage_records_by_account ON usage_records (account_id, id);
 
 -- First results of keyed commands: a replay returns `outcome` and writes nothing.
 CREATE TABLE idempotency (

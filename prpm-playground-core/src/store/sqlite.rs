@@ -7,6 +7,7 @@
 //! rolls back its savepoint only; if the commit itself fails every caller of the batch gets the
 //! error and nothing of the batch is written.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::*;
@@ -86,7 +87,7 @@ impl SqliteOptions {
 type ReadFn = Box<dyn FnOnce(&Connection) + Send>;
 
 enum Job {
-    Exec(Command, oneshot::Sender<Result<Outcome>>),
+    Exec(Box<Prepared>, Reply),
     Read(ReadFn),
 }
 
@@ -120,6 +121,7 @@ impl ReadPool {
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<Checkpointer>>,
     readers: Option<Arc<ReadPool>>,
     clock: Arc<dyn Clock>,
     ledger: LedgerConfig,
@@ -169,6 +171,10 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         conn.pragma_update(None, "foreign_keys", true)?;
+        if opts.path.is_some() {
+            // Checkpoints run on their own thread (below); this is only the safety net.
+            conn.pragma_update(None, "wal_autocheckpoint", 20_000)?;
+        }
         embedded::migrations::runner()
             .set_abort_divergent(true)
             .set_abort_missing(true)
@@ -184,10 +190,21 @@ impl SqliteStore {
             .name("prpm-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch))
             .map_err(|e| Error::Backend(format!("cannot start the writer thread: {e}")))?;
+        let checkpointer = match &opts.path {
+            Some(path) => Some(Checkpointer::start(path, opts.busy_timeout, sync)?),
+            None => None,
+        };
         let readers = opts.path.as_ref().filter(|_| opts.readers > 0).map(|p| {
             Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers })
         });
-        Ok(SqliteStore { jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), readers, clock: opts.clock, ledger: opts.ledger })
+        Ok(SqliteStore {
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(checkpointer),
+            readers,
+            clock: opts.clock,
+            ledger: opts.ledger,
+        })
     }
 
     fn send(&self, job: Job) -> Result<()> {
@@ -229,12 +246,50 @@ impl SqliteStore {
         if let Some(h) = self.writer.lock().unwrap().take() {
             let _ = h.join();
         }
+        if let Some(c) = self.checkpointer.lock().unwrap().take() {
+            c.stop();
+        }
     }
 }
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Copies the WAL back into the database file on its own thread and connection, so the
+/// writer never pays for checkpoints (and their fsync of the database file).
+struct Checkpointer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    const EVERY: Duration = Duration::from_millis(10);
+
+    fn start(path: &Path, busy_timeout: Duration, sync: &str) -> Result<Self> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        conn.busy_timeout(busy_timeout)?;
+        conn.pragma_update(None, "synchronous", sync)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("prpm-sqlite-checkpoint".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Self::EVERY);
+                    // PASSIVE never blocks the writer; a busy or failed attempt is retried.
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+            })
+            .map_err(|e| Error::Backend(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
     }
 }
 
@@ -285,69 +340,323 @@ fn check_ours(conn: &Connection) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The writer
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ledger: LedgerConfig, max_batch: usize) {
-    let mut execs = Vec::with_capacity(max_batch);
+/// A command checked and fingerprinted by the caller, so the writer does less.
+struct Prepared {
+    cmd: Command,
+    fingerprint: i64,
+}
+
+type Reply = oneshot::Sender<Result<Outcome>>;
+
+/// An account as the writer caches it: state and open holds, exactly as committed.
+struct Cached {
+    state: AccountState,
+    holds: Vec<OpenHold>,
+}
+
+/// The writer's cache of committed account state. It is only ever ahead of the database
+/// inside a transaction; any failure clears it, and so does a commit by another connection
+/// (seen through `PRAGMA data_version`).
+#[derive(Default)]
+struct Cache {
+    ids: HashMap<AccountId, i64>,
+    accounts: HashMap<i64, Cached>,
+    /// Open hold -> account.
+    holds: HashMap<HoldId, i64>,
+}
+
+impl Cache {
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.accounts.clear();
+        self.holds.clear();
+    }
+}
+
+const MAX_CACHED_ACCOUNTS: usize = 100_000;
+
+enum Step {
+    /// A replay or a rejection: nothing to write.
+    Done(Outcome),
+    Apply { account_id: Option<i64>, transition: Transition, fingerprint: i64 },
+}
+
+struct Writer {
+    conn: Connection,
+    ledger: LedgerConfig,
+    cache: Cache,
+    data_version: i64,
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ledger: LedgerConfig, max_batch: usize) {
+    let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1 };
+    let mut group = Vec::with_capacity(max_batch);
     let mut reads: Vec<ReadFn> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
-                Job::Exec(cmd, reply) => execs.push((cmd, reply)),
+                Job::Exec(p, reply) => group.push((*p, reply)),
                 Job::Read(f) => reads.push(f),
             }
-            if execs.len() < max_batch {
+            if group.len() < max_batch {
                 next = rx.try_recv().ok();
             }
         }
-        if !execs.is_empty() {
+        if !group.is_empty() {
             let now = to_millis(clock.now());
-            commit_batch(&mut conn, &mut execs, &ledger, now);
+            w.commit_group(std::mem::take(&mut group), now);
         }
         for f in reads.drain(..) {
-            f(&conn);
+            f(&w.conn);
         }
     }
 }
 
-fn commit_batch(conn: &mut Connection, execs: &mut Vec<(Command, oneshot::Sender<Result<Outcome>>)>, ledger: &LedgerConfig, now: DateTime<Utc>) {
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            let msg = format!("cannot begin: {e}");
-            for (_, reply) in execs.drain(..) {
-                let _ = reply.send(Err(Error::Backend(msg.clone())));
-            }
-            return;
-        }
-    };
-    let mut results = Vec::with_capacity(execs.len());
-    for (cmd, reply) in execs.drain(..) {
-        let r = match tx.savepoint() {
-            Ok(mut sp) => {
-                let r = exec_one(&sp, &cmd, ledger, now);
-                if matches!(r, Ok(Ok(_))) {
-                    sp.commit().map_err(Error::from).and(r)
-                } else {
-                    let _ = sp.rollback();
-                    r
+impl Writer {
+    /// Commits the group in one transaction. If a write fails (I/O, a broken invariant), the
+    /// transaction is rolled back and each command is retried alone, so one bad command
+    /// cannot fail the others.
+    fn commit_group(&mut self, group: Vec<(Prepared, Reply)>, now: DateTime<Utc>) {
+        match self.try_group(&group, now) {
+            Ok(results) => {
+                for ((_, reply), r) in group.into_iter().zip(results) {
+                    let _ = reply.send(r);
                 }
             }
-            Err(e) => Err(e.into()),
-        };
-        results.push((reply, r));
+            Err(e) if group.len() == 1 => {
+                let (_, reply) = group.into_iter().next().expect("one");
+                let _ = reply.send(Err(e));
+            }
+            Err(_) => {
+                for item in group {
+                    self.commit_group(vec![item], now);
+                }
+            }
+        }
     }
-    match tx.commit() {
-        Ok(()) => {
-            for (reply, r) in results {
-                let _ = reply.send(r);
+
+    fn try_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>> {
+        let version: i64 = self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        if version != self.data_version || self.cache.accounts.len() > MAX_CACHED_ACCOUNTS {
+            self.cache.clear();
+            self.data_version = version;
+        }
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        match self.apply_group(group, now) {
+            Ok(results) => Ok(results),
+            Err(e) => {
+                let _ = self.conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+                self.cache.clear();
+                Err(e)
             }
         }
-        Err(e) => {
-            let msg = format!("commit failed: {e}");
-            for (reply, _) in results {
-                let _ = reply.send(Err(Error::Backend(msg.clone())));
+    }
+
+    fn apply_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>> {
+        let mut dirty = Vec::new();
+        let mut results = Vec::with_capacity(group.len());
+        for (p, _) in group {
+            match self.prepare(p, now) {
+                Err(e) => results.push(Err(e)),
+                Ok(Step::Done(outcome)) => results.push(Ok(outcome)),
+                Ok(Step::Apply { account_id, transition, fingerprint }) => {
+                    let (id, effect) = self.write(&p.cmd, account_id, transition, fingerprint, now)?;
+                    if account_id.is_some() && !dirty.contains(&id) {
+                        dirty.push(id);
+                    }
+                    results.push(Ok(Ok(Committed { effect, replayed: false })));
+                }
             }
         }
+        for id in dirty {
+            let c = &self.cache.accounts[&id];
+            update_account(&self.conn, id, &c.state, now)?;
+        }
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(results)
+    }
+
+    /// Loads an account (by internal id or external id) into the cache.
+    fn load(&mut self, id: Option<i64>, ext: Option<&AccountId>) -> Result<Option<i64>> {
+        if let Some(id) = id.filter(|id| self.cache.accounts.contains_key(id)) {
+            return Ok(Some(id));
+        }
+        if let Some(id) = ext.and_then(|e| self.cache.ids.get(e)) {
+            return Ok(Some(*id));
+        }
+        let loaded = match (id, ext) {
+            (Some(id), _) => load_account_by_id(&self.conn, id)?.map(|(ext, s)| (id, ext, s)),
+            (None, Some(ext)) => load_account(&self.conn, ext)?.map(|(id, s)| (id, ext.clone(), s)),
+            (None, None) => None,
+        };
+        let Some((id, ext, state)) = loaded else { return Ok(None) };
+        let holds = load_open_holds(&self.conn, id)?;
+        for h in &holds {
+            self.cache.holds.insert(h.id, id);
+        }
+        self.cache.ids.insert(ext, id);
+        self.cache.accounts.insert(id, Cached { state, holds });
+        Ok(Some(id))
+    }
+
+    /// Everything before the first write: idempotency, snapshot, the rules.
+    fn prepare(&mut self, p: &Prepared, now: DateTime<Utc>) -> Result<Step> {
+        let cmd = &p.cmd;
+        if let Some(key) = cmd.key() {
+            let found: Option<(i64, String)> = self
+                .conn
+                .prepare_cached("SELECT fingerprint, outcome FROM idempotency WHERE key = ?1")?
+                .query_row([key.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((stored, outcome)) = found {
+                if stored != p.fingerprint {
+                    return Err(Error::IdempotencyConflict { key: key.to_string() });
+                }
+                let effect: Effect = serde_json::from_str(&outcome).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
+                return Ok(Step::Done(Ok(Committed { effect, replayed: true })));
+            }
+        }
+        let mut snap = Snapshot::default();
+        let mut account_id = None;
+        if let Some(hold_id) = cmd.hold() {
+            if let Some(&id) = self.cache.holds.get(&hold_id) {
+                let c = &self.cache.accounts[&id];
+                let h = c.holds.iter().find(|h| h.id == hold_id).ok_or_else(|| Error::Invariant("cached hold missing".into()))?;
+                snap.hold = Some(HoldRecord { id: hold_id, amount: h.amount, deadline: h.deadline, status: rules::HoldStatus::Open });
+                account_id = Some(id);
+            } else {
+                let row = self
+                    .conn
+                    .prepare_cached("SELECT account_id, amount, deadline_ms, status FROM holds WHERE id = ?1")?
+                    .query_row([hold_id.0], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)))
+                    .optional()?;
+                if let Some((acc, amount, deadline, status)) = row {
+                    snap.hold = Some(HoldRecord { id: hold_id, amount, deadline: at(deadline)?, status: rules::HoldStatus::parse(&status)? });
+                    account_id = Some(acc);
+                }
+            }
+        }
+        let account_id = match (account_id, cmd.account()) {
+            (Some(id), _) => self.load(Some(id), None)?,
+            (None, Some(ext)) => self.load(None, Some(ext))?,
+            (None, None) => None,
+        };
+        if let Some(id) = account_id {
+            let c = &self.cache.accounts[&id];
+            snap.state = Some(c.state.clone());
+            snap.open_holds = c.holds.clone();
+            if let Command::Refund(r) = cmd {
+                snap.charge = load_charge(&self.conn, id, r.entry)?;
+            }
+        }
+        Ok(match rules::apply(&self.ledger, &snap, cmd, now)? {
+            Ok(transition) => Step::Apply { account_id, transition, fingerprint: p.fingerprint },
+            Err(rejection) => Step::Done(Err(rejection)),
+        })
+    }
+
+    /// Writes a transition and moves the cache along. Returns the account id and the effect.
+    fn write(&mut self, cmd: &Command, account_id: Option<i64>, mut t: Transition, fingerprint: i64, now: DateTime<Utc>) -> Result<(i64, Effect)> {
+        let conn = &self.conn;
+        let id = match (account_id, cmd) {
+            (Some(id), _) => id,
+            (None, Command::CreateAccount(c)) => {
+                let id = insert_account(conn, &c.account, &t.state, now)?;
+                self.cache.ids.insert(c.account.clone(), id);
+                self.cache.accounts.insert(id, Cached { state: t.state.clone(), holds: Vec::new() });
+                id
+            }
+            (None, _) => return Err(Error::Invariant("transition without an account".into())),
+        };
+        let mut new_hold = None;
+        if let Some(h) = &t.new_hold {
+            conn.prepare_cached(
+                "INSERT INTO holds (account_id, amount, deadline_ms, status, reference, created_ms) VALUES (?1, ?2, ?3, 'open', ?4, ?5)",
+            )?
+            .execute(params![id, h.amount, ms(h.deadline), h.reference, ms(now)])?;
+            let hold_id = HoldId(conn.last_insert_rowid());
+            t.effect.set_hold(hold_id);
+            new_hold = Some(OpenHold { id: hold_id, amount: h.amount, deadline: h.deadline });
+        }
+        for (hold_id, status) in &t.closed_holds {
+            let n = conn
+                .prepare_cached("UPDATE holds SET status = ?2, closed_ms = ?3 WHERE id = ?1 AND status = 'open'")?
+                .execute(params![hold_id.0, status.as_str(), ms(now)])?;
+            if n != 1 {
+                return Err(Error::Invariant(format!("hold {hold_id:?} was not open")));
+            }
+        }
+        let mut main_entry = None;
+        {
+            let mut ins = conn.prepare_cached(
+                "INSERT INTO ledger_entries (account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            for e in &t.entries {
+                let hold = e.hold.map(|h| if h == NEW_HOLD { new_hold.map_or(h, |n| n.id) } else { h });
+                ins.execute(params![
+                    id,
+                    ms(now),
+                    e.kind.as_str(),
+                    e.delta.monthly,
+                    e.delta.rollover,
+                    e.delta.purchased,
+                    e.held_delta,
+                    e.balance_after,
+                    e.held_after,
+                    e.source.map(GrantSource::as_str),
+                    hold.map(|h| h.0),
+                    e.ref_entry.map(|r| r.0),
+                    e.reference,
+                    e.rollover_expires_at.map(ms),
+                ])?;
+                if e.main {
+                    main_entry = Some((EntryId(conn.last_insert_rowid()), e.delta, hold));
+                }
+            }
+        }
+        if let Some((entry, _, _)) = main_entry {
+            t.effect.set_entry(entry);
+        }
+        if let Some(u) = &t.usage {
+            let (entry, delta, hold) = main_entry.ok_or_else(|| Error::Invariant("usage without a charge entry".into()))?;
+            conn.prepare_cached(
+                "INSERT INTO usage_records (entry_id, account_id, at_ms, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                entry.0,
+                id,
+                ms(now),
+                hold.map(|h| h.0),
+                u.operation,
+                u.model,
+                u.tokens.input as i64,
+                u.tokens.output as i64,
+                u.tokens.cache_read as i64,
+                u.tokens.cache_write as i64,
+                -delta.total(),
+                u.cost_micros,
+            ])?;
+        }
+        if let Some(key) = cmd.key() {
+            let outcome = serde_json::to_string(&t.effect).expect("effects serialize");
+            conn.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![key.as_str(), fingerprint, outcome, ms(now)])?;
+        }
+        // The cache follows the committed-to-be state.
+        let c = self.cache.accounts.get_mut(&id).ok_or_else(|| Error::Invariant("account not cached".into()))?;
+        c.state = t.state;
+        for (hold_id, _) in &t.closed_holds {
+            c.holds.retain(|h| h.id != *hold_id);
+            self.cache.holds.remove(hold_id);
+        }
+        if let Some(h) = new_hold {
+            c.holds.push(h);
+            self.cache.holds.insert(h.id, id);
+        }
+        Ok((id, t.effect))
     }
 }
 
@@ -367,148 +676,6 @@ fn ms(t: DateTime<Utc>) -> i64 {
 
 fn at(ms: i64) -> rusqlite::Result<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms).ok_or(rusqlite::Error::IntegralValueOutOfRange(0, ms))
-}
-
-fn exec_one(conn: &Connection, cmd: &Command, ledger: &LedgerConfig, now: DateTime<Utc>) -> Result<Outcome> {
-    cmd.validate()?;
-    let fp = fingerprint(cmd);
-    if let Some(key) = cmd.key() {
-        let found: Option<(i64, String)> = conn
-            .prepare_cached("SELECT fingerprint, outcome FROM idempotency WHERE key = ?1")?
-            .query_row([key.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        if let Some((stored, outcome)) = found {
-            if stored != fp {
-                return Err(Error::IdempotencyConflict { key: key.to_string() });
-            }
-            let effect: Effect = serde_json::from_str(&outcome).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
-            return Ok(Ok(Committed { effect, replayed: true }));
-        }
-    }
-
-    // Load the snapshot.
-    let mut snap = Snapshot::default();
-    let mut account_id: Option<i64> = None;
-    if let Some(hold_id) = cmd.hold() {
-        let row = conn
-            .prepare_cached("SELECT account_id, amount, deadline_ms, status FROM holds WHERE id = ?1")?
-            .query_row([hold_id.0], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)))
-            .optional()?;
-        if let Some((acc, amount, deadline, status)) = row {
-            snap.hold = Some(HoldRecord { id: hold_id, amount, deadline: at(deadline)?, status: rules::HoldStatus::parse(&status)? });
-            account_id = Some(acc);
-        }
-    }
-    let loaded = match (account_id, cmd.account()) {
-        (Some(id), _) => load_account_by_id(conn, id)?.map(|(ext, s)| (id, ext, s)),
-        (None, Some(ext)) => load_account(conn, ext)?.map(|(id, s)| (id, ext.clone(), s)),
-        (None, None) => None,
-    };
-    if let Some((id, _, state)) = loaded {
-        snap.open_holds = load_open_holds(conn, id)?;
-        snap.state = Some(state);
-        account_id = Some(id);
-        if let Command::Refund(r) = cmd {
-            snap.charge = load_charge(conn, id, r.entry)?;
-        }
-    }
-
-    let mut t = match rules::apply(ledger, &snap, cmd, now)? {
-        Ok(t) => t,
-        Err(rejection) => return Ok(Err(rejection)),
-    };
-
-    // Write the transition.
-    let account_id = match (account_id, cmd) {
-        (Some(id), _) => {
-            update_account(conn, id, &t.state, now)?;
-            id
-        }
-        (None, Command::CreateAccount(c)) => insert_account(conn, &c.account, &t.state, now)?,
-        (None, _) => return Err(Error::Invariant("transition without an account".into())),
-    };
-    write_transition(conn, account_id, &mut t, now)?;
-    if let Some(key) = cmd.key() {
-        let outcome = serde_json::to_string(&t.effect).expect("effects serialize");
-        conn.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![key.as_str(), fp, outcome, ms(now)])?;
-    }
-    Ok(Ok(Committed { effect: t.effect, replayed: false }))
-}
-
-fn write_transition(conn: &Connection, account_id: i64, t: &mut Transition, now: DateTime<Utc>) -> Result<()> {
-    let mut new_hold_id = None;
-    if let Some(h) = &t.new_hold {
-        conn.prepare_cached(
-            "INSERT INTO holds (account_id, amount, deadline_ms, status, reference, created_ms) VALUES (?1, ?2, ?3, 'open', ?4, ?5)",
-        )?
-        .execute(params![account_id, h.amount, ms(h.deadline), h.reference, ms(now)])?;
-        let id = HoldId(conn.last_insert_rowid());
-        t.effect.set_hold(id);
-        new_hold_id = Some(id);
-    }
-    for (id, status) in &t.closed_holds {
-        let n = conn
-            .prepare_cached("UPDATE holds SET status = ?2, closed_ms = ?3 WHERE id = ?1 AND status = 'open'")?
-            .execute(params![id.0, status.as_str(), ms(now)])?;
-        if n != 1 {
-            return Err(Error::Invariant(format!("hold {id:?} was not open")));
-        }
-    }
-    let mut main_entry = None;
-    {
-        let mut ins = conn.prepare_cached(
-            "INSERT INTO ledger_entries (account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        )?;
-        for e in &t.entries {
-            let hold = e.hold.map(|h| if h == NEW_HOLD { new_hold_id.expect("new hold inserted") } else { h });
-            ins.execute(params![
-                account_id,
-                ms(now),
-                e.kind.as_str(),
-                e.delta.monthly,
-                e.delta.rollover,
-                e.delta.purchased,
-                e.held_delta,
-                e.balance_after,
-                e.held_after,
-                e.source.map(GrantSource::as_str),
-                hold.map(|h| h.0),
-                e.ref_entry.map(|r| r.0),
-                e.reference,
-                e.rollover_expires_at.map(ms),
-            ])?;
-            if e.main {
-                main_entry = Some((EntryId(conn.last_insert_rowid()), e.delta, hold));
-            }
-        }
-    }
-    if let Some((id, _, _)) = main_entry {
-        t.effect.set_entry(id);
-    }
-    if let Some(u) = &t.usage {
-        let (entry, delta, hold) = main_entry.ok_or_else(|| Error::Invariant("usage without a charge entry".into()))?;
-        conn.prepare_cached(
-            "INSERT INTO usage_records (account_id, at_ms, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )?
-        .execute(params![
-            account_id,
-            ms(now),
-            entry.0,
-            hold.map(|h| h.0),
-            u.operation,
-            u.model,
-            u.tokens.input as i64,
-            u.tokens.output as i64,
-            u.tokens.cache_read as i64,
-            u.tokens.cache_write as i64,
-            -delta.total(),
-            u.cost_micros,
-        ])?;
-    }
-    Ok(())
 }
 
 fn lots_json(lots: &[Lot]) -> String {
@@ -733,8 +900,9 @@ fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec
         return Err(Error::UnknownAccount(account.to_string()));
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT at_ms, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros
-         FROM usage_records WHERE account_id = ?1 ORDER BY id DESC LIMIT ?2",
+        "SELECT u.at_ms, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits, u.cost_micros
+         FROM ledger_entries e JOIN usage_records u ON u.entry_id = e.id
+         WHERE e.account_id = ?1 AND e.kind IN ('spend', 'settle') ORDER BY e.id DESC LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![id, limit], |r| {
         Ok(UsageRow {
@@ -841,8 +1009,9 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
 impl Store for SqliteStore {
     async fn execute(&self, cmd: Command) -> Result<Outcome> {
         cmd.validate()?;
+        let fingerprint = fingerprint(&cmd);
         let (tx, rx) = oneshot::channel();
-        self.send(Job::Exec(cmd, tx))?;
+        self.send(Job::Exec(Box::new(Prepared { cmd, fingerprint }), tx))?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
