@@ -39,7 +39,9 @@ macro_rules! conformance_suite {
             signup_credits, grants_and_bad_input, spend_order_default, hold_settle_release,
             hold_expiry_and_sweep, idempotent_replays, history_filters_pages_csv,
             refunds_and_clawbacks, monthly_rollover, rollover_expiry, holds_need_credits_that_outlive_them,
-            concurrent_spends_never_overspend, concurrent_holds_and_duplicate_keys);
+            concurrent_spends_never_overspend, concurrent_holds_and_duplicate_keys,
+            plan_changes_close_due_periods_first, rollover_runs_with_backed_holds, refunds_never_extend_expiry,
+            rollover_lot_limits, times_are_kept_to_the_millisecond, huge_token_counts_are_refused);
         $crate::conformance_suite!(@tests $open; rollover_first; rollover_first_spend_order);
     };
     (@tests $open:path; $cfg:ident; $($name:ident),*) => {
@@ -638,4 +640,107 @@ pub async fn concurrent_holds_and_duplicate_keys(store: &dyn Store, _clock: &Man
     let replays = outcomes.iter().filter(|o| matches!(o, Ok(Ok(c)) if c.replayed)).count();
     assert_eq!((fresh, replays), (1, 49));
     assert_eq!(buckets(store, &v).await, (0, 0, 3, 0));
+}
+
+/// A plan change that arrives after the period ended but before the rollover job (a renewal
+/// webhook, say) closes the ended period first: nothing is skipped or granted twice.
+pub async fn plan_changes_close_due_periods_first(store: &dyn Store, clock: &ManualClock) {
+    let u = create_user(store, "u").await;
+    let pe1 = clock.now() + Duration::days(30);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1 }), key("p1")).await);
+    applied(store.spend(spend_cmd(&u, 40, "s1")).await);
+    clock.set(pe1 + Duration::minutes(5));
+    let pe2 = add_month(pe1).unwrap();
+    match applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe2 }), key("renewal")).await) {
+        Effect::PlanSet { granted: 100, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(buckets(store, &u).await, (100, 60, 5, 0));
+    assert_eq!(jobs::monthly_rollover(store).await.unwrap().examined, 0);
+    assert_eq!(balance(store, &u).await.plan.unwrap().period_end, pe2);
+}
+
+/// The rollover step does not wait for open holds that stay backed.
+pub async fn rollover_runs_with_backed_holds(store: &dyn Store, clock: &ManualClock) {
+    let u = create_user(store, "u").await;
+    let pe = clock.now() + Duration::days(1);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 50, period_end: pe }), key("p1")).await);
+    clock.set(pe - Duration::minutes(1));
+    let h = hold_id(&applied(store.hold(hold_cmd(&u, 30, 3_600, "h1")).await));
+    clock.set(pe + Duration::minutes(1));
+    let r = jobs::monthly_rollover(store).await.unwrap();
+    assert_eq!((r.applied, r.deferred), (1, 0));
+    assert_eq!(buckets(store, &u).await, (50, 50, 5, 30));
+    assert!(matches!(applied(store.settle(settle_cmd(h, 30, "st1")).await), Effect::Settled { charged: c, .. } if c == charged(30, 0, 0)));
+}
+
+/// Refunded rollover credits come back with the earliest expiry they were taken from.
+pub async fn refunds_never_extend_expiry(store: &dyn Store, clock: &ManualClock) {
+    let now = clock.now();
+    let u = create_user(store, "u").await;
+    grant(store, &u, Bucket::Rollover, 30, Some(now + Duration::days(10)), "g1").await;
+    grant(store, &u, Bucket::Rollover, 20, Some(now + Duration::days(20)), "g2").await;
+    let e = entry_id(&applied(store.spend(spend_cmd(&u, 50, "s1")).await));
+    applied(store.refund(Refund { account: u.clone(), entry: e, amount: 50, reference: String::new(), key: key("r1") }).await);
+    let b = balance(store, &u).await;
+    assert_eq!((b.rollover, b.next_expiry), (50, Some(Lot { amount: 50, expires_at: now + Duration::days(10) })));
+    clock.set(now + Duration::days(11));
+    assert_eq!(buckets(store, &u).await, (0, 0, 5, 0));
+}
+
+/// Grants may create 8 distinct rollover expiry dates; the rollover step still finds room.
+pub async fn rollover_lot_limits(store: &dyn Store, clock: &ManualClock) {
+    let now = clock.now();
+    let u = create_user(store, "u").await;
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(2) }), key("p1")).await);
+    for i in 0..MAX_ROLLOVER_LOTS as i64 {
+        grant(store, &u, Bucket::Rollover, 1, Some(now + Duration::days(3 + i)), &format!("g{i}")).await;
+    }
+    let ninth = Grant {
+        account: u.clone(),
+        bucket: Bucket::Rollover,
+        amount: 1,
+        source: GrantSource::Admin,
+        expires_at: Some(now + Duration::days(25)),
+        reference: String::new(),
+        key: key("g-ninth"),
+    };
+    assert_eq!(error_code(store.grant(ninth).await), "invalid_input");
+    // An existing date is fine.
+    grant(store, &u, Bucket::Rollover, 1, Some(now + Duration::days(3)), "g-same").await;
+    clock.set(now + Duration::days(2));
+    let r = jobs::monthly_rollover(store).await.unwrap();
+    assert_eq!((r.applied, r.failed), (1, 0));
+    assert_eq!(buckets(store, &u).await, (10, 19, 5, 0));
+}
+
+/// Times finer than a millisecond are cut to the millisecond the store keeps, so what is
+/// decided is what is stored.
+pub async fn times_are_kept_to_the_millisecond(store: &dyn Store, clock: &ManualClock) {
+    let base = clock.now() + Duration::days(5);
+    let u = create_user(store, "u").await;
+    grant(store, &u, Bucket::Rollover, 10, Some(base + Duration::microseconds(300)), "g1").await;
+    grant(store, &u, Bucket::Rollover, 10, Some(base + Duration::microseconds(700)), "g2").await;
+    let b = balance(store, &u).await;
+    assert_eq!(b.next_expiry, Some(Lot { amount: 20, expires_at: base }));
+    applied(store.spend(spend_cmd(&u, 3, "s1")).await);
+    let mut q = HistoryQuery::new(u.clone());
+    q.from = Some(clock.now() + Duration::microseconds(1));
+    assert!(store.history(&q).await.unwrap().entries.is_empty(), "from rounds up to the next millisecond");
+    q.from = Some(clock.now());
+    assert_eq!(store.history(&q).await.unwrap().entries.len(), 4);
+}
+
+/// Token counts that would overflow are refused as bad input, not wrapped.
+pub async fn huge_token_counts_are_refused(store: &dyn Store, _clock: &ManualClock) {
+    let u = create_user(store, "u").await;
+    let mut s = spend_cmd(&u, 1, "s1");
+    s.usage = Some(Usage {
+        operation: "run".into(),
+        model: "m".into(),
+        tokens: TokenUsage { input: u64::MAX, output: 1, cache_read: 0, cache_write: 0 },
+        cost_micros: 0,
+    });
+    assert_eq!(error_code(store.spend(s).await), "invalid_input");
+    assert_eq!(buckets(store, &u).await, (0, 0, 5, 0));
 }

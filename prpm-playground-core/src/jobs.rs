@@ -14,15 +14,22 @@ use crate::store::{Due, Store};
 const PAGE: u32 = 256;
 
 /// What a job did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobReport {
     /// Accounts found with work due.
     pub examined: u64,
     /// Accounts changed.
     pub applied: u64,
-    /// Accounts left for a later run (the rollover step waits for open holds).
+    /// Accounts left for a later run (a rollover that would leave an open hold unbacked).
     pub deferred: u64,
+    /// Accounts whose step failed (the job goes on with the others); the first
+    /// [`MAX_REPORTED_ERRORS`] are listed.
+    pub failed: u64,
+    pub errors: Vec<(AccountId, String)>,
 }
+
+/// Most failures listed in a [`JobReport`].
+pub const MAX_REPORTED_ERRORS: usize = 100;
 
 /// Returns holds past their deadline (and removes expired credits on the same accounts).
 pub async fn expire_holds(store: &dyn Store) -> Result<JobReport> {
@@ -47,15 +54,28 @@ async fn run(store: &dyn Store, due: Due, command: impl Fn(AccountId) -> Command
     loop {
         let page = store.due(due, after.as_ref(), PAGE).await?;
         let Some(last) = page.last().cloned() else { break };
-        let outcomes = join_all(page.into_iter().map(|a| store.execute(command(a)))).await;
-        for outcome in outcomes {
+        let outcomes = join_all(page.iter().map(|a| store.execute(command(a.clone())))).await;
+        for (account, outcome) in page.into_iter().zip(outcomes) {
             report.examined += 1;
-            match outcome? {
-                Ok(_) => report.applied += 1,
-                Err(Rejection::HoldsOpen) => report.deferred += 1,
+            let failure = match outcome {
+                Ok(Ok(_)) => {
+                    report.applied += 1;
+                    continue;
+                }
+                Ok(Err(Rejection::HoldsOpen)) => {
+                    report.deferred += 1;
+                    continue;
+                }
                 // Another node (or a command on the account) did the work first.
-                Err(Rejection::NothingDue) => {}
-                Err(other) => return Err(Error::Invariant(format!("maintenance step rejected: {other}"))),
+                Ok(Err(Rejection::NothingDue)) => continue,
+                // The store itself is gone: stop.
+                Err(e @ (Error::Closed | Error::Backend(_))) => return Err(e),
+                Ok(Err(other)) => other.to_string(),
+                Err(e) => e.to_string(),
+            };
+            report.failed += 1;
+            if report.errors.len() < MAX_REPORTED_ERRORS {
+                report.errors.push((account, failure));
             }
         }
         after = Some(last);

@@ -180,7 +180,7 @@ impl TokenUsage {
         self.input + self.output + self.cache_read + self.cache_write
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         for (field, n) in [
             ("input_tokens", self.input),
             ("output_tokens", self.output),

@@ -207,3 +207,27 @@ fn rejections_and_replays_write_nothing() {
         assert_eq!(count(&path), before);
     });
 }
+
+/// Another connection (another process) changing the file while a store is open: the store
+/// notices (its cached state is dropped) and works on the new data.
+#[test]
+fn sees_commits_made_by_other_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    rt().block_on(async {
+        let a: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let b: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let u = create_user(&*a, "u").await; // 5, and now in a's cache
+        applied(a.spend(spend_cmd(&u, 1, "a1")).await);
+        // b grants and spends behind a's back.
+        grant(&*b, &u, Bucket::Purchased, 10, None, "b-g").await;
+        applied(b.spend(spend_cmd(&u, 2, "b1")).await);
+        // a sees 12 left, not its cached 4.
+        match applied(a.spend(spend_cmd(&u, 12, "a2")).await) {
+            Effect::Spent { balances, .. } => assert_eq!(balances.total(), 0),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rejected(b.spend(spend_cmd(&u, 1, "b2")).await).code(), "insufficient_credits");
+        assert!(a.verify().await.unwrap().is_clean());
+    });
+}

@@ -16,6 +16,7 @@ use chrono::{DateTime, Months, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::types::*;
+use crate::clock::to_millis;
 use crate::error::{Error, Result};
 
 /// Placeholder for the id of a hold created by the same transition.
@@ -135,7 +136,7 @@ pub struct ChargeRecord {
     pub kind: EntryKind,
     /// Credits taken per bucket (positive).
     pub charged: BucketAmounts,
-    /// The latest rollover expiry the charge consumed.
+    /// The earliest rollover expiry the charge consumed.
     pub rollover_expires_at: Option<DateTime<Utc>>,
     /// Credits given back so far per bucket (positive).
     pub refunded: BucketAmounts,
@@ -169,7 +170,7 @@ pub struct NewEntry {
     pub ref_entry: Option<EntryId>,
     pub reference: String,
     /// For rollover credits entering (grant, rollover, refund) or leaving (spend, settle):
-    /// the expiry of the lot (the latest one, for charges).
+    /// the expiry of the lot (the earliest one touched, for charges).
     pub rollover_expires_at: Option<DateTime<Utc>>,
     /// The command's main entry (its id goes into the effect).
     pub main: bool,
@@ -215,6 +216,8 @@ pub struct Transition {
 /// `Ok(Err(_))` an expected refusal; `Ok(Ok(_))` what to write.
 pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<Utc>) -> Result<Result<Transition, Rejection>> {
     cmd.validate()?;
+    // Stores keep milliseconds: decide on exactly what will be stored.
+    let now = to_millis(now);
     if let Command::CreateAccount(c) = cmd {
         if snap.state.is_some() {
             return Ok(Err(Rejection::AccountExists));
@@ -254,7 +257,7 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             let expires_at = match c.bucket {
                 Bucket::Rollover => {
                     let max = add_month(now)?;
-                    let at = c.expires_at.unwrap_or(max);
+                    let at = c.expires_at.map(to_millis).unwrap_or(max);
                     if at <= now || at > max {
                         return Err(Error::invalid("expires_at", "rollover credits must expire within one month from now"));
                     }
@@ -262,6 +265,12 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
                 }
                 _ => None,
             };
+            if let Some(at) = expires_at
+                && tx.s.rollover.len() >= MAX_ROLLOVER_LOTS
+                && !tx.s.rollover.iter().any(|l| l.expires_at == at)
+            {
+                return Err(Error::invalid("expires_at", format!("at most {MAX_ROLLOVER_LOTS} distinct rollover expiry dates")));
+            }
             tx.grant(c.bucket, c.amount, c.source, expires_at, c.reference.clone())?;
             Effect::Granted { entry: EntryId(0), balances: tx.s.balances() }
         }
@@ -398,16 +407,23 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             Effect::ClawedBack { entry, taken, shortfall: c.amount - n, balances: tx.s.balances() }
         }
         Command::SetPlan(c) => {
-            let mut granted = 0;
+            // A period that has ended is closed first (rollover, allocation), so a plan change
+            // that arrives before the rollover job never skips one.
+            let rolled = tx.roll_due_periods()?;
+            if !tx.holds_backed() {
+                return Ok(Err(Rejection::HoldsOpen));
+            }
+            let mut granted = rolled.granted;
             match (c.plan, tx.s.plan) {
                 (Some(terms), current) => {
-                    if terms.period_end <= now {
+                    let period_end = to_millis(terms.period_end);
+                    if period_end <= now {
                         return Err(Error::invalid("period_end", "must be in the future"));
                     }
-                    tx.s.plan = Some(PlanState { monthly_credits: terms.monthly_credits, active: true, period_end: terms.period_end });
+                    tx.s.plan = Some(PlanState { monthly_credits: terms.monthly_credits, active: true, period_end });
                     if current.is_none() && terms.monthly_credits > 0 {
-                        tx.grant(Bucket::Monthly, terms.monthly_credits, GrantSource::Plan, None, format!("period:{}", terms.period_end.to_rfc3339()))?;
-                        granted = terms.monthly_credits;
+                        tx.grant(Bucket::Monthly, terms.monthly_credits, GrantSource::Plan, None, format!("period:{}", period_end.to_rfc3339()))?;
+                        granted += terms.monthly_credits;
                     }
                 }
                 (None, Some(mut p)) => {
@@ -419,52 +435,15 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             Effect::PlanSet { granted, balances: tx.s.balances() }
         }
         Command::Rollover { .. } => {
-            let Some(plan) = tx.s.plan.filter(|p| p.period_end <= now) else {
+            if !tx.s.plan.is_some_and(|p| p.period_end <= now) {
                 return Ok(Err(Rejection::NothingDue));
-            };
-            if !tx.holds.is_empty() {
+            }
+            let r = tx.roll_due_periods()?;
+            // Open holds wait only if the step would leave one of them unbacked.
+            if !tx.holds_backed() {
                 return Ok(Err(Rejection::HoldsOpen));
             }
-            let (mut moved, mut expired, mut granted, mut periods) = (0, 0, 0, 0);
-            let mut plan = Some(plan);
-            while let Some(p) = plan.filter(|p| p.period_end <= now && periods < MAX_PERIODS_PER_STEP) {
-                let t = p.period_end;
-                let next = add_month(t)?;
-                tx.expire_lots_at(t)?;
-                let keep = tx.s.monthly.min(p.monthly_credits);
-                let excess = tx.s.monthly - keep;
-                if keep > 0 {
-                    tx.s.monthly -= keep;
-                    tx.add_lot(keep, next)?;
-                    let mut e = NewEntry::new(EntryKind::Rollover);
-                    e.delta = BucketAmounts { monthly: -keep, rollover: keep, purchased: 0 };
-                    e.reference = format!("period:{}", t.to_rfc3339());
-                    e.rollover_expires_at = Some(next);
-                    tx.push(e);
-                }
-                if excess > 0 {
-                    tx.s.monthly -= excess;
-                    let mut e = NewEntry::new(EntryKind::ExpireCredits);
-                    e.delta = BucketAmounts::only(Bucket::Monthly, -excess);
-                    e.reference = format!("rollover cap, period:{}", t.to_rfc3339());
-                    tx.push(e);
-                }
-                if p.active {
-                    if p.monthly_credits > 0 {
-                        tx.grant(Bucket::Monthly, p.monthly_credits, GrantSource::Plan, None, format!("period:{}", next.to_rfc3339()))?;
-                    }
-                    granted += p.monthly_credits;
-                    plan = Some(PlanState { period_end: next, ..p });
-                } else {
-                    plan = None;
-                }
-                moved += keep;
-                expired += excess;
-                periods += 1;
-            }
-            tx.s.plan = plan;
-            tx.expire_lots()?;
-            Effect::RolledOver { periods, moved, expired, granted, balances: tx.s.balances() }
+            Effect::RolledOver { periods: r.periods, moved: r.moved, expired: r.expired, granted: r.granted, balances: tx.s.balances() }
         }
         Command::Sweep { .. } => {
             if tx.entries.is_empty() {
@@ -509,7 +488,7 @@ pub fn check_state(state: &AccountState, open_holds: &[OpenHold]) -> std::result
     if state.rollover.windows(2).any(|w| w[0].expires_at >= w[1].expires_at) {
         return Err("rollover lots not sorted by expiry".into());
     }
-    if state.rollover.len() > MAX_ROLLOVER_LOTS {
+    if state.rollover.len() > MAX_ROLLOVER_LOTS_HARD {
         return Err("too many rollover lots".into());
     }
     let held: Credits = open_holds.iter().map(|h| h.amount).sum();
@@ -517,6 +496,14 @@ pub fn check_state(state: &AccountState, open_holds: &[OpenHold]) -> std::result
         return Err(format!("held {} but open holds sum to {held}", state.held));
     }
     Ok(())
+}
+
+#[derive(Default)]
+struct Rolled {
+    periods: u32,
+    moved: Credits,
+    expired: Credits,
+    granted: Credits,
 }
 
 struct Tx<'c> {
@@ -555,6 +542,57 @@ impl<'c> Tx<'c> {
 
     fn usable(&self, horizon: DateTime<Utc>) -> Credits {
         usable_at(&self.s, horizon)
+    }
+
+    /// Every open hold is still backed by credits that outlive it.
+    fn holds_backed(&self) -> bool {
+        self.usable(self.horizon()) >= self.s.held
+    }
+
+    /// The monthly rollover step for every period of the plan that ended by now (at most
+    /// [`MAX_PERIODS_PER_STEP`]): the previous rollover expires, unused monthly credits move to
+    /// rollover (capped at the allocation, the rest expires), the next allocation is granted.
+    fn roll_due_periods(&mut self) -> Result<Rolled> {
+        let mut r = Rolled::default();
+        let mut plan = self.s.plan;
+        while let Some(p) = plan.filter(|p| p.period_end <= self.now && r.periods < MAX_PERIODS_PER_STEP) {
+            let t = p.period_end;
+            let next = add_month(t)?;
+            self.expire_lots_at(t)?;
+            let keep = self.s.monthly.min(p.monthly_credits);
+            let excess = self.s.monthly - keep;
+            if keep > 0 {
+                self.s.monthly -= keep;
+                self.add_lot(keep, next)?;
+                let mut e = NewEntry::new(EntryKind::Rollover);
+                e.delta = BucketAmounts { monthly: -keep, rollover: keep, purchased: 0 };
+                e.reference = format!("period:{}", t.to_rfc3339());
+                e.rollover_expires_at = Some(next);
+                self.push(e);
+            }
+            if excess > 0 {
+                self.s.monthly -= excess;
+                let mut e = NewEntry::new(EntryKind::ExpireCredits);
+                e.delta = BucketAmounts::only(Bucket::Monthly, -excess);
+                e.reference = format!("rollover cap, period:{}", t.to_rfc3339());
+                self.push(e);
+            }
+            if p.active {
+                if p.monthly_credits > 0 {
+                    self.grant(Bucket::Monthly, p.monthly_credits, GrantSource::Plan, None, format!("period:{}", next.to_rfc3339()))?;
+                }
+                r.granted += p.monthly_credits;
+                plan = Some(PlanState { period_end: next, ..p });
+            } else {
+                plan = None;
+            }
+            r.moved += keep;
+            r.expired += excess;
+            r.periods += 1;
+        }
+        self.s.plan = plan;
+        self.expire_lots()?;
+        Ok(r)
     }
 
     /// Returns holds past their deadline and removes credits past their expiry.
@@ -608,18 +646,23 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
+    /// Adds rollover credits expiring at `expires_at`. Grants are held to
+    /// [`MAX_ROLLOVER_LOTS`] distinct dates before they get here; the ledger's own steps may go
+    /// up to [`MAX_ROLLOVER_LOTS_HARD`], past which the credits join the lot expiring next
+    /// before theirs (they never live longer than promised).
     fn add_lot(&mut self, n: Credits, expires_at: DateTime<Utc>) -> Result<()> {
         if self.s.rollover_total() + n > MAX_BUCKET_CREDITS {
             return Err(Error::invalid("amount", format!("the rollover bucket would exceed {MAX_BUCKET_CREDITS}")));
         }
         match self.s.rollover.binary_search_by_key(&expires_at, |l| l.expires_at) {
             Ok(i) => self.s.rollover[i].amount += n,
-            Err(i) => {
-                if self.s.rollover.len() >= MAX_ROLLOVER_LOTS {
-                    return Err(Error::invalid("expires_at", format!("at most {MAX_ROLLOVER_LOTS} distinct rollover expiry dates")));
-                }
-                self.s.rollover.insert(i, Lot { amount: n, expires_at });
+            Err(i) if self.s.rollover.len() < MAX_ROLLOVER_LOTS_HARD => self.s.rollover.insert(i, Lot { amount: n, expires_at }),
+            // Full: join the lot just before, or pull the first lot's expiry in to ours.
+            Err(0) => {
+                self.s.rollover[0].amount += n;
+                self.s.rollover[0].expires_at = expires_at;
             }
+            Err(i) => self.s.rollover[i - 1].amount += n,
         }
         Ok(())
     }
@@ -641,21 +684,21 @@ impl<'c> Tx<'c> {
     }
 
     /// Takes up to `n` from the rollover lots, earliest expiry first; returns the amount taken
-    /// and the latest expiry touched.
+    /// and the earliest expiry touched (refunds give rollover credits back with it, so refunded
+    /// credits never outlive the ones taken).
     fn take_rollover(&mut self, n: Credits) -> (Credits, Option<DateTime<Utc>>) {
         let mut left = n;
-        let mut latest = None;
+        let earliest = self.s.rollover.first().map(|l| l.expires_at).filter(|_| n > 0);
         while left > 0 {
             let Some(lot) = self.s.rollover.first_mut() else { break };
             let k = left.min(lot.amount);
             lot.amount -= k;
             left -= k;
-            latest = Some(lot.expires_at);
             if lot.amount == 0 {
                 self.s.rollover.remove(0);
             }
         }
-        (n - left, latest)
+        (n - left, earliest)
     }
 
     /// Takes `n` credits in spend order. The caller has checked there are enough.

@@ -12,8 +12,10 @@ pub type Credits = i64;
 /// Largest amount one request may move, and largest balance a bucket may hold.
 pub const MAX_CREDITS_PER_REQUEST: Credits = 1_000_000_000;
 pub const MAX_BUCKET_CREDITS: Credits = 1_000_000_000_000;
-/// At most this many rollover lots (distinct expiry dates) per account.
+/// Grants may create at most this many rollover lots (distinct expiry dates) per account.
 pub const MAX_ROLLOVER_LOTS: usize = 8;
+/// The rollover step and refunds may go up to this many; past it, lots merge (see rules).
+pub const MAX_ROLLOVER_LOTS_HARD: usize = 16;
 /// Longest hold, in seconds (a day).
 pub const MAX_HOLD_TTL_SECS: u32 = 86_400;
 /// Largest USD cost of one usage record, in micro-dollars ($1,000,000).
@@ -306,6 +308,7 @@ impl Usage {
     pub fn validate(&self) -> Result<()> {
         check_name("operation", &self.operation, 64, false)?;
         check_name("model", &self.model, MAX_ID_LEN, false)?;
+        self.tokens.validate()?;
         if self.tokens.total() > MAX_TOKENS {
             return Err(Error::invalid("tokens", format!("more than {MAX_TOKENS} tokens")));
         }
@@ -637,7 +640,7 @@ pub enum Rejection {
     NotACharge(EntryId),
     #[error("refund of {requested} exceeds the {refundable} credits still refundable")]
     RefundExceedsCharge { requested: Credits, refundable: Credits },
-    #[error("the account has open holds; the rollover step waits for them")]
+    #[error("the step would leave an open hold unbacked; it waits for the holds to close")]
     HoldsOpen,
     #[error("nothing is due")]
     NothingDue,

@@ -1,11 +1,14 @@
 //! The SQLite backend: one file in WAL mode (or in memory), one writer thread that commits
 //! concurrent commands in groups, and a small pool of read connections.
 //!
-//! Group commit: the writer takes every command queued (up to `max_batch`), applies each in its
-//! own savepoint inside one `BEGIN IMMEDIATE` transaction, commits once (one fsync with
-//! `synchronous=FULL`) and then answers every caller with its own outcome. A command that fails
-//! rolls back its savepoint only; if the commit itself fails every caller of the batch gets the
-//! error and nothing of the batch is written.
+//! Group commit: the writer takes every command queued (up to `max_batch`), applies them one
+//! after the other inside one `BEGIN IMMEDIATE` transaction, commits once (one fsync with
+//! `synchronous=FULL`) and then answers every caller with its own outcome. Each command is
+//! decided (idempotency, rules) before it writes anything, so a rejection or a bad request
+//! writes nothing; a failing write rolls the group back and its commands are retried one by
+//! one. The writer caches committed account state and drops the cache whenever another
+//! connection (another process) has committed (`PRAGMA data_version`, read inside the write
+//! lock) and after any failure. Checkpoints run on a thread of their own.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -375,6 +378,11 @@ impl Cache {
 
 const MAX_CACHED_ACCOUNTS: usize = 100_000;
 
+enum GroupError {
+    Begin(Error),
+    Write(Error),
+}
+
 enum Step {
     /// A replay or a rejection: nothing to write.
     Done(Outcome),
@@ -415,8 +423,9 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>,
 
 impl Writer {
     /// Commits the group in one transaction. If a write fails (I/O, a broken invariant), the
-    /// transaction is rolled back and each command is retried alone, so one bad command
-    /// cannot fail the others.
+    /// transaction is rolled back, the cache dropped, and each command retried alone, so one
+    /// bad command cannot fail the others. If the transaction cannot even begin (the file is
+    /// locked by another process past the busy timeout), the whole group gets that error.
     fn commit_group(&mut self, group: Vec<(Prepared, Reply)>, now: DateTime<Utc>) {
         match self.try_group(&group, now) {
             Ok(results) => {
@@ -424,11 +433,17 @@ impl Writer {
                     let _ = reply.send(r);
                 }
             }
-            Err(e) if group.len() == 1 => {
+            Err(GroupError::Begin(e)) => {
+                let msg = e.to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(Error::Backend(msg.clone())));
+                }
+            }
+            Err(GroupError::Write(e)) if group.len() == 1 => {
                 let (_, reply) = group.into_iter().next().expect("one");
                 let _ = reply.send(Err(e));
             }
-            Err(_) => {
+            Err(GroupError::Write(_)) => {
                 for item in group {
                     self.commit_group(vec![item], now);
                 }
@@ -436,21 +451,26 @@ impl Writer {
         }
     }
 
-    fn try_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>> {
-        let version: i64 = self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-        if version != self.data_version || self.cache.accounts.len() > MAX_CACHED_ACCOUNTS {
-            self.cache.clear();
-            self.data_version = version;
-        }
-        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        match self.apply_group(group, now) {
-            Ok(results) => Ok(results),
-            Err(e) => {
-                let _ = self.conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+    fn try_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>, GroupError> {
+        self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.execute([])).map_err(|e| GroupError::Begin(e.into()))?;
+        // Inside the write lock: nobody can commit between this check and our commit.
+        let version = self
+            .conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .map_err(|e| GroupError::Write(e.into()));
+        let result = version.and_then(|version| {
+            if version != self.data_version || self.cache.accounts.len() > MAX_CACHED_ACCOUNTS {
                 self.cache.clear();
-                Err(e)
+                self.data_version = version;
             }
+            self.apply_group(group, now).map_err(GroupError::Write)
+        });
+        if result.is_err() {
+            let _ = self.conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+            self.cache.clear();
         }
+        result
     }
 
     fn apply_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>> {
@@ -674,6 +694,12 @@ fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
+/// Whole milliseconds, rounded up (for bounds: `at >= from` and `at < until` on stored ms).
+fn ms_ceil(t: DateTime<Utc>) -> i64 {
+    let m = t.timestamp_millis();
+    if t.timestamp_subsec_nanos() % 1_000_000 != 0 { m + 1 } else { m }
+}
+
 fn at(ms: i64) -> rusqlite::Result<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms).ok_or(rusqlite::Error::IntegralValueOutOfRange(0, ms))
 }
@@ -864,8 +890,8 @@ fn query_history(conn: &Connection, q: &HistoryQuery) -> Result<HistoryPage> {
         params![
             account_id,
             q.before.map_or(i64::MAX, |b| b.0),
-            q.from.map_or(i64::MIN, ms),
-            q.until.map_or(i64::MAX, ms),
+            q.from.map_or(i64::MIN, ms_ceil),
+            q.until.map_or(i64::MAX, ms_ceil),
             i64::from(q.limit) + 1
         ],
         entry_from_row,
@@ -970,10 +996,16 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
                 push(&mut report, &ext, what, stored[i], logged[i])?;
             }
         }
-        let lots: String = r.get(6)?;
-        let lot_sum: i64 = parse_lots(&lots)?.iter().map(|l| l.amount).sum();
+        let lots = parse_lots(&r.get::<_, String>(6)?)?;
+        let lot_sum: i64 = lots.iter().map(|l| l.amount).sum();
         if lot_sum != stored[1] {
             push(&mut report, &ext, "rollover lots", stored[1], lot_sum)?;
+        }
+        let bad_lots = lots.iter().any(|l| l.amount <= 0)
+            || lots.windows(2).any(|w| w[0].expires_at >= w[1].expires_at)
+            || lots.len() > MAX_ROLLOVER_LOTS_HARD;
+        if bad_lots {
+            push(&mut report, &ext, "rollover lots malformed (count)", lots.len() as i64, 0)?;
         }
         let open: i64 = r.get(12)?;
         if open != stored[3] {
