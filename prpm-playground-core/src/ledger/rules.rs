@@ -435,7 +435,7 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             Effect::PlanSet { granted, balances: tx.s.balances() }
         }
         Command::Rollover { .. } => {
-            if !tx.s.plan.is_some_and(|p| p.period_end <= now) {
+            if tx.s.plan.is_none_or(|p| p.period_end > now) {
                 return Ok(Err(Rejection::NothingDue));
             }
             let r = tx.roll_due_periods()?;

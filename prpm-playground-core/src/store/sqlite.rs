@@ -386,7 +386,7 @@ enum GroupError {
 enum Step {
     /// A replay or a rejection: nothing to write.
     Done(Outcome),
-    Apply { account_id: Option<i64>, transition: Transition, fingerprint: i64 },
+    Apply { account_id: Option<i64>, transition: Box<Transition>, fingerprint: i64 },
 }
 
 struct Writer {
@@ -481,7 +481,7 @@ impl Writer {
                 Err(e) => results.push(Err(e)),
                 Ok(Step::Done(outcome)) => results.push(Ok(outcome)),
                 Ok(Step::Apply { account_id, transition, fingerprint }) => {
-                    let (id, effect) = self.write(&p.cmd, account_id, transition, fingerprint, now)?;
+                    let (id, effect) = self.write(&p.cmd, account_id, *transition, fingerprint, now)?;
                     if account_id.is_some() && !dirty.contains(&id) {
                         dirty.push(id);
                     }
@@ -571,7 +571,7 @@ impl Writer {
             }
         }
         Ok(match rules::apply(&self.ledger, &snap, cmd, now)? {
-            Ok(transition) => Step::Apply { account_id, transition, fingerprint: p.fingerprint },
+            Ok(transition) => Step::Apply { account_id, transition: Box::new(transition), fingerprint: p.fingerprint },
             Err(rejection) => Step::Done(Err(rejection)),
         })
     }
@@ -697,7 +697,7 @@ fn ms(t: DateTime<Utc>) -> i64 {
 /// Whole milliseconds, rounded up (for bounds: `at >= from` and `at < until` on stored ms).
 fn ms_ceil(t: DateTime<Utc>) -> i64 {
     let m = t.timestamp_millis();
-    if t.timestamp_subsec_nanos() % 1_000_000 != 0 { m + 1 } else { m }
+    if t.timestamp_subsec_nanos().is_multiple_of(1_000_000) { m } else { m + 1 }
 }
 
 fn at(ms: i64) -> rusqlite::Result<DateTime<Utc>> {
