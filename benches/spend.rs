@@ -4,14 +4,16 @@
 //! The baseline is the straightforward design: per spend one transaction that selects the
 //! account's buckets, updates them, inserts a log row and a usage row, and commits.
 //!
-//! `cargo bench --bench spend` prints criterion's figures and then a table of throughputs and
-//! ratios to the baseline. Under `cargo test --all-targets` each benchmark runs once on small
-//! data (the 10-million-row log shrinks to 10,000 rows unless `PRPM_BENCH_LOG_ROWS` is set).
+//! `cargo bench --bench spend` prints criterion's figures, then runs every workload again in
+//! interleaved rounds (so the disk's drifting fsync latency weighs on all alike) and prints a
+//! table of throughputs and ratios to the baseline. Under `cargo test --all-targets` each
+//! benchmark runs once on small data (the 10-million-row log shrinks to 10,000 rows unless
+//! `PRPM_BENCH_LOG_ROWS` is set).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
@@ -24,15 +26,6 @@ const CALLERS: usize = 64;
 const START_CREDITS: i64 = 1_000_000_000;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
-/// Per benchmark: (operations, wall time) summed over every measurement criterion made.
-static TOTALS: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
-
-fn record(name: &'static str, ops: u64, elapsed: Duration) {
-    let mut t = TOTALS.lock().unwrap();
-    let e = t.entry(name).or_default();
-    e.0 += ops;
-    e.1 += elapsed;
-}
 
 fn next_key() -> IdempotencyKey {
     key(&format!("bench-{}", SEQ.fetch_add(1, Ordering::Relaxed)))
@@ -221,15 +214,99 @@ async fn hold_settle(store: &dyn Store, i: usize) {
     store.settle(Settle { hold: h, credits: 1, usage: Some(usage()), key: next_key() }).await.unwrap().unwrap();
 }
 
+/// The measured workloads. Each runs `n` operations (spends, or hold + settle pairs) and
+/// returns (operations done, wall time).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Load {
+    BaselineSingle,
+    SpendSingle,
+    HoldSettleSingle,
+    SpendSingleBigLog,
+    Spend64,
+    HoldSettle64,
+}
+
+impl Load {
+    const ALL: [Load; 6] = [Load::BaselineSingle, Load::SpendSingle, Load::HoldSettleSingle, Load::SpendSingleBigLog, Load::Spend64, Load::HoldSettle64];
+
+    fn name(self) -> &'static str {
+        match self {
+            Load::BaselineSingle => "baseline_single",
+            Load::SpendSingle => "spend_single",
+            Load::HoldSettleSingle => "hold_settle_single",
+            Load::SpendSingleBigLog => "spend_single_big_log",
+            Load::Spend64 => "spend_64_callers",
+            Load::HoldSettle64 => "hold_settle_64_callers",
+        }
+    }
+}
+
+struct Bench {
+    rt: Arc<tokio::runtime::Runtime>,
+    baseline: Baseline,
+    store: Arc<dyn Store>,
+    big: Arc<dyn Store>,
+    next: usize,
+}
+
+impl Bench {
+    fn run(&mut self, load: Load, n: u64) -> (u64, Duration) {
+        match load {
+            Load::BaselineSingle => {
+                let t0 = Instant::now();
+                for _ in 0..n {
+                    self.next = (self.next + 1) % ACCOUNTS;
+                    self.baseline.spend(self.next, 1);
+                }
+                (n, t0.elapsed())
+            }
+            Load::SpendSingle | Load::SpendSingleBigLog | Load::HoldSettleSingle => {
+                let s = if load == Load::SpendSingleBigLog { self.big.clone() } else { self.store.clone() };
+                let start = self.next;
+                self.next = (self.next + n as usize) % ACCOUNTS;
+                self.rt.block_on(async move {
+                    let t0 = Instant::now();
+                    for k in 0..n {
+                        let i = (start + k as usize) % ACCOUNTS;
+                        if load == Load::HoldSettleSingle {
+                            hold_settle(&*s, i).await;
+                        } else {
+                            s.spend(spend_cmd(i)).await.unwrap().unwrap();
+                        }
+                    }
+                    (n, t0.elapsed())
+                })
+            }
+            Load::Spend64 => {
+                let s = self.store.clone();
+                concurrent(&self.rt, CALLERS, n, move |c, k| {
+                    let s = s.clone();
+                    async move {
+                        s.spend(spend_cmd(pick(c, k))).await.unwrap().unwrap();
+                    }
+                })
+            }
+            Load::HoldSettle64 => {
+                let s = self.store.clone();
+                concurrent(&self.rt, CALLERS, n, move |c, k| {
+                    let s = s.clone();
+                    async move { hold_settle(&*s, pick(c, k)).await }
+                })
+            }
+        }
+    }
+}
+
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
     let log_rows: u64 = std::env::var("PRPM_BENCH_LOG_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench_mode { 10_000_000 } else { 10_000 });
+    let rounds: u64 = std::env::var("PRPM_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench_mode { 15 } else { 1 });
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-data");
     std::fs::create_dir_all(&data_dir).unwrap();
     let scratch = tempfile::tempdir_in(&data_dir).unwrap();
 
     let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
-    let mut baseline = Baseline::open(&scratch.path().join("baseline.db"));
+    let baseline = Baseline::open(&scratch.path().join("baseline.db"));
     let store = open_store(&scratch.path().join("ours.db"));
     rt.block_on(seed_accounts(&*store));
 
@@ -245,84 +322,16 @@ fn main() {
     }
     fill_log(&big_path, log_rows);
     let big = open_store(&big_path);
+    let mut bench = Bench { rt: rt.clone(), baseline, store: store.clone(), big, next: 0 };
 
-    let mut c = Criterion::default().configure_from_args().sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    // 1. Criterion's own figures, one workload after the other.
+    let mut c = Criterion::default().configure_from_args().sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     let mut g = c.benchmark_group("sqlite_spend");
     g.throughput(Throughput::Elements(1));
-
-    let mut i = 0usize;
-    g.bench_function("baseline_single", |b| {
-        b.iter_custom(|iters| {
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                i = (i + 1) % ACCOUNTS;
-                baseline.spend(i, 1);
-            }
-            let e = t0.elapsed();
-            record("baseline_single", iters, e);
-            e
-        })
-    });
-    for (name, s) in [("spend_single", store.clone()), ("spend_single_big_log", big.clone())] {
-        let rt = rt.clone();
-        g.bench_function(name, |b| {
+    for load in Load::ALL {
+        g.bench_function(load.name(), |b| {
             b.iter_custom(|iters| {
-                let s = s.clone();
-                let e = rt.block_on(async move {
-                    let t0 = Instant::now();
-                    for k in 0..iters {
-                        s.spend(spend_cmd(pick(0, k))).await.unwrap().unwrap();
-                    }
-                    t0.elapsed()
-                });
-                record(name, iters, e);
-                e
-            })
-        });
-    }
-    {
-        let s = store.clone();
-        let rt = rt.clone();
-        g.bench_function("hold_settle_single", |b| {
-            b.iter_custom(|iters| {
-                let s = s.clone();
-                let e = rt.block_on(async move {
-                    let t0 = Instant::now();
-                    for k in 0..iters {
-                        hold_settle(&*s, pick(1, k)).await;
-                    }
-                    t0.elapsed()
-                });
-                record("hold_settle_single", iters, e);
-                e
-            })
-        });
-    }
-    {
-        let s = store.clone();
-        let rt = rt.clone();
-        g.bench_function("spend_64_callers", |b| {
-            b.iter_custom(|iters| {
-                let s = s.clone();
-                let (ops, e) = concurrent(&rt, CALLERS, iters, move |c, k| {
-                    let s = s.clone();
-                    async move {
-                        s.spend(spend_cmd(pick(c, k))).await.unwrap().unwrap();
-                    }
-                });
-                record("spend_64_callers", ops, e);
-                e.mul_f64(iters as f64 / ops as f64)
-            })
-        });
-        let s = store.clone();
-        g.bench_function("hold_settle_64_callers", |b| {
-            b.iter_custom(|iters| {
-                let s = s.clone();
-                let (ops, e) = concurrent(&rt, CALLERS, iters, move |c, k| {
-                    let s = s.clone();
-                    async move { hold_settle(&*s, pick(c, k)).await }
-                });
-                record("hold_settle_64_callers", ops, e);
+                let (ops, e) = bench.run(load, iters);
                 e.mul_f64(iters as f64 / ops as f64)
             })
         });
@@ -330,31 +339,46 @@ fn main() {
     g.finish();
     c.final_summary();
 
+    // 2. The ratios, from rounds that interleave every workload, so that the disk's drifting
+    //    fsync latency weighs on all of them alike.
+    let mut totals: BTreeMap<Load, (u64, Duration)> = BTreeMap::new();
+    let per_round: u64 = if bench_mode { 400 } else { 8 };
+    for round in 0..rounds {
+        for k in 0..Load::ALL.len() {
+            let load = Load::ALL[(k + round as usize) % Load::ALL.len()];
+            let n = match load {
+                Load::Spend64 | Load::HoldSettle64 => per_round * 8,
+                Load::HoldSettleSingle => per_round / 2,
+                _ => per_round,
+            };
+            let (ops, e) = bench.run(load, n);
+            let t = totals.entry(load).or_default();
+            t.0 += ops;
+            t.1 += e;
+        }
+    }
     let report = rt.block_on(store.verify()).unwrap();
     assert!(report.is_clean(), "{:?}", report.discrepancies);
 
-    let totals = TOTALS.lock().unwrap();
-    let rate = |name: &str| totals.get(name).map(|(n, t)| *n as f64 / t.as_secs_f64()).unwrap_or(f64::NAN);
-    let base = rate("baseline_single");
-    println!("\nSQLite spend paths (WAL, synchronous=FULL), operations per second, ratio to the baseline:");
-    println!("{:<44} {:>12} {:>9} {:>8}", "benchmark", "ops/s", "ratio", "target");
-    for (name, label, target) in [
-        ("baseline_single", "baseline: plain SQL transaction per spend", "1.00"),
-        ("spend_single", "spend, single caller", ">= 0.70"),
-        ("hold_settle_single", "hold + settle pairs, single caller", ">= 0.35"),
-        ("spend_64_callers", "spend, 64 callers over 1,000 accounts", ">= 10"),
-        ("hold_settle_64_callers", "hold + settle pairs, 64 callers", ">= 5"),
+    let rate = |load: Load| totals.get(&load).map(|(n, t)| *n as f64 / t.as_secs_f64()).unwrap_or(f64::NAN);
+    let base = rate(Load::BaselineSingle);
+    println!("\nSQLite spend paths (file, WAL, synchronous=FULL): operations per second over {rounds} interleaved rounds");
+    println!("{:<46} {:>10} {:>9} {:>9}", "workload", "ops/s", "ratio", "target");
+    for (load, label, target) in [
+        (Load::BaselineSingle, "baseline: plain SQL transaction per spend", "1.00"),
+        (Load::SpendSingle, "spend, single caller", ">= 0.70"),
+        (Load::HoldSettleSingle, "hold + settle pairs, single caller", ">= 0.35"),
+        (Load::Spend64, "spend, 64 callers over 1,000 accounts", ">= 10"),
+        (Load::HoldSettle64, "hold + settle pairs, 64 callers", ">= 5"),
     ] {
-        println!("{label:<44} {:>12.0} {:>8.2}x {target:>8}", rate(name), rate(name) / base);
+        println!("{label:<46} {:>10.0} {:>8.2}x {target:>9}", rate(load), rate(load) / base);
     }
-    let empty = rate("spend_single");
-    let big_rate = rate("spend_single_big_log");
     println!(
-        "{:<44} {:>12.0} {:>8.2}x {:>8}",
+        "{:<46} {:>10.0} {:>8.2}x {:>9}",
         format!("spend, single caller, {log_rows} log rows"),
-        big_rate,
-        empty / big_rate,
+        rate(Load::SpendSingleBigLog),
+        rate(Load::SpendSingle) / rate(Load::SpendSingleBigLog),
         "<= 1.5"
     );
-    println!("(the last ratio is the time per spend with the big log over the time with an empty log)");
+    println!("(ratios to the baseline's throughput; the last is the time per spend with the big log over the time with an empty log)");
 }

@@ -8,7 +8,7 @@
 //! writes nothing; a failing write rolls the group back and its commands are retried one by
 //! one. The writer caches committed account state and drops the cache whenever another
 //! connection (another process) has committed (`PRAGMA data_version`, read inside the write
-//! lock) and after any failure. Checkpoints run on a thread of their own.
+//! lock) and after any failure.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -124,7 +124,6 @@ impl ReadPool {
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    checkpointer: Mutex<Option<Checkpointer>>,
     readers: Option<Arc<ReadPool>>,
     clock: Arc<dyn Clock>,
     ledger: LedgerConfig,
@@ -174,10 +173,6 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         conn.pragma_update(None, "foreign_keys", true)?;
-        if opts.path.is_some() {
-            // Checkpoints run on their own thread (below); this is only the safety net.
-            conn.pragma_update(None, "wal_autocheckpoint", 20_000)?;
-        }
         embedded::migrations::runner()
             .set_abort_divergent(true)
             .set_abort_missing(true)
@@ -193,17 +188,12 @@ impl SqliteStore {
             .name("prpm-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch))
             .map_err(|e| Error::Backend(format!("cannot start the writer thread: {e}")))?;
-        let checkpointer = match &opts.path {
-            Some(path) => Some(Checkpointer::start(path, opts.busy_timeout, sync)?),
-            None => None,
-        };
         let readers = opts.path.as_ref().filter(|_| opts.readers > 0).map(|p| {
             Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers })
         });
         Ok(SqliteStore {
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
-            checkpointer: Mutex::new(checkpointer),
             readers,
             clock: opts.clock,
             ledger: opts.ledger,
@@ -249,50 +239,12 @@ impl SqliteStore {
         if let Some(h) = self.writer.lock().unwrap().take() {
             let _ = h.join();
         }
-        if let Some(c) = self.checkpointer.lock().unwrap().take() {
-            c.stop();
-        }
     }
 }
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-/// Copies the WAL back into the database file on its own thread and connection, so the
-/// writer never pays for checkpoints (and their fsync of the database file).
-struct Checkpointer {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
-impl Checkpointer {
-    const EVERY: Duration = Duration::from_millis(10);
-
-    fn start(path: &Path, busy_timeout: Duration, sync: &str) -> Result<Self> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
-        conn.busy_timeout(busy_timeout)?;
-        conn.pragma_update(None, "synchronous", sync)?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("prpm-sqlite-checkpoint".into())
-            .spawn(move || {
-                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(Self::EVERY);
-                    // PASSIVE never blocks the writer; a busy or failed attempt is retried.
-                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                }
-            })
-            .map_err(|e| Error::Backend(format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(Checkpointer { stop, thread })
-    }
-
-    fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.thread.join();
     }
 }
 
