@@ -27,8 +27,11 @@ const START_CREDITS: i64 = 1_000_000_000;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Keys are unique across runs too: the big-log database is kept between runs.
 fn next_key() -> IdempotencyKey {
-    key(&format!("bench-{}", SEQ.fetch_add(1, Ordering::Relaxed)))
+    static RUN: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| chrono::Utc::now().timestamp_micros());
+    key(&format!("bench-{run}-{}", SEQ.fetch_add(1, Ordering::Relaxed)))
 }
 
 fn account(i: usize) -> AccountId {
