@@ -80,10 +80,12 @@ CREATE TABLE usage_records (
     cost_micros        INTEGER NOT NULL
 );
 
--- First results of keyed commands: a replay returns `outcome` and writes nothing.
+-- First results of keyed commands: a replay returns `outcome` and writes nothing. Rows are
+-- appended in rowid order; only the narrow key index is written at a random place.
 CREATE TABLE idempotency (
-    key         TEXT    PRIMARY KEY,
+    id          INTEGER PRIMARY KEY,
+    key         TEXT    NOT NULL UNIQUE,
     fingerprint INTEGER NOT NULL,
     outcome     TEXT    NOT NULL,
     at_ms       INTEGER NOT NULL
-) WITHOUT ROWID;
+);
