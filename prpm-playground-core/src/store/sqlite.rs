@@ -307,6 +307,8 @@ type Reply = oneshot::Sender<Result<Outcome>>;
 struct Cached {
     state: AccountState,
     holds: Vec<OpenHold>,
+    /// The plan or the next expiry changed in this group (their indexed columns need writing).
+    indexed_changed: bool,
 }
 
 /// The writer's cache of committed account state. It is only ever ahead of the database
@@ -459,8 +461,9 @@ impl Writer {
             }
         }
         for id in dirty {
-            let c = &self.cache.accounts[&id];
-            update_account(&self.conn, id, &c.state, now)?;
+            let c = self.cache.accounts.get_mut(&id).expect("dirty accounts are cached");
+            update_account(&self.conn, id, &c.state, c.indexed_changed, now)?;
+            c.indexed_changed = false;
         }
         self.conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(results)
@@ -485,7 +488,7 @@ impl Writer {
             self.cache.holds.insert(h.id, id);
         }
         self.cache.ids.insert(ext, id);
-        self.cache.accounts.insert(id, Cached { state, holds });
+        self.cache.accounts.insert(id, Cached { state, holds, indexed_changed: false });
         Ok(Some(id))
     }
 
@@ -553,7 +556,7 @@ impl Writer {
             (None, Command::CreateAccount(c)) => {
                 let id = insert_account(conn, &c.account, &t.state, now)?;
                 self.cache.ids.insert(c.account.clone(), id);
-                self.cache.accounts.insert(id, Cached { state: t.state.clone(), holds: Vec::new() });
+                self.cache.accounts.insert(id, Cached { state: t.state.clone(), holds: Vec::new(), indexed_changed: false });
                 id
             }
             (None, _) => return Err(Error::Invariant("transition without an account".into())),
@@ -636,6 +639,7 @@ impl Writer {
         }
         // The cache follows the committed-to-be state.
         let c = self.cache.accounts.get_mut(&id).ok_or_else(|| Error::Invariant("account not cached".into()))?;
+        c.indexed_changed |= c.state.plan != t.state.plan || c.state.next_expiry() != t.state.next_expiry();
         c.state = t.state;
         for (hold_id, _) in &t.closed_holds {
             c.holds.retain(|h| h.id != *hold_id);
@@ -780,25 +784,34 @@ fn insert_account(conn: &Connection, ext: &AccountId, s: &AccountState, now: Dat
     Ok(conn.last_insert_rowid())
 }
 
-fn update_account(conn: &Connection, id: i64, s: &AccountState, now: DateTime<Utc>) -> Result<()> {
-    let (pc, pa, pe) = plan_columns(s);
-    conn.prepare_cached(
-        "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, next_expiry_ms = ?7,
-         plan_credits = ?8, plan_active = ?9, period_end_ms = ?10, updated_ms = ?11 WHERE id = ?1",
-    )?
-    .execute(params![
-        id,
-        s.monthly,
-        s.rollover_total(),
-        s.purchased,
-        s.held,
-        lots_json(&s.rollover),
-        s.next_expiry().map(|l| ms(l.expires_at)),
-        pc,
-        pa,
-        pe,
-        ms(now)
-    ])?;
+/// Writes an account's balances; the indexed columns (plan period end, next expiry) only when
+/// they changed, so a plain spend does not rewrite index entries.
+fn update_account(conn: &Connection, id: i64, s: &AccountState, indexed_changed: bool, now: DateTime<Utc>) -> Result<()> {
+    if indexed_changed {
+        let (pc, pa, pe) = plan_columns(s);
+        conn.prepare_cached(
+            "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, next_expiry_ms = ?7,
+             plan_credits = ?8, plan_active = ?9, period_end_ms = ?10, updated_ms = ?11 WHERE id = ?1",
+        )?
+        .execute(params![
+            id,
+            s.monthly,
+            s.rollover_total(),
+            s.purchased,
+            s.held,
+            lots_json(&s.rollover),
+            s.next_expiry().map(|l| ms(l.expires_at)),
+            pc,
+            pa,
+            pe,
+            ms(now)
+        ])?;
+    } else {
+        conn.prepare_cached(
+            "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, updated_ms = ?7 WHERE id = ?1",
+        )?
+        .execute(params![id, s.monthly, s.rollover_total(), s.purchased, s.held, lots_json(&s.rollover), ms(now)])?;
+    }
     Ok(())
 }
 
