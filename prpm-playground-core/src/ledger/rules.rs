@@ -756,7 +756,7 @@ impl<'c> Tx<'c> {
             return Err(Error::Invariant("open holds are no longer backed by credits".into()));
         }
         // Balances reported are the final ones (lazy expiry may follow the main entry).
-        set_balances(&mut effect, self.s.balances());
+        *effect.balances_mut() = self.s.balances();
         Ok(Ok(Transition {
             state: self.s,
             entries: self.entries,
@@ -765,21 +765,5 @@ impl<'c> Tx<'c> {
             usage: self.usage,
             effect,
         }))
-    }
-}
-
-fn set_balances(effect: &mut Effect, b: Balances) {
-    match effect {
-        Effect::AccountCreated { balances, .. }
-        | Effect::Granted { balances, .. }
-        | Effect::Held { balances, .. }
-        | Effect::Settled { balances, .. }
-        | Effect::Released { balances, .. }
-        | Effect::Spent { balances, .. }
-        | Effect::Refunded { balances, .. }
-        | Effect::ClawedBack { balances, .. }
-        | Effect::PlanSet { balances, .. }
-        | Effect::RolledOver { balances, .. }
-        | Effect::Swept { balances, .. } => *balances = b,
     }
 }
