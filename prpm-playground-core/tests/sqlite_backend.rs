@@ -231,3 +231,39 @@ fn sees_commits_made_by_other_connections() {
         assert!(a.verify().await.unwrap().is_clean());
     });
 }
+
+/// A full disk (a capped database) in the middle of group commits: callers get backend errors,
+/// nothing is half-written, the store goes on serving, and `verify()` stays clean.
+#[test]
+fn a_full_database_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let mut opts = SqliteOptions::file(&path);
+    opts.max_size_bytes = Some(160 * 1024);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(opts).unwrap());
+    rt().block_on(async {
+        let u = create_user(&*store, "u").await;
+        grant(&*store, &u, Bucket::Purchased, 1_000_000, None, "g").await;
+        let (mut ok, mut full) = (0i64, 0);
+        for round in 0..40 {
+            let outcomes = futures_util::future::join_all(
+                (0..64).map(|i| store.spend(spend_cmd(&u, 1, &format!("r{round}-{i}-{}", "k".repeat(120))))),
+            )
+            .await;
+            for o in outcomes {
+                match o {
+                    Ok(Ok(_)) => ok += 1,
+                    Err(Error::Backend(_)) => full += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert!(full > 0, "the cap was never reached");
+        assert!(ok > 0);
+        let b = store.balance(&u).await.unwrap();
+        assert_eq!(b.total, 1_000_005 - ok, "every applied spend and only those");
+        assert_eq!(rejected(store.spend(spend_cmd(&u, 10_000_000, "too-much")).await).code(), "insufficient_credits");
+        let report = store.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}

@@ -56,6 +56,9 @@ pub struct SqliteOptions {
     pub readers: usize,
     pub ledger: LedgerConfig,
     pub clock: Arc<dyn Clock>,
+    /// Caps the database's size (`PRAGMA max_page_count`); writes past it fail with a backend
+    /// error and change nothing. `None`: no cap beyond SQLite's own.
+    pub max_size_bytes: Option<u64>,
 }
 
 impl SqliteOptions {
@@ -71,6 +74,7 @@ impl SqliteOptions {
             readers: 4,
             ledger: LedgerConfig::default(),
             clock: Arc::new(SystemClock),
+            max_size_bytes: None,
         }
     }
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -173,6 +177,11 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         conn.pragma_update(None, "foreign_keys", true)?;
+        if let Some(bytes) = opts.max_size_bytes {
+            let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page.max(1);
+            conn.pragma_update(None, "max_page_count", pages.max(1))?;
+        }
         embedded::migrations::runner()
             .set_abort_divergent(true)
             .set_abort_missing(true)
@@ -449,6 +458,9 @@ impl Writer {
         let mut results = Vec::with_capacity(group.len());
         for (p, _) in group {
             match self.prepare(p, now) {
+                // A database error may have rolled the whole transaction back (SQLite does so
+                // on I/O errors, a full disk, no memory): fail the group, retry one by one.
+                Err(e @ Error::Backend(_)) => return Err(e),
                 Err(e) => results.push(Err(e)),
                 Ok(Step::Done(outcome)) => results.push(Ok(outcome)),
                 Ok(Step::Apply { account_id, transition, fingerprint }) => {
@@ -459,6 +471,9 @@ impl Writer {
                     results.push(Ok(Ok(Committed { effect, replayed: false })));
                 }
             }
+        }
+        if self.conn.is_autocommit() {
+            return Err(Error::Backend("the transaction was rolled back by SQLite".into()));
         }
         for id in dirty {
             let c = self.cache.accounts.get_mut(&id).expect("dirty accounts are cached");
@@ -639,7 +654,8 @@ impl Writer {
         }
         // The cache follows the committed-to-be state.
         let c = self.cache.accounts.get_mut(&id).ok_or_else(|| Error::Invariant("account not cached".into()))?;
-        c.indexed_changed |= c.state.plan != t.state.plan || c.state.next_expiry() != t.state.next_expiry();
+        let next_expiry = |s: &AccountState| s.next_expiry().map(|l| l.expires_at);
+        c.indexed_changed |= c.state.plan != t.state.plan || next_expiry(&c.state) != next_expiry(&t.state);
         c.state = t.state;
         for (hold_id, _) in &t.closed_holds {
             c.holds.retain(|h| h.id != *hold_id);
