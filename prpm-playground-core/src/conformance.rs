@@ -41,7 +41,8 @@ macro_rules! conformance_suite {
             refunds_and_clawbacks, monthly_rollover, rollover_expiry, holds_need_credits_that_outlive_them,
             concurrent_spends_never_overspend, concurrent_holds_and_duplicate_keys,
             plan_changes_close_due_periods_first, rollover_runs_with_backed_holds, refunds_never_extend_expiry,
-            rollover_lot_limits, times_are_kept_to_the_millisecond, huge_token_counts_are_refused);
+            rollover_lot_limits, times_are_kept_to_the_millisecond, huge_token_counts_are_refused,
+            jobs_run_twice_at_once_do_the_work_once);
         $crate::conformance_suite!(@tests $open; rollover_first; rollover_first_spend_order);
     };
     (@tests $open:path; $cfg:ident; $($name:ident),*) => {
@@ -743,4 +744,30 @@ pub async fn huge_token_counts_are_refused(store: &dyn Store, _clock: &ManualClo
     });
     assert_eq!(error_code(store.spend(s).await), "invalid_input");
     assert_eq!(buckets(store, &u).await, (0, 0, 5, 0));
+}
+
+/// Two runs of each job at the same moment (two nodes) do the work once between them.
+pub async fn jobs_run_twice_at_once_do_the_work_once(store: &dyn Store, clock: &ManualClock) {
+    let now = clock.now();
+    let mut users = Vec::new();
+    for i in 0..30 {
+        let u = create_user(store, &format!("u{i:02}")).await;
+        applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(1) }), key(&format!("p{i}"))).await);
+        grant(store, &u, Bucket::Rollover, 3, Some(now + Duration::hours(2)), &format!("g{i}")).await;
+        applied(store.hold(hold_cmd(&u, 1, 60, &format!("h{i}"))).await);
+        users.push(u);
+    }
+    clock.set(now + Duration::days(1) + Duration::minutes(1));
+    let (a, b) = tokio::join!(jobs::expire_holds(store), jobs::expire_holds(store));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.applied + b.applied, 30, "{a:?} {b:?}");
+    let (a, b) = tokio::join!(jobs::monthly_rollover(store), jobs::monthly_rollover(store));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.applied + b.applied, a.failed + b.failed), (30, 0), "{a:?} {b:?}");
+    let (a, b) = tokio::join!(jobs::expire_rollover(store), jobs::expire_rollover(store));
+    assert_eq!(a.unwrap().applied + b.unwrap().applied, 0, "the rollover step already removed what had expired");
+    for u in &users {
+        // 10 granted at the start, 10 rolled over, 10 granted once for the new period.
+        assert_eq!(buckets(store, u).await, (10, 10, 5, 0));
+    }
 }
