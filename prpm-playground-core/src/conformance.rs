@@ -621,6 +621,15 @@ pub async fn concurrent_spends_never_overspend(store: &dyn Store, _clock: &Manua
     let mut after: Vec<Credits> = outcomes.iter().filter_map(|o| o.as_ref().ok()?.as_ref().ok()).map(|c| c.effect.balances().total()).collect();
     after.sort();
     assert_eq!(after, (0..50).collect::<Vec<_>>());
+    // ... and each outcome is the one the log recorded for that caller's entry.
+    let mut q = HistoryQuery::new(u.clone());
+    q.limit = 1000;
+    q.kinds = vec![EntryKind::Spend];
+    let log: std::collections::HashMap<EntryId, Credits> = store.history(&q).await.unwrap().entries.iter().map(|e| (e.id, e.balance_after)).collect();
+    assert_eq!(log.len(), 50);
+    for o in outcomes.iter().filter_map(|o| o.as_ref().ok()?.as_ref().ok()) {
+        assert_eq!(log[&entry_id(&o.effect)], o.effect.balances().total(), "{o:?}");
+    }
 }
 
 /// Concurrent holds never reserve more than there is; concurrent duplicates apply once.
