@@ -749,14 +749,14 @@ impl<'c> Tx<'c> {
         Ok(hold)
     }
 
-    fn finish(self, mut effect: Effect) -> Result<Result<Transition, Rejection>> {
+    fn finish(self, effect: Effect) -> Result<Result<Transition, Rejection>> {
         // Every transition keeps the invariants; a failure here is a bug, never a partial write.
         check_state(&self.s, &self.holds).map_err(Error::Invariant)?;
         if self.usable(self.horizon()) < self.s.held {
             return Err(Error::Invariant("open holds are no longer backed by credits".into()));
         }
-        // Balances reported are the final ones (lazy expiry may follow the main entry).
-        *effect.balances_mut() = self.s.balances();
+        // Every effect is built after the command's last change, so it reports final balances.
+        debug_assert_eq!(effect.balances(), self.s.balances());
         Ok(Ok(Transition {
             state: self.s,
             entries: self.entries,

@@ -578,10 +578,6 @@ pub enum Effect {
 impl Effect {
     /// The account's balances after the command.
     pub fn balances(&self) -> Balances {
-        *self.clone().balances_mut()
-    }
-
-    pub(crate) fn balances_mut(&mut self) -> &mut Balances {
         match self {
             Effect::AccountCreated { balances, .. }
             | Effect::Granted { balances, .. }
@@ -593,7 +589,7 @@ impl Effect {
             | Effect::ClawedBack { balances, .. }
             | Effect::PlanSet { balances, .. }
             | Effect::RolledOver { balances, .. }
-            | Effect::Swept { balances, .. } => balances,
+            | Effect::Swept { balances, .. } => *balances,
         }
     }
 

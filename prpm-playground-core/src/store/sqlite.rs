@@ -784,27 +784,17 @@ fn plan_columns(s: &AccountState) -> (Option<i64>, Option<bool>, Option<i64>) {
     }
 }
 
+/// Inserts the account's identity, then writes its state with [`update_account`], so the
+/// column list lives in one place.
 fn insert_account(conn: &Connection, ext: &AccountId, s: &AccountState, now: DateTime<Utc>) -> Result<i64> {
-    let (pc, pa, pe) = plan_columns(s);
     conn.prepare_cached(
-        "INSERT INTO accounts (external_id, kind, monthly, rollover, purchased, held, rollover_lots, next_expiry_ms, plan_credits, plan_active, period_end_ms, created_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+        "INSERT INTO accounts (external_id, kind, monthly, rollover, purchased, held, created_ms, updated_ms)
+         VALUES (?1, ?2, 0, 0, 0, 0, ?3, ?3)",
     )?
-    .execute(params![
-        ext.as_str(),
-        s.kind.as_str(),
-        s.monthly,
-        s.rollover_total(),
-        s.purchased,
-        s.held,
-        lots_json(&s.rollover),
-        s.next_expiry().map(|l| ms(l.expires_at)),
-        pc,
-        pa,
-        pe,
-        ms(now)
-    ])?;
-    Ok(conn.last_insert_rowid())
+    .execute(params![ext.as_str(), s.kind.as_str(), ms(now)])?;
+    let id = conn.last_insert_rowid();
+    update_account(conn, id, s, true, now)?;
+    Ok(id)
 }
 
 /// Writes an account's balances; the indexed columns (plan period end, next expiry) only when
