@@ -27,11 +27,24 @@ const START_CREDITS: i64 = 1_000_000_000;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Keys are unique across runs too: the big-log database is kept between runs.
+/// The keys an application generates for its own runs: time-ordered, unique across runs too
+/// (the big-log database is kept between runs).
 fn next_key() -> IdempotencyKey {
-    static RUN: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    let run = RUN.get_or_init(|| chrono::Utc::now().timestamp_micros());
-    key(&format!("bench-{run}-{}", SEQ.fetch_add(1, Ordering::Relaxed)))
+    IdempotencyKey::generate()
+}
+
+/// Keys as a caller might bring them from elsewhere: 128 random-looking bits (like UUIDv4).
+fn random_key() -> IdempotencyKey {
+    static RUN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let run = *RUN.get_or_init(|| chrono::Utc::now().timestamp_micros() as u64);
+    let splitmix = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let a = splitmix(run ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    key(&format!("{a:016x}{:016x}", splitmix(a)))
 }
 
 fn account(i: usize) -> AccountId {
@@ -49,6 +62,10 @@ fn usage() -> Usage {
 
 fn spend_cmd(i: usize) -> Spend {
     Spend { account: account(i), amount: 1, usage: Some(usage()), reference: "bench".into(), key: next_key() }
+}
+
+fn spend_cmd_random_key(i: usize) -> Spend {
+    Spend { key: random_key(), ..spend_cmd(i) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,6 +188,13 @@ fn fill_log(path: &Path, rows: u64) {
         params![n as i64],
     )
     .unwrap();
+    // Indexed by account, as the writer would have done along the way.
+    tx.execute_batch(
+        "INSERT INTO ledger_by_account (account_id, entry_id)
+             SELECT account_id, id FROM ledger_entries WHERE id > (SELECT indexed_upto FROM ledger_index_state) ORDER BY account_id, id;
+         UPDATE ledger_index_state SET indexed_upto = (SELECT max(id) FROM ledger_entries);",
+    )
+    .unwrap();
     tx.commit().unwrap();
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
     drop(conn);
@@ -226,11 +250,20 @@ enum Load {
     HoldSettleSingle,
     SpendSingleBigLog,
     Spend64,
+    Spend64RandomKeys,
     HoldSettle64,
 }
 
 impl Load {
-    const ALL: [Load; 6] = [Load::BaselineSingle, Load::SpendSingle, Load::HoldSettleSingle, Load::SpendSingleBigLog, Load::Spend64, Load::HoldSettle64];
+    const ALL: [Load; 7] = [
+        Load::BaselineSingle,
+        Load::SpendSingle,
+        Load::HoldSettleSingle,
+        Load::SpendSingleBigLog,
+        Load::Spend64,
+        Load::Spend64RandomKeys,
+        Load::HoldSettle64,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -239,6 +272,7 @@ impl Load {
             Load::HoldSettleSingle => "hold_settle_single",
             Load::SpendSingleBigLog => "spend_single_big_log",
             Load::Spend64 => "spend_64_callers",
+            Load::Spend64RandomKeys => "spend_64_callers_random_keys",
             Load::HoldSettle64 => "hold_settle_64_callers",
         }
     }
@@ -291,12 +325,13 @@ impl Bench {
                     (n, t0.elapsed())
                 })
             }
-            Load::Spend64 => {
+            Load::Spend64 | Load::Spend64RandomKeys => {
                 let s = self.store.clone();
                 concurrent(&self.rt, CALLERS, n, move |c, k| {
                     let s = s.clone();
                     async move {
-                        s.spend(spend_cmd(pick(c, k))).await.unwrap().unwrap();
+                        let cmd = if load == Load::Spend64 { spend_cmd(pick(c, k)) } else { spend_cmd_random_key(pick(c, k)) };
+                        s.spend(cmd).await.unwrap().unwrap();
                     }
                 })
             }
@@ -364,7 +399,7 @@ fn main() {
         for k in 0..Load::ALL.len() {
             let load = Load::ALL[(k + round as usize) % Load::ALL.len()];
             let n = match load {
-                Load::Spend64 | Load::HoldSettle64 => per_round * 8,
+                Load::Spend64 | Load::Spend64RandomKeys | Load::HoldSettle64 => per_round * 8,
                 Load::HoldSettleSingle => per_round / 2,
                 _ => per_round,
             };
@@ -389,6 +424,7 @@ fn main() {
         (Load::SpendSingle, "spend, single caller", ">= 0.70"),
         (Load::HoldSettleSingle, "hold + settle pairs, single caller", ">= 0.35"),
         (Load::Spend64, "spend, 64 callers over 1,000 accounts", ">= 10"),
+        (Load::Spend64RandomKeys, "  the same, random (UUIDv4-like) keys", ""),
         (Load::HoldSettle64, "hold + settle pairs, 64 callers", ">= 5"),
     ] {
         println!("{label:<46} {:>10.0} {:>8.2}x {target:>9}", rate(load), rate(load) / base);

@@ -35,7 +35,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         store.grant(g).await?.ok();
     }
-    let run = chrono::Utc::now().timestamp_micros();
     let per = spends.div_ceil(callers);
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..callers)
@@ -53,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             cost_micros: 9_600,
                         }),
                         reference: "load".into(),
-                        key: IdempotencyKey::new(format!("load-{run}-{c}-{k}")).unwrap(),
+                        key: IdempotencyKey::generate(),
                     };
                     store.spend(s).await.unwrap().unwrap();
                 }

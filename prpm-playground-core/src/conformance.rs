@@ -396,12 +396,22 @@ pub async fn idempotent_replays(store: &dyn Store, _clock: &ManualClock) {
 /// History is filtered by type and time, paginated newest first, and exported as CSV.
 pub async fn history_filters_pages_csv(store: &dyn Store, clock: &ManualClock) {
     let u = create_user(store, "u").await;
+    // Another account's entries interleave with u's; they must never show in u's history.
+    let w = create_user(store, "w").await;
     grant(store, &u, Bucket::Purchased, 100, None, "g1").await;
+    grant(store, &w, Bucket::Purchased, 100, None, "gw").await;
     let mut times = Vec::new();
+    let mut spends = Vec::new();
     for i in 0..25 {
         clock.advance(Duration::minutes(1));
         times.push(clock.now());
-        applied(store.spend(spend_cmd(&u, 1, &format!("s{i}"))).await);
+        match applied(store.spend(spend_cmd(&u, 1, &format!("s{i}"))).await) {
+            Effect::Spent { entry, .. } => spends.push(entry),
+            other => panic!("{other:?}"),
+        }
+        for j in 0..i % 3 {
+            applied(store.spend(spend_cmd(&w, 1, &format!("w{i}-{j}"))).await);
+        }
     }
     let mut q = HistoryQuery::new(u.clone());
     q.limit = 10;
@@ -418,6 +428,8 @@ pub async fn history_filters_pages_csv(store: &dyn Store, clock: &ManualClock) {
     }
     assert_eq!(pages, vec![10, 10, 7]);
     assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first, no repeats");
+    let newest_spends: Vec<EntryId> = spends.iter().rev().copied().collect();
+    assert_eq!(seen[..25], newest_spends[..], "u's own spends, newest first");
 
     let mut q = HistoryQuery::new(u.clone());
     q.limit = 1000;

@@ -231,12 +231,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
-    fn ledger_invariants_hold(order in order_strategy(), ops in prop::collection::vec(op(), 1..70)) {
+    fn ledger_invariants_hold(order in order_strategy(), ops in prop::collection::vec(op(), 1..70), index_batch in 1u32..12) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let clock = Arc::new(ManualClock::new(start()));
             let ledger = LedgerConfig { spend_order: order, ..LedgerConfig::default() };
-            let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::memory().clock(clock.clone()).ledger(ledger)).unwrap());
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::memory().clock(clock.clone()).ledger(ledger).history_index_batch(index_batch)).unwrap());
             store.create_account(acct("u"), AccountKind::User, key("create")).await.unwrap().unwrap();
             let mut w = World { store, clock, order, holds: Vec::new(), charges: Vec::new(), applied: Vec::new(), n: 0 };
             for op in &ops {

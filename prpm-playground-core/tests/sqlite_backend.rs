@@ -23,7 +23,7 @@ fn file_is_wal_full_sync_with_our_application_id_and_schema() {
     let app: i32 = c.query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
     assert_eq!(app, prpm_playground_core::store::sqlite::APPLICATION_ID);
     let v: i64 = c.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 1);
+    assert_eq!(v, 2);
     // Opening again applies nothing and keeps the data.
     SqliteStore::open(&path).unwrap();
 }
@@ -86,7 +86,7 @@ fn refuses_a_schema_newer_than_the_code() {
         .unwrap();
     }
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found: 99, supported: 1 }) => {}
+        Err(Error::SchemaTooNew { found: 99, supported: 2 }) => {}
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
 }
@@ -266,4 +266,111 @@ fn a_full_database_fails_cleanly() {
         let report = store.verify().await.unwrap();
         assert!(report.is_clean(), "{:?}", report.discrepancies);
     });
+}
+
+/// The per-account history index is derived data: verify() checks it against the log.
+#[test]
+fn verify_checks_the_history_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let open = || SqliteStore::open_with(SqliteOptions::file(&path).history_index_batch(2)).unwrap();
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(open());
+        let u = create_user(&*s, "u").await;
+        let w = create_user(&*s, "w").await;
+        for i in 0..4 {
+            applied(s.spend(spend_cmd(&u, 1, &format!("u{i}"))).await);
+            applied(s.spend(spend_cmd(&w, 1, &format!("w{i}"))).await);
+        }
+        let r = s.verify().await.unwrap();
+        assert!(r.is_clean(), "{r:?}");
+    });
+    {
+        let c = Connection::open(&path).unwrap();
+        let upto: i64 = c.query_row("SELECT indexed_upto FROM ledger_index_state", [], |r| r.get(0)).unwrap();
+        assert!(upto >= 8, "most entries are indexed by now ({upto})");
+        // Drop one of u's indexed entries and file one of w's under u.
+        c.execute(
+            "DELETE FROM ledger_by_account WHERE entry_id = (SELECT min(x.entry_id) FROM ledger_by_account x JOIN accounts a ON a.id = x.account_id WHERE a.external_id = 'u')",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "UPDATE ledger_by_account SET account_id = (SELECT id FROM accounts WHERE external_id = 'u')
+             WHERE entry_id = (SELECT min(x.entry_id) FROM ledger_by_account x JOIN accounts a ON a.id = x.account_id WHERE a.external_id = 'w')",
+            [],
+        )
+        .unwrap();
+        c.execute("INSERT INTO ledger_by_account VALUES (999, 1)", []).unwrap();
+    }
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(open());
+        let r = s.verify().await.unwrap();
+        let mut found: Vec<(String, String, i64, i64)> =
+            r.discrepancies.iter().map(|d| (d.account.to_string(), d.what.clone(), d.stored, d.from_log)).collect();
+        found.sort();
+        let upto_w = found.iter().find(|f| f.0 == "w").map(|f| f.3).unwrap();
+        let upto_u = found.iter().find(|f| f.0 == "u").map(|f| f.3).unwrap();
+        assert_eq!(
+            found,
+            vec![
+                ("(no account with internal id 999)".into(), "history index entries".into(), 1, 0),
+                ("u".into(), "history index entries of this account".into(), upto_u - 1, upto_u),
+                ("w".into(), "history index entries".into(), upto_w - 1, upto_w),
+            ]
+        );
+    });
+}
+
+/// History reads see every entry, indexed or not, with the index step crossing pages.
+#[test]
+fn history_is_the_same_whatever_the_index_batch() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pages_by_batch = Vec::new();
+        for batch in [1, 5, 64, 100_000] {
+            let path = dir.path().join(format!("b{batch}.db"));
+            let s: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::file(&path).history_index_batch(batch)).unwrap());
+            let accounts: Vec<AccountId> = futures_util::future::join_all((0..3).map(|i| create_user(&*s, ["a", "b", "c"][i]))).await;
+            for i in 0..60usize {
+                let a = &accounts[(i * 7 + i / 5) % 3];
+                if s.balance(a).await.unwrap().available > 0 {
+                    applied(s.spend(spend_cmd(a, 1, &format!("s{i}"))).await);
+                } else {
+                    grant(&*s, a, Bucket::Purchased, 4, None, &format!("g{i}")).await;
+                }
+            }
+            let mut all = Vec::new();
+            for a in &accounts {
+                let mut q = HistoryQuery::new(a.clone());
+                q.limit = 4;
+                loop {
+                    let page = s.history(&q).await.unwrap();
+                    all.extend(page.entries.iter().map(|e| (e.account.to_string(), e.id, e.kind, e.balance_after)));
+                    match page.next {
+                        Some(n) => q.before = Some(n),
+                        None => break,
+                    }
+                }
+                let usage = s.usage(a, 7).await.unwrap();
+                all.extend(usage.iter().map(|u| (u.account.to_string(), u.entry, EntryKind::Spend, u.credits)));
+            }
+            assert!(s.verify().await.unwrap().is_clean());
+            pages_by_batch.push(all);
+        }
+        assert!(pages_by_batch[0].len() > 60);
+        for other in &pages_by_batch[1..] {
+            assert_eq!(other, &pages_by_batch[0]);
+        }
+    });
+}
+
+#[test]
+fn history_index_batch_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [0, prpm_playground_core::store::sqlite::MAX_HISTORY_INDEX_BATCH + 1] {
+        let err = SqliteStore::open_with(SqliteOptions::file(dir.path().join("x.db")).history_index_batch(bad)).unwrap_err();
+        assert_eq!(err.code(), "invalid_input", "{err}");
+    }
+    assert!(!dir.path().join("x.db").exists(), "a bad option creates nothing");
 }

@@ -33,6 +33,8 @@ mod embedded {
 /// `PRAGMA application_id` of our files ("PRPM").
 pub const APPLICATION_ID: i32 = 0x5052_504D;
 const MAX_DISCREPANCIES: usize = 10_000;
+/// Upper bound of [`SqliteOptions::history_index_batch`] (it bounds history's tail scan).
+pub const MAX_HISTORY_INDEX_BATCH: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synchronous {
@@ -64,6 +66,10 @@ pub struct SqliteOptions {
     /// copied back once, so a larger value writes less (measured: +20 % spends/s at 4,000 over
     /// SQLite's 1,000) at the price of a larger WAL file (4,000 pages: 16 MiB).
     pub wal_autocheckpoint_pages: u32,
+    /// Log entries appended before the writer indexes them by account, all at once inside the
+    /// group that crosses the mark. Until then history reads scan the unindexed
+    /// tail, so this bounds that scan. Larger batches share more index pages per entry.
+    pub history_index_batch: u32,
 }
 
 impl SqliteOptions {
@@ -81,6 +87,7 @@ impl SqliteOptions {
             clock: Arc::new(SystemClock),
             max_size_bytes: None,
             wal_autocheckpoint_pages: 4_000,
+            history_index_batch: 8_192,
         }
     }
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -89,6 +96,10 @@ impl SqliteOptions {
     }
     pub fn ledger(mut self, ledger: LedgerConfig) -> Self {
         self.ledger = ledger;
+        self
+    }
+    pub fn history_index_batch(mut self, entries: u32) -> Self {
+        self.history_index_batch = entries;
         self
     }
     pub fn synchronous(mut self, s: Synchronous) -> Self {
@@ -162,6 +173,9 @@ impl SqliteStore {
         if opts.max_batch == 0 {
             return Err(Error::invalid("max_batch", "must be at least 1"));
         }
+        if !(1..=MAX_HISTORY_INDEX_BATCH).contains(&opts.history_index_batch) {
+            return Err(Error::invalid("history_index_batch", format!("{} is outside 1..={MAX_HISTORY_INDEX_BATCH}", opts.history_index_batch)));
+        }
         let mut conn = match &opts.path {
             Some(path) => {
                 check_header(path)?;
@@ -200,9 +214,10 @@ impl SqliteStore {
         let clock = opts.clock.clone();
         let ledger = opts.ledger.clone();
         let max_batch = opts.max_batch;
+        let index_batch = i64::from(opts.history_index_batch);
         let writer = std::thread::Builder::new()
             .name("prpm-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch))
+            .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch, index_batch))
             .map_err(|e| Error::Backend(format!("cannot start the writer thread: {e}")))?;
         let readers = opts.path.as_ref().filter(|_| opts.readers > 0).map(|p| {
             Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers })
@@ -336,6 +351,8 @@ struct Cache {
     accounts: HashMap<i64, Cached>,
     /// Open hold -> account.
     holds: HashMap<HoldId, i64>,
+    /// `ledger_index_state.indexed_upto` as committed.
+    indexed_upto: Option<i64>,
 }
 
 impl Cache {
@@ -343,6 +360,7 @@ impl Cache {
         self.ids.clear();
         self.accounts.clear();
         self.holds.clear();
+        self.indexed_upto = None;
     }
 }
 
@@ -364,10 +382,11 @@ struct Writer {
     ledger: LedgerConfig,
     cache: Cache,
     data_version: i64,
+    index_batch: i64,
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ledger: LedgerConfig, max_batch: usize) {
-    let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1 };
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ledger: LedgerConfig, max_batch: usize, index_batch: i64) {
+    let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch };
     let mut group = Vec::with_capacity(max_batch);
     let mut reads: Vec<ReadFn> = Vec::new();
     while let Some(first) = next_job(&rx) {
@@ -462,6 +481,7 @@ impl Writer {
 
     fn apply_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>> {
         let mut dirty = Vec::new();
+        let mut wrote = false;
         let mut results = Vec::with_capacity(group.len());
         for (p, _) in group {
             match self.prepare(p, now) {
@@ -472,6 +492,7 @@ impl Writer {
                 Ok(Step::Done(outcome)) => results.push(Ok(outcome)),
                 Ok(Step::Apply { account_id, transition, fingerprint }) => {
                     let (id, effect) = self.write(&p.cmd, account_id, *transition, fingerprint, now)?;
+                    wrote = true;
                     if account_id.is_some() && !dirty.contains(&id) {
                         dirty.push(id);
                     }
@@ -487,8 +508,36 @@ impl Writer {
             update_account(&self.conn, id, &c.state, c.indexed_changed, now)?;
             c.indexed_changed = false;
         }
+        if wrote {
+            self.index_history()?;
+        }
         self.conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(results)
+    }
+
+    /// Indexes the log's tail by account once it holds `index_batch` entries, in one
+    /// statement: each account's new entries then share the pages of its end of the index, so
+    /// a page is written once per batch rather than once per entry.
+    fn index_history(&mut self) -> Result<()> {
+        let upto = match self.cache.indexed_upto {
+            Some(upto) => upto,
+            None => self.conn.prepare_cached("SELECT indexed_upto FROM ledger_index_state WHERE id = 1")?.query_row([], |r| r.get(0))?,
+        };
+        self.cache.indexed_upto = Some(upto);
+        let last: i64 = self.conn.prepare_cached("SELECT COALESCE(max(id), 0) FROM ledger_entries")?.query_row([], |r| r.get(0))?;
+        if last - upto < self.index_batch {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO ledger_by_account (account_id, entry_id)
+                 SELECT account_id, id FROM ledger_entries WHERE id > ?1 AND id <= ?2",
+            )?
+            .execute(params![upto, last])?;
+        self.conn.prepare_cached("UPDATE ledger_index_state SET indexed_upto = ?1 WHERE id = 1")?.execute([last])?;
+        // On a failure the group rolls back and the cache (this value included) is dropped.
+        self.cache.indexed_upto = Some(last);
+        Ok(())
     }
 
     /// Loads an account (by internal id or external id) into the cache.
@@ -865,39 +914,78 @@ fn parse_source(s: &str) -> Result<GrantSource> {
     })
 }
 
+/// Runs `f` in one read transaction, so its queries see one snapshot.
+fn in_snapshot<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let r = f(conn);
+    conn.prepare_cached("COMMIT")?.execute([])?;
+    r
+}
+
+/// The newest log entries `e` of one account (with the tables of `join`) with ids below
+/// `before` that pass `filter` (parameters from `?4`), newest first, at most `limit`. Parameters: `?1` the account's
+/// internal id, `?2` before, `?3` the limit. Call inside one snapshot: entries above
+/// `indexed_upto` come from a scan of the log's tail, the older ones from `ledger_by_account`.
+fn account_entries<T>(
+    conn: &Connection,
+    select: &str,
+    join: &str,
+    filter: &str,
+    params: &[&dyn rusqlite::ToSql],
+    limit: i64,
+    mut map: impl FnMut(&rusqlite::Row<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
+    let parts = [
+        format!(
+            "SELECT {select} FROM ledger_entries e {join}
+             WHERE e.id > (SELECT indexed_upto FROM ledger_index_state WHERE id = 1) AND e.account_id = ?1 AND e.id < ?2 {filter}
+             ORDER BY e.id DESC LIMIT ?3"
+        ),
+        format!(
+            "SELECT {select} FROM ledger_by_account x JOIN ledger_entries e ON e.id = x.entry_id {join}
+             WHERE x.account_id = ?1 AND x.entry_id < ?2 {filter}
+             ORDER BY x.entry_id DESC LIMIT ?3"
+        ),
+    ];
+    let mut out = Vec::new();
+    for sql in parts {
+        let left = limit - out.len() as i64;
+        if left <= 0 {
+            break;
+        }
+        let mut all: Vec<&dyn rusqlite::ToSql> = params.to_vec();
+        all[2] = &left;
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(all.as_slice())?;
+        while let Some(row) = rows.next()? {
+            out.push(map(row)?);
+        }
+    }
+    Ok(out)
+}
+
 fn query_history(conn: &Connection, q: &HistoryQuery) -> Result<HistoryPage> {
     let Some((account_id, _)) = load_account(conn, &q.account)? else {
         return Err(Error::UnknownAccount(q.account.to_string()));
     };
-    let mut sql = String::from(
-        "SELECT e.id, a.external_id, e.at_ms, e.kind, e.d_monthly, e.d_rollover, e.d_purchased, e.d_held, e.balance_after, e.held_after,
-                e.hold_id, e.source, e.ref_entry, e.reference, e.rollover_expires_ms
-         FROM ledger_entries e JOIN accounts a ON a.id = e.account_id
-         WHERE e.account_id = ?1 AND e.id < ?2 AND e.at_ms >= ?3 AND e.at_ms < ?4",
-    );
+    let mut filter = String::from("AND e.at_ms >= ?4 AND e.at_ms < ?5");
     if !q.kinds.is_empty() {
         let kinds: Vec<String> = q.kinds.iter().map(|k| format!("'{}'", k.as_str())).collect();
-        sql.push_str(&format!(" AND e.kind IN ({})", kinds.join(",")));
+        filter.push_str(&format!(" AND e.kind IN ({})", kinds.join(",")));
     }
-    sql.push_str(" ORDER BY e.id DESC LIMIT ?5");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(
-        params![
-            account_id,
-            q.before.map_or(i64::MAX, |b| b.0),
-            q.from.map_or(i64::MIN, ms_ceil),
-            q.until.map_or(i64::MAX, ms_ceil),
-            i64::from(q.limit) + 1
-        ],
-        entry_from_row,
-    )?;
-    let mut entries = Vec::new();
-    for row in rows {
-        let (mut e, kind, source) = row?;
-        e.kind = EntryKind::parse(&kind)?;
-        e.source = source.as_deref().map(parse_source).transpose()?;
-        entries.push(e);
-    }
+    let select = "e.id, ?6, e.at_ms, e.kind, e.d_monthly, e.d_rollover, e.d_purchased, e.d_held, e.balance_after, e.held_after,
+                  e.hold_id, e.source, e.ref_entry, e.reference, e.rollover_expires_ms";
+    let (before, from, until) = (q.before.map_or(i64::MAX, |b| b.0), q.from.map_or(i64::MIN, ms_ceil), q.until.map_or(i64::MAX, ms_ceil));
+    let limit = i64::from(q.limit) + 1;
+    let account = q.account.as_str();
+    let mut entries = in_snapshot(conn, |conn| {
+        account_entries(conn, select, "", &filter, &[&account_id, &before, &limit, &from, &until, &account], limit, |row| {
+            let (mut e, kind, source) = entry_from_row(row)?;
+            e.kind = EntryKind::parse(&kind)?;
+            e.source = source.as_deref().map(parse_source).transpose()?;
+            Ok(e)
+        })
+    })?;
     let next = if entries.len() > q.limit as usize {
         entries.truncate(q.limit as usize);
         entries.last().map(|e| e.id)
@@ -920,32 +1008,37 @@ fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec
     let Some((id, _)) = load_account(conn, account)? else {
         return Err(Error::UnknownAccount(account.to_string()));
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT u.at_ms, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits, u.cost_micros
-         FROM ledger_entries e JOIN usage_records u ON u.entry_id = e.id
-         WHERE e.account_id = ?1 AND e.kind IN ('spend', 'settle') ORDER BY e.id DESC LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![id, limit], |r| {
-        Ok(UsageRow {
-            account: account.clone(),
-            at: at(r.get(0)?)?,
-            entry: EntryId(r.get(1)?),
-            hold: r.get::<_, Option<i64>>(2)?.map(HoldId),
-            usage: Usage {
-                operation: r.get(3)?,
-                model: r.get(4)?,
-                tokens: crate::pricing::TokenUsage {
-                    input: r.get::<_, i64>(5)? as u64,
-                    output: r.get::<_, i64>(6)? as u64,
-                    cache_read: r.get::<_, i64>(7)? as u64,
-                    cache_write: r.get::<_, i64>(8)? as u64,
-                },
-                cost_micros: r.get(10)?,
+    let limit = i64::from(limit);
+    in_snapshot(conn, |conn| {
+        account_entries(
+            conn,
+            "u.at_ms, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits, u.cost_micros",
+            "JOIN usage_records u ON u.entry_id = e.id",
+            "AND e.kind IN ('spend', 'settle')",
+            &[&id, &i64::MAX, &limit],
+            limit,
+            |r| {
+                Ok(UsageRow {
+                    account: account.clone(),
+                    at: at(r.get(0)?)?,
+                    entry: EntryId(r.get(1)?),
+                    hold: r.get::<_, Option<i64>>(2)?.map(HoldId),
+                    usage: Usage {
+                        operation: r.get(3)?,
+                        model: r.get(4)?,
+                        tokens: crate::pricing::TokenUsage {
+                            input: r.get::<_, i64>(5)? as u64,
+                            output: r.get::<_, i64>(6)? as u64,
+                            cache_read: r.get::<_, i64>(7)? as u64,
+                            cache_write: r.get::<_, i64>(8)? as u64,
+                        },
+                        cost_micros: r.get(10)?,
+                    },
+                    credits: r.get(9)?,
+                })
             },
-            credits: r.get(9)?,
-        })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+        )
+    })
 }
 
 fn query_due(conn: &Connection, due: Due, after: Option<&AccountId>, limit: u32, now: DateTime<Utc>) -> Result<Vec<AccountId>> {
@@ -1028,6 +1121,38 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
         if ha != hld {
             push(&mut report, &ext, "entry held_after", ha, hld)?;
         }
+    }
+    // The derived per-account index: exactly the entries up to `indexed_upto`, each under its
+    // own account.
+    let mut stmt = conn.prepare(
+        "WITH w AS (SELECT indexed_upto AS upto FROM ledger_index_state WHERE id = 1)
+         SELECT a.external_id, COALESCE(t.n, 0), COALESCE(ok.n, 0), COALESCE(l.n, 0) FROM accounts a
+         LEFT JOIN (SELECT account_id, count(*) AS n FROM ledger_by_account GROUP BY account_id) t ON t.account_id = a.id
+         LEFT JOIN (SELECT x.account_id, count(*) AS n FROM ledger_by_account x
+                    JOIN ledger_entries e ON e.id = x.entry_id AND e.account_id = x.account_id
+                    WHERE x.entry_id <= (SELECT upto FROM w) GROUP BY x.account_id) ok ON ok.account_id = a.id
+         LEFT JOIN (SELECT account_id, count(*) AS n FROM ledger_entries WHERE id <= (SELECT upto FROM w) GROUP BY account_id) l
+                ON l.account_id = a.id
+         WHERE COALESCE(t.n, 0) != COALESCE(l.n, 0) OR COALESCE(ok.n, 0) != COALESCE(l.n, 0)",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let ext: String = r.get(0)?;
+        let (all, matching, logged): (i64, i64, i64) = (r.get(1)?, r.get(2)?, r.get(3)?);
+        if all != logged {
+            push(&mut report, &ext, "history index entries", all, logged)?;
+        } else {
+            push(&mut report, &ext, "history index entries of this account", matching, logged)?;
+        }
+    }
+    let mut stmt = conn.prepare(
+        "SELECT x.account_id, count(*) FROM ledger_by_account x LEFT JOIN accounts a ON a.id = x.account_id
+         WHERE a.id IS NULL GROUP BY x.account_id",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (id, n): (i64, i64) = (r.get(0)?, r.get(1)?);
+        push(&mut report, &format!("(no account with internal id {id})"), "history index entries", n, 0)?;
     }
     Ok(report)
 }
