@@ -5,6 +5,7 @@
 //! SQLite (embedded default) or PostgreSQL.
 //!
 //! * [`pricing`]: pure token pricing (credits, USD, estimates, request cap).
+//! * [`cost`]: cost-control rules (tier limits, admission, throttles, alerts, risk, summary).
 //! * [`ledger`]: the ledger's vocabulary and its rules as a pure function.
 //! * [`store`]: the [`Store`] trait and the SQLite backend.
 //! * [`jobs`]: maintenance steps (hold expiry, rollover, rollover expiry) over any store.
@@ -13,6 +14,7 @@
 
 pub mod clock;
 pub mod conformance;
+pub mod cost;
 pub mod error;
 pub mod history;
 pub mod jobs;
