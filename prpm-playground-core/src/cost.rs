@@ -208,6 +208,79 @@ impl TierTable {
     }
 }
 
+/// A tier as written in a file: USD amounts as decimal strings (`"0.50"`), absent = no limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierFileEntry {
+    name: String,
+    monthly_revenue: Decimal,
+    monthly_cost_limit: Option<Decimal>,
+    daily_cost_limit: Option<Decimal>,
+    hourly_request_limit: Option<u32>,
+    alert_threshold_pct: Option<u32>,
+    throttle_on_exceed: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierFile {
+    tier: Vec<TierFileEntry>,
+}
+
+/// Most tiers a table may hold.
+pub const MAX_TIERS: usize = 256;
+
+impl TierTable {
+    /// Parses a TOML table of `[[tier]]` entries:
+    ///
+    /// ```toml
+    /// [[tier]]
+    /// name = "free"
+    /// monthly_revenue = "0"
+    /// monthly_cost_limit = "0.50"
+    /// daily_cost_limit = "0.10"
+    /// hourly_request_limit = 10
+    /// alert_threshold_pct = 80
+    /// throttle_on_exceed = true
+    /// ```
+    ///
+    /// Every tier is validated; a bad one (or a name given twice) fails the whole table.
+    /// Returns the table and the warnings of each tier.
+    pub fn from_toml_str(text: &str) -> Result<(TierTable, Vec<(String, LimitWarning)>)> {
+        let file: TierFile = toml::from_str(text).map_err(|e| Error::invalid("tier_table", e.to_string()))?;
+        if file.tier.is_empty() || file.tier.len() > MAX_TIERS {
+            return Err(Error::invalid("tier_table", format!("needs 1..={MAX_TIERS} tiers, has {}", file.tier.len())));
+        }
+        let mut table = TierTable { tiers: BTreeMap::new() };
+        let mut warnings = Vec::new();
+        for t in file.tier {
+            let usd = |v: Option<Decimal>| v.map(usd_to_micros).transpose();
+            let limits = TierLimits {
+                monthly_revenue_micros: usd_to_micros(t.monthly_revenue)?,
+                monthly_cost_limit_micros: usd(t.monthly_cost_limit)?,
+                daily_cost_limit_micros: usd(t.daily_cost_limit)?,
+                hourly_request_limit: t.hourly_request_limit,
+                alert_threshold_pct: t.alert_threshold_pct,
+                throttle_on_exceed: t.throttle_on_exceed,
+                name: t.name,
+            };
+            if table.tiers.contains_key(&limits.name) {
+                return Err(Error::invalid("tier_table", format!("tier {:?} appears twice", limits.name)));
+            }
+            warnings.extend(limits.validate()?.into_iter().map(|w| (limits.name.clone(), w)));
+            table.tiers.insert(limits.name.clone(), limits);
+        }
+        Ok((table, warnings))
+    }
+
+    /// Reads a TOML tier table from a file.
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<(TierTable, Vec<(String, LimitWarning)>)> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::invalid("tier_table", format!("{}: {e}", path.display())))?;
+        TierTable::from_toml_str(&text)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per-user cost state
 
@@ -661,6 +734,64 @@ mod tests {
         let mut s = CostState::default();
         let now = t("2026-01-01T00:00:00Z");
         assert_eq!(s.admit(&closed, 0, now).unwrap(), Err(Refusal::RateLimited { limit: 0, retry_after_ms: REQUEST_WINDOW_MS }));
+    }
+
+    #[test]
+    fn tier_tables_load_from_toml() {
+        let text = r#"
+            [[tier]]
+            name = "free"
+            monthly_revenue = "0"
+            monthly_cost_limit = "0.50"
+            daily_cost_limit = "0.10"
+            hourly_request_limit = 10
+            alert_threshold_pct = 80
+            throttle_on_exceed = true
+
+            [[tier]]
+            name = "prpm_plus_individual"
+            monthly_revenue = "6"
+            monthly_cost_limit = "5.00"
+            daily_cost_limit = "1.00"
+            hourly_request_limit = 100
+            alert_threshold_pct = 90
+            throttle_on_exceed = true
+
+            [[tier]]
+            name = "prpm_plus_org"
+            monthly_revenue = "3"
+            monthly_cost_limit = "2.50"
+            daily_cost_limit = "0.50"
+            hourly_request_limit = 100
+            alert_threshold_pct = 90
+            throttle_on_exceed = true
+
+            [[tier]]
+            name = "unlimited"
+            monthly_revenue = "0"
+            monthly_cost_limit = "999999.99"
+            throttle_on_exceed = false
+        "#;
+        let (table, warnings) = TierTable::from_toml_str(text).unwrap();
+        assert_eq!(table, TierTable::default(), "the file form of the defaults");
+        assert!(warnings.is_empty());
+
+        let odd = text.replace(r#"daily_cost_limit = "0.10""#, r#"daily_cost_limit = "0.60""#);
+        let (_, warnings) = TierTable::from_toml_str(&odd).unwrap();
+        assert_eq!(warnings, vec![("free".to_string(), LimitWarning::DailyAboveMonthly { daily_micros: 600_000, monthly_micros: 500_000 })]);
+        for bad in [
+            text.replace(r#"daily_cost_limit = "0.10""#, r#"daily_cost_limit = "-0.10""#),
+            text.replace(r#"name = "prpm_plus_org""#, r#"name = "free""#),
+            text.replace("alert_threshold_pct = 80", "alert_threshold_pct = 101"),
+            text.replace("hourly_request_limit = 10\n", "hourly_request_limit = -1\n"),
+            text.replace(r#"monthly_revenue = "6""#, r#"monthly_revenue = "6.0000001""#),
+            text.replace("throttle_on_exceed = false", "throttle_on_exceed = false\nsurprise = 1"),
+            "tier = []".to_string(),
+            "not toml at all [".to_string(),
+        ] {
+            let err = TierTable::from_toml_str(&bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_input", "{bad}: {err}");
+        }
     }
 
     #[test]
