@@ -41,10 +41,7 @@ pub fn usd_to_micros(usd: Decimal) -> Result<i64> {
     i64::try_from(m).map_err(|_| Error::invalid("usd", format!("{usd} is too large")))
 }
 
-/// Micro-dollars → USD, exact.
-pub fn micros_to_usd(micros: i64) -> Decimal {
-    Decimal::new(micros, 6).normalize()
-}
+pub use crate::pricing::micros_to_usd;
 
 /// One tier's limits (`cost_limits_config`). `None` means no limit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

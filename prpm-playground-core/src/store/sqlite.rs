@@ -922,17 +922,17 @@ fn in_snapshot<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -
     r
 }
 
-/// The newest log entries `e` of one account (with the tables of `join`) with ids below
-/// `before` that pass `filter` (parameters from `?4`), newest first, at most `limit`. Parameters: `?1` the account's
-/// internal id, `?2` before, `?3` the limit. Call inside one snapshot: entries above
-/// `indexed_upto` come from a scan of the log's tail, the older ones from `ledger_by_account`.
+/// The newest log entries `e` of the account with internal id `account_id` (with the tables
+/// of `join`), ids below `before`, passing `filter` (whose parameters `extra` are `?4`, `?5`,
+/// ...), newest first, at most `limit`. Call inside one snapshot: entries above `indexed_upto`
+/// come from a scan of the log's tail, the older ones from `ledger_by_account`.
 fn account_entries<T>(
     conn: &Connection,
     select: &str,
     join: &str,
     filter: &str,
-    params: &[&dyn rusqlite::ToSql],
-    limit: i64,
+    (account_id, before, limit): (i64, i64, i64),
+    extra: &[&dyn rusqlite::ToSql],
     mut map: impl FnMut(&rusqlite::Row<'_>) -> Result<T>,
 ) -> Result<Vec<T>> {
     let parts = [
@@ -953,10 +953,9 @@ fn account_entries<T>(
         if left <= 0 {
             break;
         }
-        let mut all: Vec<&dyn rusqlite::ToSql> = params.to_vec();
-        all[2] = &left;
+        let params: Vec<&dyn rusqlite::ToSql> = [&account_id as &dyn rusqlite::ToSql, &before, &left].into_iter().chain(extra.iter().copied()).collect();
         let mut stmt = conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(all.as_slice())?;
+        let mut rows = stmt.query(params.as_slice())?;
         while let Some(row) = rows.next()? {
             out.push(map(row)?);
         }
@@ -979,7 +978,7 @@ fn query_history(conn: &Connection, q: &HistoryQuery) -> Result<HistoryPage> {
     let limit = i64::from(q.limit) + 1;
     let account = q.account.as_str();
     let mut entries = in_snapshot(conn, |conn| {
-        account_entries(conn, select, "", &filter, &[&account_id, &before, &limit, &from, &until, &account], limit, |row| {
+        account_entries(conn, select, "", &filter, (account_id, before, limit), &[&from, &until, &account], |row| {
             let (mut e, kind, source) = entry_from_row(row)?;
             e.kind = EntryKind::parse(&kind)?;
             e.source = source.as_deref().map(parse_source).transpose()?;
@@ -1015,8 +1014,8 @@ fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec
             "u.at_ms, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits, u.cost_micros",
             "JOIN usage_records u ON u.entry_id = e.id",
             "AND e.kind IN ('spend', 'settle')",
-            &[&id, &i64::MAX, &limit],
-            limit,
+            (id, i64::MAX, limit),
+            &[],
             |r| {
                 Ok(UsageRow {
                     account: account.clone(),
