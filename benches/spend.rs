@@ -142,6 +142,8 @@ async fn seed_accounts(store: &dyn Store) {
     let creates = (0..ACCOUNTS).map(|i| async move {
         let a = account(i);
         store.create_account(a.clone(), AccountKind::User, key(&format!("create-{i}"))).await.unwrap().ok();
+        // The bench measures spends, not the free tier's ten requests an hour.
+        store.set_cost_profile(a.clone(), false, Some("unlimited".into()), key(&format!("unlimited-{i}"))).await.unwrap().ok();
         let g = Grant {
             account: a,
             bucket: Bucket::Purchased,
@@ -234,7 +236,7 @@ fn pick(c: usize, i: u64) -> usize {
 }
 
 async fn hold_settle(store: &dyn Store, i: usize) {
-    let h = match store.hold(Hold { account: account(i), amount: 4, ttl_secs: 600, reference: "bench".into(), key: next_key() }).await.unwrap().unwrap().effect {
+    let h = match store.hold(Hold { account: account(i), amount: 4, ttl_secs: 600, cost_micros: 0, reference: "bench".into(), key: next_key() }).await.unwrap().unwrap().effect {
         Effect::Held { hold, .. } => hold,
         other => panic!("{other:?}"),
     };

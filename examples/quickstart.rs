@@ -74,6 +74,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         account: alice.clone(),
         amount: estimate.worst_case.credits as i64,
         ttl_secs: 600,
+        // The worst-case provider cost: admission checks it against the tier's limits.
+        cost_micros: estimate.worst_case.cost_micros,
         reference: run_id.clone(),
         key: IdempotencyKey::new(format!("hold:{run_id}"))?,
     };

@@ -24,6 +24,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let id = |i: usize| AccountId::new(format!("load-{i:05}")).unwrap();
     for i in 0..accounts {
         store.create_account(id(i), AccountKind::User, IdempotencyKey::new(format!("load-create-{i}"))?).await?.ok();
+        // Load tests measure the ledger: no hourly request limit.
+        store.set_cost_profile(id(i), false, Some("unlimited".into()), IdempotencyKey::new(format!("load-unlimited-{i}"))?).await?.ok();
         let g = Grant {
             account: id(i),
             bucket: Bucket::Purchased,

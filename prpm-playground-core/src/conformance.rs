@@ -104,7 +104,16 @@ fn error_code(r: crate::Result<Outcome>) -> &'static str {
     }
 }
 
+/// A user in the `unlimited` tier, so that cost control (rate limits in particular) stays out
+/// of the way of ledger tests.
 pub async fn create_user(store: &dyn Store, id: &str) -> AccountId {
+    let a = create_free_user(store, id).await;
+    applied(store.set_cost_profile(a.clone(), false, Some(crate::cost::UNLIMITED.into()), key(&format!("unlimited:{id}"))).await);
+    a
+}
+
+/// A user in the tier the spec derives (`free` until a plan starts).
+pub async fn create_free_user(store: &dyn Store, id: &str) -> AccountId {
     let a = acct(id);
     applied(store.create_account(a.clone(), AccountKind::User, key(&format!("create:{id}"))).await);
     a
@@ -123,7 +132,7 @@ pub fn spend_cmd(a: &AccountId, amount: Credits, k: &str) -> Spend {
 }
 
 pub fn hold_cmd(a: &AccountId, amount: Credits, ttl_secs: u32, k: &str) -> Hold {
-    Hold { account: a.clone(), amount, ttl_secs, reference: format!("run {k}"), key: key(k) }
+    Hold { account: a.clone(), amount, ttl_secs, cost_micros: 0, reference: format!("run {k}"), key: key(k) }
 }
 
 pub fn settle_cmd(hold: HoldId, credits: Credits, k: &str) -> Settle {
@@ -426,7 +435,8 @@ pub async fn history_filters_pages_csv(store: &dyn Store, clock: &ManualClock) {
             None => break,
         }
     }
-    assert_eq!(pages, vec![10, 10, 7]);
+    // 25 spends, 2 grants (signup, g1), 1 cost profile.
+    assert_eq!(pages, vec![10, 10, 8]);
     assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first, no repeats");
     let newest_spends: Vec<EntryId> = spends.iter().rev().copied().collect();
     assert_eq!(seen[..25], newest_spends[..], "u's own spends, newest first");
@@ -455,14 +465,15 @@ pub async fn history_filters_pages_csv(store: &dyn Store, clock: &ManualClock) {
 
     let mut csv = Vec::new();
     let rows = export_csv(store, &HistoryQuery::new(u.clone()), &mut csv).await.unwrap();
-    assert_eq!(rows, 27);
+    assert_eq!(rows, 28);
     let text = String::from_utf8(csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 28);
+    assert_eq!(lines.len(), 29);
     assert!(lines[0].starts_with("id,at,account,kind,monthly,rollover,purchased,held,balance_after"));
     let newest: Vec<&str> = lines[1].split(',').collect();
     assert_eq!((newest[3], newest[6], newest[8]), ("spend", "-1", "80"));
-    assert!(lines[27].contains(",grant,0,0,5,0,5,0,bonus,"));
+    assert!(lines[27].contains(",cost_profile,0,0,0,0,5,0,,"), "{}", lines[27]);
+    assert!(lines[28].contains(",grant,0,0,5,0,5,0,bonus,"));
 }
 
 /// Refunds give back credits of one charge (last taken, first returned) as new entries;
@@ -519,10 +530,10 @@ pub async fn refunds_and_clawbacks(store: &dyn Store, _clock: &ManualClock) {
 pub async fn monthly_rollover(store: &dyn Store, clock: &ManualClock) {
     let u = create_user(store, "u").await; // 5 purchased
     let pe1 = clock.now() + Duration::days(30);
-    let e = applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1 }), key("plan1")).await);
+    let e = applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1, anchor_day: None }), key("plan1")).await);
     assert!(matches!(e, Effect::PlanSet { granted: 100, .. }));
     // Updating the same plan does not grant again.
-    assert!(matches!(applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1 }), key("plan1b")).await), Effect::PlanSet { granted: 0, .. }));
+    assert!(matches!(applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1, anchor_day: None }), key("plan1b")).await), Effect::PlanSet { granted: 0, .. }));
     applied(store.spend(spend_cmd(&u, 30, "s1")).await);
     assert_eq!(jobs::monthly_rollover(store).await.unwrap().examined, 0);
 
@@ -549,7 +560,7 @@ pub async fn monthly_rollover(store: &dyn Store, clock: &ManualClock) {
 
     // The cap: at most one month's allocation rolls over (the allocation now 40).
     let pe3 = add_month(pe2).unwrap();
-    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 40, period_end: pe3 }), key("plan2")).await);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 40, period_end: pe3, anchor_day: None }), key("plan2")).await);
     clock.set(pe3);
     match applied(store.execute(Command::Rollover { account: u.clone() }).await) {
         Effect::RolledOver { periods: 1, moved: 40, expired: 60, granted: 40, .. } => {}
@@ -574,7 +585,7 @@ pub async fn monthly_rollover(store: &dyn Store, clock: &ManualClock) {
     // Missed periods are all processed, in order, by one step.
     let v = create_user(store, "v").await;
     let start = clock.now();
-    applied(store.set_plan(v.clone(), Some(PlanTerms { monthly_credits: 10, period_end: start + Duration::days(1) }), key("plan-v")).await);
+    applied(store.set_plan(v.clone(), Some(PlanTerms { monthly_credits: 10, period_end: start + Duration::days(1), anchor_day: None }), key("plan-v")).await);
     clock.set(add_month(add_month(start + Duration::days(1)).unwrap()).unwrap() + Duration::hours(1));
     match applied(store.execute(Command::Rollover { account: v.clone() }).await) {
         Effect::RolledOver { periods: 3, moved: 30, expired: 0, granted: 30, .. } => {}
@@ -669,11 +680,11 @@ pub async fn concurrent_holds_and_duplicate_keys(store: &dyn Store, _clock: &Man
 pub async fn plan_changes_close_due_periods_first(store: &dyn Store, clock: &ManualClock) {
     let u = create_user(store, "u").await;
     let pe1 = clock.now() + Duration::days(30);
-    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1 }), key("p1")).await);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1, anchor_day: None }), key("p1")).await);
     applied(store.spend(spend_cmd(&u, 40, "s1")).await);
     clock.set(pe1 + Duration::minutes(5));
     let pe2 = add_month(pe1).unwrap();
-    match applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe2 }), key("renewal")).await) {
+    match applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe2, anchor_day: None }), key("renewal")).await) {
         Effect::PlanSet { granted: 100, .. } => {}
         other => panic!("{other:?}"),
     }
@@ -686,7 +697,7 @@ pub async fn plan_changes_close_due_periods_first(store: &dyn Store, clock: &Man
 pub async fn rollover_runs_with_backed_holds(store: &dyn Store, clock: &ManualClock) {
     let u = create_user(store, "u").await;
     let pe = clock.now() + Duration::days(1);
-    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 50, period_end: pe }), key("p1")).await);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 50, period_end: pe, anchor_day: None }), key("p1")).await);
     clock.set(pe - Duration::minutes(1));
     let h = hold_id(&applied(store.hold(hold_cmd(&u, 30, 3_600, "h1")).await));
     clock.set(pe + Duration::minutes(1));
@@ -714,7 +725,7 @@ pub async fn refunds_never_extend_expiry(store: &dyn Store, clock: &ManualClock)
 pub async fn rollover_lot_limits(store: &dyn Store, clock: &ManualClock) {
     let now = clock.now();
     let u = create_user(store, "u").await;
-    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(2) }), key("p1")).await);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(2), anchor_day: None }), key("p1")).await);
     for i in 0..MAX_ROLLOVER_LOTS as i64 {
         grant(store, &u, Bucket::Rollover, 1, Some(now + Duration::days(3 + i)), &format!("g{i}")).await;
     }
@@ -750,7 +761,8 @@ pub async fn times_are_kept_to_the_millisecond(store: &dyn Store, clock: &Manual
     q.from = Some(clock.now() + Duration::microseconds(1));
     assert!(store.history(&q).await.unwrap().entries.is_empty(), "from rounds up to the next millisecond");
     q.from = Some(clock.now());
-    assert_eq!(store.history(&q).await.unwrap().entries.len(), 4);
+    // signup, cost profile, two grants, the spend.
+    assert_eq!(store.history(&q).await.unwrap().entries.len(), 5);
 }
 
 /// Token counts that would overflow are refused as bad input, not wrapped.
@@ -773,7 +785,7 @@ pub async fn jobs_run_twice_at_once_do_the_work_once(store: &dyn Store, clock: &
     let mut users = Vec::new();
     for i in 0..30 {
         let u = create_user(store, &format!("u{i:02}")).await;
-        applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(1) }), key(&format!("p{i}"))).await);
+        applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(1), anchor_day: None }), key(&format!("p{i}"))).await);
         grant(store, &u, Bucket::Rollover, 3, Some(now + Duration::hours(2)), &format!("g{i}")).await;
         applied(store.hold(hold_cmd(&u, 1, 60, &format!("h{i}"))).await);
         users.push(u);

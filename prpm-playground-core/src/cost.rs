@@ -64,7 +64,7 @@ pub enum LimitWarning {
     /// The daily limit is above the monthly one: the daily limit can never bind.
     DailyAboveMonthly { daily_micros: i64, monthly_micros: i64 },
     /// A zero limit refuses every paid run of the tier.
-    ZeroLimit { which: &'static str },
+    ZeroLimit { which: String },
 }
 
 impl TierLimits {
@@ -83,12 +83,12 @@ impl TierLimits {
         for (which, v) in [("monthly_cost_limit", self.monthly_cost_limit_micros), ("daily_cost_limit", self.daily_cost_limit_micros)] {
             match v {
                 Some(v) if v < 0 => return Err(Error::invalid(which, format!("{} is negative", micros_to_usd(v)))),
-                Some(0) => warnings.push(LimitWarning::ZeroLimit { which }),
+                Some(0) => warnings.push(LimitWarning::ZeroLimit { which: which.into() }),
                 _ => {}
             }
         }
         match self.hourly_request_limit {
-            Some(0) => warnings.push(LimitWarning::ZeroLimit { which: "hourly_request_limit" }),
+            Some(0) => warnings.push(LimitWarning::ZeroLimit { which: "hourly_request_limit".into() }),
             Some(n) if n > MAX_HOURLY_REQUESTS => {
                 return Err(Error::invalid("hourly_request_limit", format!("{n} is above {MAX_HOURLY_REQUESTS}")));
             }
@@ -195,6 +195,18 @@ impl TierTable {
 
     pub fn tiers(&self) -> impl Iterator<Item = &TierLimits> {
         self.tiers.values()
+    }
+
+    /// A table of these tiers (each validated; a name given twice is an error).
+    pub fn from_tiers(tiers: impl IntoIterator<Item = TierLimits>) -> Result<TierTable> {
+        let mut table = TierTable { tiers: BTreeMap::new() };
+        for t in tiers {
+            t.validate()?;
+            if table.tiers.insert(t.name.clone(), t).is_some() {
+                return Err(Error::invalid("tier_table", "a tier appears twice"));
+            }
+        }
+        Ok(table)
     }
 
     /// Adds or replaces a tier. Invalid limits change nothing.
@@ -362,6 +374,30 @@ impl Refusal {
     }
 }
 
+impl From<Refusal> for crate::ledger::Rejection {
+    fn from(r: Refusal) -> Self {
+        use crate::ledger::Rejection;
+        match r {
+            Refusal::Throttled(reason) => Rejection::Throttled { reason },
+            Refusal::RateLimited { limit, retry_after_ms } => Rejection::RateLimited { limit, retry_after_ms },
+            Refusal::DailyCostLimit { limit_micros, spent_micros, held_micros, requested_micros } => {
+                Rejection::DailyCostLimit { limit_micros, spent_micros, held_micros, requested_micros }
+            }
+            Refusal::MonthlyCostLimit { limit_micros, spent_micros, held_micros, requested_micros } => {
+                Rejection::MonthlyCostLimit { limit_micros, spent_micros, held_micros, requested_micros }
+            }
+        }
+    }
+}
+
+/// Where alerts go besides the store (a mail sender, a chat hook, a metrics counter). Called
+/// after the alert's transaction committed, once per alert, on the store's writer: keep it
+/// quick (queue the work). The store's own alert table is the record; a sink that missed
+/// alerts (a crash between commit and the call) catches up from [`crate::Store::alerts`].
+pub trait AlertSink: Send + Sync {
+    fn alert(&self, account: &crate::ledger::AccountId, alert: &Alert);
+}
+
 /// What settling (or metering) a cost did besides counting it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CostEvents {
@@ -369,7 +405,7 @@ pub struct CostEvents {
     pub throttled: Option<ThrottleReason>,
 }
 
-fn month_start(d: NaiveDate) -> NaiveDate {
+pub fn month_start(d: NaiveDate) -> NaiveDate {
     d.with_day(1).expect("day 1 exists")
 }
 
@@ -383,11 +419,33 @@ pub fn month_end(month: NaiveDate) -> DateTime<Utc> {
     Utc.from_utc_datetime(&next.expect("valid month").and_hms_opt(0, 0, 0).expect("midnight"))
 }
 
-fn day_start(d: NaiveDate) -> DateTime<Utc> {
+pub fn day_start(d: NaiveDate) -> DateTime<Utc> {
     Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight"))
 }
 
+impl Throttle {
+    /// When a cost throttle lifts by itself (the end of its day or month); `None` for an
+    /// admin's throttle.
+    pub fn lifts_at(&self) -> Option<DateTime<Utc>> {
+        match &self.reason {
+            ThrottleReason::DailyCostLimit { day } => Some(day_start(day.succ_opt()?)),
+            ThrottleReason::MonthlyCostLimit { month } => Some(month_end(*month)),
+            ThrottleReason::Admin { .. } => None,
+        }
+    }
+}
+
 impl CostState {
+    /// Whether the cost reset has anything to do at `now`: a month counter of an earlier month,
+    /// a non-zero day counter of an earlier day, or a cost throttle whose period ended. (The
+    /// stores find these accounts with the same three conditions.)
+    pub fn reset_due(&self, now: DateTime<Utc>) -> bool {
+        let today = now.date_naive();
+        self.month.is_some_and(|m| m < month_start(today))
+            || (self.day.is_some_and(|d| d < today) && self.day_cost_micros > 0)
+            || self.throttle.as_ref().and_then(Throttle::lifts_at).is_some_and(|t| t <= now)
+    }
+
     /// Moves the counters to `now`'s day and month: a new day or month starts from zero,
     /// lifts the cost throttles of the period that ended, and forgets last month's alerts.
     /// Returns whether anything changed.
@@ -723,11 +781,11 @@ mod tests {
         zero.monthly_cost_limit_micros = Some(0);
         assert_eq!(
             tiers.set(zero).unwrap(),
-            vec![LimitWarning::ZeroLimit { which: "monthly_cost_limit" }, LimitWarning::DailyAboveMonthly { daily_micros: 500_000, monthly_micros: 0 }]
+            vec![LimitWarning::ZeroLimit { which: "monthly_cost_limit".into() }, LimitWarning::DailyAboveMonthly { daily_micros: 500_000, monthly_micros: 0 }]
         );
         let mut closed = tier(FREE);
         closed.hourly_request_limit = Some(0);
-        assert_eq!(tiers.set(closed.clone()).unwrap(), vec![LimitWarning::ZeroLimit { which: "hourly_request_limit" }]);
+        assert_eq!(tiers.set(closed.clone()).unwrap(), vec![LimitWarning::ZeroLimit { which: "hourly_request_limit".into() }]);
         let mut s = CostState::default();
         let now = t("2026-01-01T00:00:00Z");
         assert_eq!(s.admit(&closed, 0, now).unwrap(), Err(Refusal::RateLimited { limit: 0, retry_after_ms: REQUEST_WINDOW_MS }));

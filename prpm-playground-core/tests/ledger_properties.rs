@@ -128,7 +128,7 @@ async fn step(w: &mut World, op: &Op) {
             key: w.key(),
         }),
         Op::Spend { amount } => Command::Spend(Spend { account: a.clone(), amount: *amount, usage: None, reference: String::new(), key: w.key() }),
-        Op::Hold { amount, ttl_secs } => Command::Hold(Hold { account: a.clone(), amount: *amount, ttl_secs: *ttl_secs, reference: String::new(), key: w.key() }),
+        Op::Hold { amount, ttl_secs } => Command::Hold(Hold { account: a.clone(), amount: *amount, ttl_secs: *ttl_secs, cost_micros: 0, reference: String::new(), key: w.key() }),
         Op::Settle { pick, credits } if !w.holds.is_empty() => {
             let (hold, _, _) = w.holds[pick % w.holds.len()];
             Command::Settle(Settle { hold, credits: *credits, usage: None, key: w.key() })
@@ -143,7 +143,7 @@ async fn step(w: &mut World, op: &Op) {
         }
         Op::Clawback { bucket, amount } => Command::Clawback(Clawback { account: a.clone(), bucket: *bucket, amount: *amount, reference: String::new(), key: w.key() }),
         Op::StartPlan { credits, days } => {
-            Command::SetPlan(SetPlan { account: a.clone(), plan: Some(PlanTerms { monthly_credits: *credits, period_end: now + Duration::days(*days) }), key: w.key() })
+            Command::SetPlan(SetPlan { account: a.clone(), plan: Some(PlanTerms { monthly_credits: *credits, period_end: now + Duration::days(*days), anchor_day: None }), key: w.key() })
         }
         Op::EndPlan => Command::SetPlan(SetPlan { account: a.clone(), plan: None, key: w.key() }),
         Op::Jobs => {
@@ -238,6 +238,8 @@ proptest! {
             let ledger = LedgerConfig { spend_order: order, ..LedgerConfig::default() };
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::memory().clock(clock.clone()).ledger(ledger).history_index_batch(index_batch)).unwrap());
             store.create_account(acct("u"), AccountKind::User, key("create")).await.unwrap().unwrap();
+            // Unlimited: the ledger's rules are under test here, not the request limit.
+            store.set_cost_profile(acct("u"), false, Some("unlimited".into()), key("unlimited")).await.unwrap().unwrap();
             let mut w = World { store, clock, order, holds: Vec::new(), charges: Vec::new(), applied: Vec::new(), n: 0 };
             for op in &ops {
                 step(&mut w, op).await;

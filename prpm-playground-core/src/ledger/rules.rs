@@ -12,11 +12,12 @@
 //!   A hold (and a spend while holds are open) may only count credits that outlive every open
 //!   hold's deadline, which guarantees that a settle always finds the credits it reserved.
 
-use chrono::{DateTime, Months, Utc};
+use chrono::{DateTime, Datelike, Months, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::types::*;
 use crate::clock::to_millis;
+use crate::cost::{self, Alert, CostEvents, CostState, Throttle, ThrottleReason, TierLimits, TierTable};
 use crate::error::{Error, Result};
 
 /// Placeholder for the id of a hold created by the same transition.
@@ -54,6 +55,8 @@ pub struct PlanState {
     /// False once the plan was ended: no allocation at the next period end.
     pub active: bool,
     pub period_end: DateTime<Utc>,
+    /// The day of the month periods end on (1..=31; the month's last day in shorter months).
+    pub anchor_day: u32,
 }
 
 /// An account's stored state.
@@ -66,11 +69,34 @@ pub struct AccountState {
     pub rollover: Vec<Lot>,
     pub held: Credits,
     pub plan: Option<PlanState>,
+    /// Cost counters, throttle and recent requests.
+    pub cost: CostState,
+    /// Member of an organisation (decides the tier with an active plan).
+    pub org_member: bool,
+    /// An admin's tier override.
+    pub tier: Option<String>,
 }
 
 impl AccountState {
     pub fn new(kind: AccountKind) -> Self {
-        AccountState { kind, monthly: 0, purchased: 0, rollover: Vec::new(), held: 0, plan: None }
+        AccountState {
+            kind,
+            monthly: 0,
+            purchased: 0,
+            rollover: Vec::new(),
+            held: 0,
+            plan: None,
+            cost: CostState::default(),
+            org_member: false,
+            tier: None,
+        }
+    }
+
+    /// The account's cost tier: an admin's override; otherwise organisations (credit pools)
+    /// are `unlimited` and users follow [`cost::tier_of`] (a plan counts until its period ends,
+    /// even once cancelled: it is paid for).
+    pub fn tier(&self) -> &str {
+        account_tier(self.kind, self.plan.is_some(), self.org_member, self.tier.as_deref())
     }
     pub fn rollover_total(&self) -> Credits {
         self.rollover.iter().map(|l| l.amount).sum()
@@ -84,11 +110,24 @@ impl AccountState {
     }
 }
 
+/// See [`AccountState::tier`].
+pub fn account_tier<'a>(kind: AccountKind, plan: bool, org_member: bool, tier_override: Option<&'a str>) -> &'a str {
+    if let Some(t) = tier_override {
+        return t;
+    }
+    match kind {
+        AccountKind::Organisation => cost::UNLIMITED,
+        AccountKind::User => cost::tier_of(plan, org_member),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenHold {
     pub id: HoldId,
     pub amount: Credits,
     pub deadline: DateTime<Utc>,
+    /// The worst-case cost admitted with the hold (micro-dollars).
+    pub cost_micros: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +237,7 @@ impl NewEntry {
 pub struct NewHold {
     pub amount: Credits,
     pub deadline: DateTime<Utc>,
+    pub cost_micros: i64,
     pub reference: String,
 }
 
@@ -209,20 +249,25 @@ pub struct Transition {
     pub new_hold: Option<NewHold>,
     pub closed_holds: Vec<(HoldId, HoldStatus)>,
     pub usage: Option<Usage>,
+    /// Alerts to record (one per account, kind and month).
+    pub alerts: Vec<Alert>,
     pub effect: Effect,
 }
 
 /// Applies `cmd` to `snap` at `now`. `Err` is a bad request or a broken invariant;
 /// `Ok(Err(_))` an expected refusal; `Ok(Ok(_))` what to write.
-pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<Utc>) -> Result<Result<Transition, Rejection>> {
+pub fn apply(cfg: &LedgerConfig, tiers: &TierTable, snap: &Snapshot, cmd: &Command, now: DateTime<Utc>) -> Result<Result<Transition, Rejection>> {
     cmd.validate()?;
     // Stores keep milliseconds: decide on exactly what will be stored.
     let now = to_millis(now);
+    if let Command::SetTier(_) = cmd {
+        return Err(Error::Invariant("a tier is not an account command: the store applies it".into()));
+    }
     if let Command::CreateAccount(c) = cmd {
         if snap.state.is_some() {
             return Ok(Err(Rejection::AccountExists));
         }
-        let mut tx = Tx::new(cfg, AccountState::new(c.kind), Vec::new(), now);
+        let mut tx = Tx::new(cfg, tiers, AccountState::new(c.kind), Vec::new(), now);
         let granted = match c.kind {
             AccountKind::User => cfg.signup_credits_user,
             AccountKind::Organisation => cfg.signup_credits_org,
@@ -248,11 +293,11 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
         (None, Some(a)) => return Err(Error::UnknownAccount(a.to_string())),
         (None, None) => return Err(Error::Invariant("hold without an account".into())),
     };
-    let mut tx = Tx::new(cfg, state, snap.open_holds.clone(), now);
+    let mut tx = Tx::new(cfg, tiers, state, snap.open_holds.clone(), now);
     tx.normalize()?;
 
     let effect = match cmd {
-        Command::CreateAccount(_) => unreachable!("handled above"),
+        Command::CreateAccount(_) | Command::SetTier(_) => unreachable!("handled above"),
         Command::Grant(c) => {
             let expires_at = match c.bucket {
                 Bucket::Rollover => {
@@ -275,6 +320,11 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             Effect::Granted { entry: EntryId(0), balances: tx.s.balances() }
         }
         Command::Hold(c) => {
+            // Cost control first: a throttled or rate-limited account is told so, whatever
+            // its credits.
+            if let Err(r) = tx.admit(c.cost_micros)? {
+                return Ok(Err(r));
+            }
             let deadline = now + chrono::Duration::seconds(c.ttl_secs.into());
             let horizon = tx.horizon().max(deadline);
             let available = tx.usable(horizon) - tx.s.held;
@@ -282,8 +332,8 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
                 return Ok(Err(Rejection::InsufficientCredits { needed: c.amount, available: available.max(0) }));
             }
             tx.s.held += c.amount;
-            tx.holds.push(OpenHold { id: NEW_HOLD, amount: c.amount, deadline });
-            tx.new_hold = Some(NewHold { amount: c.amount, deadline, reference: c.reference.clone() });
+            tx.holds.push(OpenHold { id: NEW_HOLD, amount: c.amount, deadline, cost_micros: c.cost_micros });
+            tx.new_hold = Some(NewHold { amount: c.amount, deadline, cost_micros: c.cost_micros, reference: c.reference.clone() });
             let mut e = NewEntry::new(EntryKind::Hold);
             e.held_delta = c.amount;
             e.hold = Some(NEW_HOLD);
@@ -304,6 +354,7 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             e.main = true;
             tx.push(e);
             tx.usage = c.usage.clone();
+            let cost = tx.count_cost(hold.cost_micros, c.usage.as_ref().map_or(0, |u| u.cost_micros))?;
             Effect::Settled {
                 hold: c.hold,
                 entry: EntryId(0),
@@ -311,10 +362,12 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
                 released: hold.amount - charge,
                 capped: c.credits > hold.amount,
                 balances: tx.s.balances(),
+                cost,
             }
         }
         Command::Release(c) => {
             let hold = tx.close_hold(c.hold, HoldStatus::Released)?;
+            tx.s.cost.release(hold.cost_micros)?;
             let mut e = NewEntry::new(EntryKind::Release);
             e.held_delta = -hold.amount;
             e.hold = Some(c.hold);
@@ -323,6 +376,10 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             Effect::Released { hold: c.hold, released: hold.amount, balances: tx.s.balances() }
         }
         Command::Spend(c) => {
+            let cost_micros = c.usage.as_ref().map_or(0, |u| u.cost_micros);
+            if let Err(r) = tx.admit(cost_micros)? {
+                return Ok(Err(r));
+            }
             let available = tx.usable(tx.horizon()) - tx.s.held;
             if c.amount > available {
                 return Ok(Err(Rejection::InsufficientCredits { needed: c.amount, available: available.max(0) }));
@@ -335,7 +392,8 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             e.main = true;
             tx.push(e);
             tx.usage = c.usage.clone();
-            Effect::Spent { entry: EntryId(0), charged, balances: tx.s.balances() }
+            let cost = tx.count_cost(cost_micros, cost_micros)?;
+            Effect::Spent { entry: EntryId(0), charged, balances: tx.s.balances(), cost }
         }
         Command::Refund(c) => {
             let Some(charge) = snap.charge.filter(|ch| ch.id == c.entry && matches!(ch.kind, EntryKind::Spend | EntryKind::Settle)) else {
@@ -420,7 +478,8 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
                     if period_end <= now {
                         return Err(Error::invalid("period_end", "must be in the future"));
                     }
-                    tx.s.plan = Some(PlanState { monthly_credits: terms.monthly_credits, active: true, period_end });
+                    let anchor_day = terms.anchor_day.unwrap_or_else(|| period_end.day());
+                    tx.s.plan = Some(PlanState { monthly_credits: terms.monthly_credits, active: true, period_end, anchor_day });
                     if current.is_none() && terms.monthly_credits > 0 {
                         tx.grant(Bucket::Monthly, terms.monthly_credits, GrantSource::Plan, None, format!("period:{}", period_end.to_rfc3339()))?;
                         granted += terms.monthly_credits;
@@ -451,8 +510,71 @@ pub fn apply(cfg: &LedgerConfig, snap: &Snapshot, cmd: &Command, now: DateTime<U
             }
             Effect::Swept { holds_expired: tx.holds_expired, credits_expired: tx.expired_credits, balances: tx.s.balances() }
         }
+        Command::Meter(c) => {
+            let mut e = NewEntry::new(EntryKind::Meter);
+            e.reference = c.reference.clone();
+            e.main = true;
+            tx.push(e);
+            tx.usage = Some(c.usage.clone());
+            let cost = tx.count_cost(0, c.usage.cost_micros)?;
+            Effect::Metered { entry: EntryId(0), cost, balances: tx.s.balances() }
+        }
+        Command::SetCostProfile(c) => {
+            if let Some(t) = &c.tier {
+                tiers.get(t)?;
+            }
+            tx.s.org_member = c.org_member;
+            tx.s.tier = c.tier.clone();
+            let mut e = NewEntry::new(EntryKind::CostProfile);
+            e.reference = format!("org_member={} tier={}", c.org_member, c.tier.as_deref().unwrap_or("(derived)"));
+            e.main = true;
+            tx.push(e);
+            Effect::CostProfileSet { tier: tx.s.tier().to_owned(), balances: tx.s.balances() }
+        }
+        Command::Throttle(c) => {
+            let before = tx.s.cost.throttle.clone();
+            tx.s.cost.roll(now);
+            tx.log_throttle_change(before);
+            if tx.s.cost.throttle.is_some() {
+                return Ok(Err(Rejection::AlreadyThrottled));
+            }
+            tx.s.cost.throttle = Some(Throttle { reason: ThrottleReason::Admin { by: c.by.clone(), why: c.why.clone() }, since: now });
+            let mut e = NewEntry::new(EntryKind::Throttle);
+            e.reference = format!("admin {}: {}", c.by, c.why);
+            e.main = true;
+            tx.push(e);
+            Effect::Throttled { balances: tx.s.balances() }
+        }
+        Command::Unthrottle(c) => {
+            if !tx.s.cost.unthrottle(now) {
+                return Ok(Err(Rejection::NotThrottled));
+            }
+            let mut e = NewEntry::new(EntryKind::Unthrottle);
+            e.reference = format!("admin {}: {}", c.by, c.why);
+            e.main = true;
+            tx.push(e);
+            Effect::Unthrottled { balances: tx.s.balances() }
+        }
+        Command::CostReset { .. } => {
+            if !tx.s.cost.reset_due(now) {
+                return Ok(Err(Rejection::NothingDue));
+            }
+            let before = tx.s.cost.throttle.clone();
+            tx.s.cost.roll(now);
+            let throttle_lifted = before.is_some() && tx.s.cost.throttle.is_none();
+            tx.log_throttle_change(before);
+            Effect::CostReset { throttle_lifted, balances: tx.s.balances() }
+        }
     };
     tx.finish(effect)
+}
+
+fn throttle_text(r: &ThrottleReason) -> String {
+    match r {
+        ThrottleReason::DailyCostLimit { day } => format!("daily cost limit reached on {day}"),
+        ThrottleReason::MonthlyCostLimit { month } => format!("monthly cost limit reached in {}", month.format("%Y-%m")),
+        ThrottleReason::Admin { by, why } => format!("admin {by}: {why}"),
+    }
 }
 
 /// Adds one calendar month (clamped to the month's last day).
@@ -460,10 +582,21 @@ pub fn add_month(t: DateTime<Utc>) -> Result<DateTime<Utc>> {
     t.checked_add_months(Months::new(1)).ok_or_else(|| Error::invalid("time", "out of range"))
 }
 
+/// The day `t`'s period after it ends: the next month, on `anchor_day` or the month's last day
+/// if it is shorter, at `t`'s time of day.
+pub fn next_period_end(t: DateTime<Utc>, anchor_day: u32) -> Result<DateTime<Utc>> {
+    let out_of_range = || Error::invalid("time", "out of range");
+    let first = t.date_naive().with_day(1).ok_or_else(out_of_range)?.checked_add_months(Months::new(1)).ok_or_else(out_of_range)?;
+    let last_day = first.checked_add_months(Months::new(1)).ok_or_else(out_of_range)?.pred_opt().ok_or_else(out_of_range)?.day();
+    let day = first.with_day(anchor_day.clamp(1, last_day)).ok_or_else(out_of_range)?;
+    Ok(day.and_time(t.time()).and_utc())
+}
+
 /// The account as it stands at `now` (expired holds and credits removed), without writing.
 pub fn view_at(state: &AccountState, open_holds: &[OpenHold], now: DateTime<Utc>) -> (AccountState, Vec<OpenHold>) {
     let cfg = LedgerConfig::default();
-    let mut tx = Tx::new(&cfg, state.clone(), open_holds.to_vec(), now);
+    let tiers = TierTable::default();
+    let mut tx = Tx::new(&cfg, &tiers, state.clone(), open_holds.to_vec(), now);
     // normalize only removes; it cannot fail on a valid state.
     if tx.normalize().is_err() {
         return (state.clone(), open_holds.to_vec());
@@ -495,6 +628,10 @@ pub fn check_state(state: &AccountState, open_holds: &[OpenHold]) -> std::result
     if held != state.held {
         return Err(format!("held {} but open holds sum to {held}", state.held));
     }
+    let held_cost: i64 = open_holds.iter().map(|h| h.cost_micros).sum();
+    if held_cost != state.cost.held_cost_micros {
+        return Err(format!("held cost {} but open holds' costs sum to {held_cost}", state.cost.held_cost_micros));
+    }
     Ok(())
 }
 
@@ -508,6 +645,8 @@ struct Rolled {
 
 struct Tx<'c> {
     cfg: &'c LedgerConfig,
+    tiers: &'c TierTable,
+    alerts: Vec<Alert>,
     s: AccountState,
     holds: Vec<OpenHold>,
     entries: Vec<NewEntry>,
@@ -520,8 +659,66 @@ struct Tx<'c> {
 }
 
 impl<'c> Tx<'c> {
-    fn new(cfg: &'c LedgerConfig, s: AccountState, holds: Vec<OpenHold>, now: DateTime<Utc>) -> Self {
-        Tx { cfg, s, holds, entries: Vec::new(), closed: Vec::new(), new_hold: None, usage: None, now, holds_expired: 0, expired_credits: 0 }
+    fn new(cfg: &'c LedgerConfig, tiers: &'c TierTable, s: AccountState, holds: Vec<OpenHold>, now: DateTime<Utc>) -> Self {
+        Tx {
+            cfg,
+            tiers,
+            alerts: Vec::new(),
+            s,
+            holds,
+            entries: Vec::new(),
+            closed: Vec::new(),
+            new_hold: None,
+            usage: None,
+            now,
+            holds_expired: 0,
+            expired_credits: 0,
+        }
+    }
+
+    /// The limits of the account's tier.
+    fn limits(&self) -> Result<&'c TierLimits> {
+        let name = self.s.tier();
+        self.tiers.get(name).map_err(|_| Error::Invariant(format!("the account's tier {name:?} is not in the tier table")))
+    }
+
+    /// Admits a run with this worst-case cost (see [`CostState::admit`]).
+    fn admit(&mut self, worst_micros: i64) -> Result<Result<(), Rejection>> {
+        let limits = self.limits()?;
+        let before = self.s.cost.throttle.clone();
+        if let Err(r) = self.s.cost.admit(limits, worst_micros, self.now)? {
+            return Ok(Err(r.into()));
+        }
+        self.log_throttle_change(before);
+        Ok(Ok(()))
+    }
+
+    /// Counts a cost (releasing what its admission held): throttles and alerts.
+    fn count_cost(&mut self, held_micros: i64, cost_micros: i64) -> Result<CostEvents> {
+        let limits = self.limits()?;
+        let before = self.s.cost.throttle.clone();
+        let events = self.s.cost.settle(limits, held_micros, cost_micros, self.now)?;
+        self.log_throttle_change(before);
+        self.alerts.extend(events.alerts.iter().cloned());
+        Ok(events)
+    }
+
+    /// Logs a throttle that was lifted (its period ended) or set (a limit was reached).
+    fn log_throttle_change(&mut self, before: Option<Throttle>) {
+        let after = self.s.cost.throttle.clone();
+        if before == after {
+            return;
+        }
+        if let Some(b) = before {
+            let mut e = NewEntry::new(EntryKind::Unthrottle);
+            e.reference = format!("period ended: {}", throttle_text(&b.reason));
+            self.push(e);
+        }
+        if let Some(a) = after {
+            let mut e = NewEntry::new(EntryKind::Throttle);
+            e.reference = throttle_text(&a.reason);
+            self.push(e);
+        }
     }
 
     /// Appends an entry, stamping the balances after it.
@@ -557,7 +754,7 @@ impl<'c> Tx<'c> {
         let mut plan = self.s.plan;
         while let Some(p) = plan.filter(|p| p.period_end <= self.now && r.periods < MAX_PERIODS_PER_STEP) {
             let t = p.period_end;
-            let next = add_month(t)?;
+            let next = next_period_end(t, p.anchor_day)?;
             self.expire_lots_at(t)?;
             let keep = self.s.monthly.min(p.monthly_credits);
             let excess = self.s.monthly - keep;
@@ -602,6 +799,7 @@ impl<'c> Tx<'c> {
         self.holds = open;
         for h in expired {
             self.s.held -= h.amount;
+            self.s.cost.release(h.cost_micros)?;
             self.closed.push((h.id, HoldStatus::Expired));
             self.holds_expired += 1;
             let mut e = NewEntry::new(EntryKind::ExpireHold);
@@ -763,6 +961,7 @@ impl<'c> Tx<'c> {
             new_hold: self.new_hold,
             closed_holds: self.closed,
             usage: self.usage,
+            alerts: self.alerts,
             effect,
         }))
     }

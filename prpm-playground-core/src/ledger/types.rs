@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::cost::{CostEvents, LimitWarning, ThrottleReason};
 use crate::error::{Error, Result};
 use crate::pricing::{MAX_TOKENS, TokenUsage};
 
@@ -299,10 +300,18 @@ pub enum EntryKind {
     ExpireCredits,
     /// Unused monthly credits moved to the rollover bucket at the end of a period.
     Rollover,
+    /// An AI operation metered without credits (see [`Meter`]).
+    Meter,
+    /// The account was throttled (reference: by whom or which limit, and why).
+    Throttle,
+    /// A throttle was lifted (reference: by whom and why, or the period that ended).
+    Unthrottle,
+    /// The account's cost profile (organisation membership, tier override) changed.
+    CostProfile,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 10] = [
+    pub const ALL: [EntryKind; 14] = [
         EntryKind::Grant,
         EntryKind::Hold,
         EntryKind::Release,
@@ -313,6 +322,10 @@ impl EntryKind {
         EntryKind::ExpireHold,
         EntryKind::ExpireCredits,
         EntryKind::Rollover,
+        EntryKind::Meter,
+        EntryKind::Throttle,
+        EntryKind::Unthrottle,
+        EntryKind::CostProfile,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -326,6 +339,10 @@ impl EntryKind {
             EntryKind::ExpireHold => "expire_hold",
             EntryKind::ExpireCredits => "expire_credits",
             EntryKind::Rollover => "rollover",
+            EntryKind::Meter => "meter",
+            EntryKind::Throttle => "throttle",
+            EntryKind::Unthrottle => "unthrottle",
+            EntryKind::CostProfile => "cost_profile",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
@@ -369,6 +386,11 @@ pub struct PlanTerms {
     pub monthly_credits: Credits,
     /// When the current period ends (the monthly rollover step runs then).
     pub period_end: DateTime<Utc>,
+    /// The day of the month periods end on (the billing cycle anchor, 1..=31); in shorter
+    /// months the period ends on the month's last day, and the next on the anchor day again.
+    /// `None`: the day of `period_end`.
+    #[serde(default)]
+    pub anchor_day: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,6 +423,10 @@ pub struct Hold {
     pub amount: Credits,
     /// How long the hold lives before `expire_holds` returns it (1..=86,400 s).
     pub ttl_secs: u32,
+    /// Worst-case provider cost of the run in micro-dollars: admission checks it against the
+    /// account's daily and monthly cost limits, and it counts against them until the settle.
+    #[serde(default)]
+    pub cost_micros: i64,
     pub reference: String,
     pub key: IdempotencyKey,
 }
@@ -458,6 +484,43 @@ pub struct SetPlan {
     pub key: IdempotencyKey,
 }
 
+/// Records an AI operation that was not paid with credits (or was paid elsewhere): its usage
+/// goes to the usage log and its cost counts toward the account's cost limits (it can throttle
+/// the account and raise alerts), but it is never refused: it already happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meter {
+    pub account: AccountId,
+    pub usage: Usage,
+    pub reference: String,
+    pub key: IdempotencyKey,
+}
+
+/// What decides an account's cost tier: organisation membership (with an active plan a member
+/// is `prpm_plus_org`), and an admin's override (e.g. `unlimited`), `None` for the derived tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetCostProfile {
+    pub account: AccountId,
+    pub org_member: bool,
+    pub tier: Option<String>,
+    pub key: IdempotencyKey,
+}
+
+/// An admin throttles or unthrottles an account; who and why go to the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminThrottle {
+    pub account: AccountId,
+    pub by: String,
+    pub why: String,
+    pub key: IdempotencyKey,
+}
+
+/// Adds or replaces a tier's limits (tiers are never removed: accounts may name them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetTier {
+    pub limits: crate::cost::TierLimits,
+    pub key: IdempotencyKey,
+}
+
 /// Every mutation. All but the two maintenance steps carry an idempotency key; the
 /// maintenance steps are idempotent by state (a second run finds nothing due).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -472,10 +535,17 @@ pub enum Command {
     Refund(Refund),
     Clawback(Clawback),
     SetPlan(SetPlan),
+    Meter(Meter),
+    SetCostProfile(SetCostProfile),
+    Throttle(AdminThrottle),
+    Unthrottle(AdminThrottle),
+    SetTier(SetTier),
     /// The monthly rollover step for one account whose period ended.
     Rollover { account: AccountId },
     /// Returns expired holds and removes expired credits of one account.
     Sweep { account: AccountId },
+    /// Clears the cost counters and cost throttles of periods that ended.
+    CostReset { account: AccountId },
 }
 
 fn check_amount(field: &'static str, n: Credits, allow_zero: bool) -> Result<()> {
@@ -499,7 +569,11 @@ impl Command {
             Command::Refund(c) => Some(&c.key),
             Command::Clawback(c) => Some(&c.key),
             Command::SetPlan(c) => Some(&c.key),
-            Command::Rollover { .. } | Command::Sweep { .. } => None,
+            Command::Meter(c) => Some(&c.key),
+            Command::SetCostProfile(c) => Some(&c.key),
+            Command::Throttle(c) | Command::Unthrottle(c) => Some(&c.key),
+            Command::SetTier(c) => Some(&c.key),
+            Command::Rollover { .. } | Command::Sweep { .. } | Command::CostReset { .. } => None,
         }
     }
 
@@ -513,8 +587,11 @@ impl Command {
             Command::Refund(c) => Some(&c.account),
             Command::Clawback(c) => Some(&c.account),
             Command::SetPlan(c) => Some(&c.account),
-            Command::Rollover { account } | Command::Sweep { account } => Some(account),
-            Command::Settle(_) | Command::Release(_) => None,
+            Command::Meter(c) => Some(&c.account),
+            Command::SetCostProfile(c) => Some(&c.account),
+            Command::Throttle(c) | Command::Unthrottle(c) => Some(&c.account),
+            Command::Rollover { account } | Command::Sweep { account } | Command::CostReset { account } => Some(account),
+            Command::Settle(_) | Command::Release(_) | Command::SetTier(_) => None,
         }
     }
 
@@ -546,6 +623,9 @@ impl Command {
                 if !(1..=MAX_HOLD_TTL_SECS).contains(&c.ttl_secs) {
                     return Err(Error::invalid("ttl_secs", format!("{} is outside 1..={MAX_HOLD_TTL_SECS}", c.ttl_secs)));
                 }
+                if !(0..=MAX_COST_MICROS).contains(&c.cost_micros) {
+                    return Err(Error::invalid("cost_micros", format!("outside 0..={MAX_COST_MICROS}")));
+                }
                 Ok(())
             }
             Command::Settle(c) => {
@@ -566,10 +646,28 @@ impl Command {
                 check_name("reference", &c.reference, MAX_REFERENCE_LEN, true)
             }
             Command::SetPlan(c) => match &c.plan {
-                Some(p) => check_amount("monthly_credits", p.monthly_credits, true),
+                Some(p) => {
+                    if p.anchor_day.is_some_and(|d| !(1..=31).contains(&d)) {
+                        return Err(Error::invalid("anchor_day", "must be 1..=31"));
+                    }
+                    check_amount("monthly_credits", p.monthly_credits, true)
+                }
                 None => Ok(()),
             },
-            Command::Rollover { .. } | Command::Sweep { .. } => Ok(()),
+            Command::Meter(c) => {
+                check_name("reference", &c.reference, MAX_REFERENCE_LEN, true)?;
+                c.usage.validate()
+            }
+            Command::SetCostProfile(c) => match &c.tier {
+                Some(t) => check_name("tier", t, 64, false),
+                None => Ok(()),
+            },
+            Command::Throttle(c) | Command::Unthrottle(c) => {
+                check_name("by", &c.by, MAX_ID_LEN, false)?;
+                check_name("why", &c.why, MAX_REFERENCE_LEN, false)
+            }
+            Command::SetTier(c) => c.limits.validate().map(|_| ()),
+            Command::Rollover { .. } | Command::Sweep { .. } | Command::CostReset { .. } => Ok(()),
         }
     }
 
@@ -608,20 +706,43 @@ pub enum Effect {
     AccountCreated { granted: Credits, balances: Balances },
     Granted { entry: EntryId, balances: Balances },
     Held { hold: HoldId, amount: Credits, deadline: DateTime<Utc>, balances: Balances },
-    Settled { hold: HoldId, entry: EntryId, charged: BucketAmounts, released: Credits, capped: bool, balances: Balances },
+    Settled {
+        hold: HoldId,
+        entry: EntryId,
+        charged: BucketAmounts,
+        released: Credits,
+        capped: bool,
+        balances: Balances,
+        #[serde(default)]
+        cost: CostEvents,
+    },
     Released { hold: HoldId, released: Credits, balances: Balances },
-    Spent { entry: EntryId, charged: BucketAmounts, balances: Balances },
+    Spent {
+        entry: EntryId,
+        charged: BucketAmounts,
+        balances: Balances,
+        #[serde(default)]
+        cost: CostEvents,
+    },
     Refunded { entry: EntryId, returned: BucketAmounts, balances: Balances },
     ClawedBack { entry: Option<EntryId>, taken: BucketAmounts, shortfall: Credits, balances: Balances },
     PlanSet { granted: Credits, balances: Balances },
     RolledOver { periods: u32, moved: Credits, expired: Credits, granted: Credits, balances: Balances },
     Swept { holds_expired: u32, credits_expired: Credits, balances: Balances },
+    Metered { entry: EntryId, cost: CostEvents, balances: Balances },
+    CostProfileSet { tier: String, balances: Balances },
+    Throttled { balances: Balances },
+    Unthrottled { balances: Balances },
+    /// The tier's limits were stored; `warnings` lists what is odd about them.
+    TierSet { warnings: Vec<LimitWarning> },
+    CostReset { throttle_lifted: bool, balances: Balances },
 }
 
 impl Effect {
-    /// The account's balances after the command.
+    /// The account's balances after the command (zero for commands without an account).
     pub fn balances(&self) -> Balances {
         match self {
+            Effect::TierSet { .. } => Balances::default(),
             Effect::AccountCreated { balances, .. }
             | Effect::Granted { balances, .. }
             | Effect::Held { balances, .. }
@@ -632,7 +753,12 @@ impl Effect {
             | Effect::ClawedBack { balances, .. }
             | Effect::PlanSet { balances, .. }
             | Effect::RolledOver { balances, .. }
-            | Effect::Swept { balances, .. } => *balances,
+            | Effect::Swept { balances, .. }
+            | Effect::Metered { balances, .. }
+            | Effect::CostProfileSet { balances, .. }
+            | Effect::Throttled { balances }
+            | Effect::Unthrottled { balances }
+            | Effect::CostReset { balances, .. } => *balances,
         }
     }
 
@@ -642,9 +768,18 @@ impl Effect {
             Effect::Granted { entry, .. }
             | Effect::Settled { entry, .. }
             | Effect::Spent { entry, .. }
-            | Effect::Refunded { entry, .. } => *entry = id,
+            | Effect::Refunded { entry, .. }
+            | Effect::Metered { entry, .. } => *entry = id,
             Effect::ClawedBack { entry, .. } => *entry = Some(id),
             _ => {}
+        }
+    }
+
+    /// What the command did to the account's cost control (alerts raised, a throttle).
+    pub fn cost_events(&self) -> Option<&CostEvents> {
+        match self {
+            Effect::Settled { cost, .. } | Effect::Spent { cost, .. } | Effect::Metered { cost, .. } => Some(cost),
+            _ => None,
         }
     }
 
@@ -688,6 +823,18 @@ pub enum Rejection {
     HoldsOpen,
     #[error("nothing is due")]
     NothingDue,
+    #[error("throttled: {reason:?}")]
+    Throttled { reason: ThrottleReason },
+    #[error("hourly request limit of {limit} reached; next slot in {retry_after_ms} ms")]
+    RateLimited { limit: u32, retry_after_ms: i64 },
+    #[error("daily cost limit: {spent_micros} spent + {held_micros} in flight + {requested_micros} requested > {limit_micros} micro-USD")]
+    DailyCostLimit { limit_micros: i64, spent_micros: i64, held_micros: i64, requested_micros: i64 },
+    #[error("monthly cost limit: {spent_micros} spent + {held_micros} in flight + {requested_micros} requested > {limit_micros} micro-USD")]
+    MonthlyCostLimit { limit_micros: i64, spent_micros: i64, held_micros: i64, requested_micros: i64 },
+    #[error("the account is not throttled")]
+    NotThrottled,
+    #[error("the account is already throttled")]
+    AlreadyThrottled,
 }
 
 impl Rejection {
@@ -704,6 +851,12 @@ impl Rejection {
             Rejection::RefundExceedsCharge { .. } => "refund_exceeds_charge",
             Rejection::HoldsOpen => "holds_open",
             Rejection::NothingDue => "nothing_due",
+            Rejection::Throttled { .. } => "throttled",
+            Rejection::RateLimited { .. } => "rate_limited",
+            Rejection::DailyCostLimit { .. } => "daily_cost_limit",
+            Rejection::MonthlyCostLimit { .. } => "monthly_cost_limit",
+            Rejection::NotThrottled => "not_throttled",
+            Rejection::AlreadyThrottled => "already_throttled",
         }
     }
 }

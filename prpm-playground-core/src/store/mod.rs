@@ -15,8 +15,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
+use crate::cost::{Alert, CostState, RiskLevel, Summary, Throttle, TierLimits, TierTable};
 use crate::error::{Error, Result};
 use crate::ledger::*;
+use crate::pricing::TokenUsage;
 
 /// Largest page of history.
 pub const MAX_PAGE: u32 = 1_000;
@@ -127,6 +129,156 @@ pub enum Due {
     ExpiredHolds,
     /// Accounts with rollover credits past their expiry.
     ExpiredCredits,
+    /// Accounts with cost counters of an earlier period or a cost throttle whose period ended
+    /// (see [`CostState::reset_due`]).
+    CostReset,
+}
+
+/// One account's cost control at the store's current time (counters rolled to it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CostView {
+    pub account: AccountId,
+    pub kind: AccountKind,
+    pub tier: String,
+    pub limits: TierLimits,
+    /// A plan is running (it counts until its period ends, even once cancelled).
+    pub plan_active: bool,
+    pub org_member: bool,
+    pub day_cost_micros: i64,
+    pub month_cost_micros: i64,
+    /// Worst-case cost of runs in flight.
+    pub held_cost_micros: i64,
+    pub throttle: Option<Throttle>,
+    /// Admitted requests in the last hour (counted for tiers with an hourly limit).
+    pub requests_last_hour: u32,
+    pub risk: RiskLevel,
+}
+
+impl CostView {
+    /// The view of an account with this state at `now`. An unknown tier is an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        account: AccountId,
+        kind: AccountKind,
+        plan_active: bool,
+        org_member: bool,
+        tier_override: Option<&str>,
+        cost: &CostState,
+        tiers: &TierTable,
+        now: DateTime<Utc>,
+    ) -> Result<CostView> {
+        let tier = crate::ledger::rules::account_tier(kind, plan_active, org_member, tier_override);
+        let limits = tiers.get(tier)?.clone();
+        let mut c = cost.clone();
+        c.roll(now);
+        let risk = crate::cost::risk_level(&limits, &c, now);
+        Ok(CostView {
+            account,
+            kind,
+            tier: tier.to_owned(),
+            limits,
+            plan_active,
+            org_member,
+            day_cost_micros: c.day_cost_micros,
+            month_cost_micros: c.month_cost_micros,
+            held_cost_micros: c.held_cost_micros,
+            throttle: c.throttle,
+            requests_last_hour: c.requests_ms.len() as u32,
+            risk,
+        })
+    }
+
+    pub fn user_cost(&self) -> crate::cost::UserCost {
+        crate::cost::UserCost {
+            tier: self.tier.clone(),
+            plan_active: self.plan_active,
+            month_cost_micros: self.month_cost_micros,
+            throttled: self.throttle.is_some(),
+            risk: self.risk,
+        }
+    }
+}
+
+/// Which accounts an admin list shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CostFilter {
+    All,
+    /// Monthly cost above 75 % of the limit.
+    AtRisk,
+    Throttled,
+    /// [`RiskLevel::HighRisk`].
+    HighRisk,
+}
+
+impl CostFilter {
+    pub fn matches(self, v: &CostView) -> bool {
+        match self {
+            CostFilter::All => true,
+            CostFilter::AtRisk => v
+                .limits
+                .monthly_cost_limit_micros
+                .is_some_and(|l| i128::from(v.month_cost_micros) * 100 > i128::from(l) * i128::from(crate::cost::AT_RISK_PCT)),
+            CostFilter::Throttled => v.throttle.is_some(),
+            CostFilter::HighRisk => v.risk == RiskLevel::HighRisk,
+        }
+    }
+}
+
+/// A recorded alert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAlert {
+    pub id: i64,
+    pub account: AccountId,
+    pub alert: Alert,
+}
+
+/// Alerts in recording order, after `after` (an alert id), at most `limit` (1..=1000).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertQuery {
+    pub account: Option<AccountId>,
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+/// Usage per UTC day in `from..until` (at most [`MAX_DAYS`] days): of one account, or summed
+/// over all accounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUsageQuery {
+    pub account: Option<AccountId>,
+    pub from: chrono::NaiveDate,
+    pub until: chrono::NaiveDate,
+}
+
+/// Longest range of a [`DailyUsageQuery`].
+pub const MAX_DAYS: i64 = 400;
+
+impl DailyUsageQuery {
+    pub fn validate(&self) -> Result<()> {
+        let days = (self.until - self.from).num_days();
+        if !(1..=MAX_DAYS).contains(&days) {
+            return Err(Error::invalid("until", format!("the range is {days} days; it must be 1..={MAX_DAYS}")));
+        }
+        Ok(())
+    }
+}
+
+/// Usage of one UTC day (days without usage are left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DailyUsage {
+    pub day: chrono::NaiveDate,
+    /// Operations metered (settles, spends with usage, meters).
+    pub runs: u64,
+    pub credits: Credits,
+    pub tokens: TokenUsage,
+    pub cost_micros: i64,
+}
+
+/// What the analytics refresh did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnalyticsReport {
+    /// Usage records rolled up into daily rows.
+    pub usage_records: u64,
 }
 
 /// One difference found by [`Store::verify`].
@@ -184,6 +336,29 @@ pub trait Store: Send + Sync {
     /// Recomputes every balance (and held amount) from the log and reports each difference.
     async fn verify(&self) -> Result<VerifyReport>;
 
+    /// The tier table (`cost_limits_config`); change it with [`Command::SetTier`].
+    async fn tiers(&self) -> Result<TierTable>;
+
+    /// One account's cost control at the store's time.
+    async fn cost(&self, account: &AccountId) -> Result<CostView>;
+
+    /// Accounts (by id, ascending, after `after`) that match `filter`, at most `limit`
+    /// (1..=1000). Scans the accounts table.
+    async fn cost_accounts(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>>;
+
+    /// The admin summary of the current month (see [`crate::cost::summarize`]), from the
+    /// per-account counters: it never reads the usage log.
+    async fn summary(&self) -> Result<Summary>;
+
+    /// Recorded alerts, oldest first.
+    async fn alerts(&self, query: &AlertQuery) -> Result<Vec<StoredAlert>>;
+
+    /// Usage per day, from the daily rollups plus the records not rolled up yet (exact).
+    async fn daily_usage(&self, query: &DailyUsageQuery) -> Result<Vec<DailyUsage>>;
+
+    /// Rolls every usage record not rolled up yet into the daily rollups.
+    async fn refresh_analytics(&self) -> Result<AnalyticsReport>;
+
     /// The store's clock.
     fn clock(&self) -> Arc<dyn Clock>;
 
@@ -219,5 +394,20 @@ impl dyn Store + '_ {
     }
     pub async fn set_plan(&self, account: AccountId, plan: Option<PlanTerms>, key: IdempotencyKey) -> Result<Outcome> {
         self.execute(Command::SetPlan(SetPlan { account, plan, key })).await
+    }
+    pub async fn meter(&self, m: Meter) -> Result<Outcome> {
+        self.execute(Command::Meter(m)).await
+    }
+    pub async fn set_cost_profile(&self, account: AccountId, org_member: bool, tier: Option<String>, key: IdempotencyKey) -> Result<Outcome> {
+        self.execute(Command::SetCostProfile(SetCostProfile { account, org_member, tier, key })).await
+    }
+    pub async fn throttle(&self, t: AdminThrottle) -> Result<Outcome> {
+        self.execute(Command::Throttle(t)).await
+    }
+    pub async fn unthrottle(&self, t: AdminThrottle) -> Result<Outcome> {
+        self.execute(Command::Unthrottle(t)).await
+    }
+    pub async fn set_tier(&self, limits: TierLimits, key: IdempotencyKey) -> Result<Outcome> {
+        self.execute(Command::SetTier(SetTier { limits, key })).await
     }
 }

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::clock::{SystemClock, to_millis};
+use crate::cost::{Alert, AlertKind, AlertSink, CostState, LimitWarning, TierLimits, TierTable};
 use crate::ledger::rules::{self, ChargeRecord, HoldRecord, NEW_HOLD, OpenHold, Snapshot, Transition};
 
 mod embedded {
@@ -70,6 +71,14 @@ pub struct SqliteOptions {
     /// group that crosses the mark. Until then history reads scan the unindexed
     /// tail, so this bounds that scan. Larger batches share more index pages per entry.
     pub history_index_batch: u32,
+    /// Where alerts go besides the `cost_alerts` table.
+    pub alert_sink: Option<Arc<dyn AlertSink>>,
+}
+
+impl std::fmt::Debug for dyn AlertSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AlertSink")
+    }
 }
 
 impl SqliteOptions {
@@ -88,6 +97,7 @@ impl SqliteOptions {
             max_size_bytes: None,
             wal_autocheckpoint_pages: 4_000,
             history_index_batch: 8_192,
+            alert_sink: None,
         }
     }
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -100,6 +110,10 @@ impl SqliteOptions {
     }
     pub fn history_index_batch(mut self, entries: u32) -> Self {
         self.history_index_batch = entries;
+        self
+    }
+    pub fn alert_sink(mut self, sink: Arc<dyn AlertSink>) -> Self {
+        self.alert_sink = Some(sink);
         self
     }
     pub fn synchronous(mut self, s: Synchronous) -> Self {
@@ -215,9 +229,10 @@ impl SqliteStore {
         let ledger = opts.ledger.clone();
         let max_batch = opts.max_batch;
         let index_batch = i64::from(opts.history_index_batch);
+        let sink = opts.alert_sink.clone();
         let writer = std::thread::Builder::new()
             .name("prpm-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch, index_batch))
+            .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch, index_batch, sink))
             .map_err(|e| Error::Backend(format!("cannot start the writer thread: {e}")))?;
         let readers = opts.path.as_ref().filter(|_| opts.readers > 0).map(|p| {
             Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers })
@@ -336,6 +351,7 @@ type Reply = oneshot::Sender<Result<Outcome>>;
 
 /// An account as the writer caches it: state and open holds, exactly as committed.
 struct Cached {
+    ext: AccountId,
     state: AccountState,
     holds: Vec<OpenHold>,
     /// The plan or the next expiry changed in this group (their indexed columns need writing).
@@ -353,6 +369,8 @@ struct Cache {
     holds: HashMap<HoldId, i64>,
     /// `ledger_index_state.indexed_upto` as committed.
     indexed_upto: Option<i64>,
+    /// The `cost_tiers` table.
+    tiers: Option<Arc<TierTable>>,
 }
 
 impl Cache {
@@ -361,6 +379,7 @@ impl Cache {
         self.accounts.clear();
         self.holds.clear();
         self.indexed_upto = None;
+        self.tiers = None;
     }
 }
 
@@ -375,6 +394,8 @@ enum Step {
     /// A replay or a rejection: nothing to write.
     Done(Outcome),
     Apply { account_id: Option<i64>, transition: Box<Transition>, fingerprint: i64 },
+    /// A tier's limits to store.
+    Tier { limits: TierLimits, warnings: Vec<LimitWarning>, fingerprint: i64 },
 }
 
 struct Writer {
@@ -383,10 +404,21 @@ struct Writer {
     cache: Cache,
     data_version: i64,
     index_batch: i64,
+    sink: Option<Arc<dyn AlertSink>>,
+    /// Alerts of the group being committed, for the sink.
+    alerts: Vec<(AccountId, Alert)>,
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ledger: LedgerConfig, max_batch: usize, index_batch: i64) {
-    let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch };
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    clock: Arc<dyn Clock>,
+    ledger: LedgerConfig,
+    max_batch: usize,
+    index_batch: i64,
+    sink: Option<Arc<dyn AlertSink>>,
+) {
+    let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch, sink, alerts: Vec::new() };
     let mut group = Vec::with_capacity(max_batch);
     let mut reads: Vec<ReadFn> = Vec::new();
     while let Some(first) = next_job(&rx) {
@@ -438,6 +470,12 @@ impl Writer {
                 for ((_, reply), r) in group.into_iter().zip(results) {
                     let _ = reply.send(r);
                 }
+                let alerts = std::mem::take(&mut self.alerts);
+                if let Some(sink) = &self.sink {
+                    for (account, alert) in &alerts {
+                        sink.alert(account, alert);
+                    }
+                }
             }
             Err(GroupError::Begin(e)) => {
                 let msg = e.to_string();
@@ -458,6 +496,7 @@ impl Writer {
     }
 
     fn try_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>, GroupError> {
+        self.alerts.clear();
         self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.execute([])).map_err(|e| GroupError::Begin(e.into()))?;
         // Inside the write lock: nobody can commit between this check and our commit.
         let version = self
@@ -490,6 +529,10 @@ impl Writer {
                 Err(e @ Error::Backend(_)) => return Err(e),
                 Err(e) => results.push(Err(e)),
                 Ok(Step::Done(outcome)) => results.push(Ok(outcome)),
+                Ok(Step::Tier { limits, warnings, fingerprint }) => {
+                    let effect = self.write_tier(&p.cmd, &limits, warnings, fingerprint, now)?;
+                    results.push(Ok(Ok(Committed { effect, replayed: false })));
+                }
                 Ok(Step::Apply { account_id, transition, fingerprint }) => {
                     let (id, effect) = self.write(&p.cmd, account_id, *transition, fingerprint, now)?;
                     wrote = true;
@@ -537,6 +580,57 @@ impl Writer {
         self.conn.prepare_cached("UPDATE ledger_index_state SET indexed_upto = ?1 WHERE id = 1")?.execute([last])?;
         // On a failure the group rolls back and the cache (this value included) is dropped.
         self.cache.indexed_upto = Some(last);
+        // The daily usage rollups follow at the same pace, so their tail stays as bounded.
+        roll_up_usage(&self.conn)?;
+        Ok(())
+    }
+
+    /// The tier table, loaded once per change of the database.
+    fn tiers(&mut self) -> Result<Arc<TierTable>> {
+        if let Some(t) = &self.cache.tiers {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(load_tiers(&self.conn)?);
+        self.cache.tiers = Some(t.clone());
+        Ok(t)
+    }
+
+    fn write_tier(&mut self, cmd: &Command, limits: &TierLimits, warnings: Vec<LimitWarning>, fingerprint: i64, now: DateTime<Utc>) -> Result<Effect> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO cost_tiers (name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit,
+                                         alert_threshold_pct, throttle_on_exceed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (name) DO UPDATE SET monthly_revenue_micros = excluded.monthly_revenue_micros,
+                    monthly_cost_limit_micros = excluded.monthly_cost_limit_micros, daily_cost_limit_micros = excluded.daily_cost_limit_micros,
+                    hourly_request_limit = excluded.hourly_request_limit, alert_threshold_pct = excluded.alert_threshold_pct,
+                    throttle_on_exceed = excluded.throttle_on_exceed",
+            )?
+            .execute(params![
+                limits.name,
+                limits.monthly_revenue_micros,
+                limits.monthly_cost_limit_micros,
+                limits.daily_cost_limit_micros,
+                limits.hourly_request_limit,
+                limits.alert_threshold_pct,
+                limits.throttle_on_exceed
+            ])?;
+        let mut tiers = (*self.tiers()?).clone();
+        tiers.set(limits.clone())?;
+        self.cache.tiers = Some(Arc::new(tiers));
+        let effect = Effect::TierSet { warnings };
+        self.remember(cmd, &effect, fingerprint, now)?;
+        Ok(effect)
+    }
+
+    /// Stores a keyed command's first result.
+    fn remember(&self, cmd: &Command, effect: &Effect, fingerprint: i64, now: DateTime<Utc>) -> Result<()> {
+        if let Some(key) = cmd.key() {
+            let outcome = serde_json::to_string(effect).expect("effects serialize");
+            self.conn
+                .prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![key.as_str(), fingerprint, outcome, ms(now)])?;
+        }
         Ok(())
     }
 
@@ -558,8 +652,8 @@ impl Writer {
         for h in &holds {
             self.cache.holds.insert(h.id, id);
         }
-        self.cache.ids.insert(ext, id);
-        self.cache.accounts.insert(id, Cached { state, holds, indexed_changed: false });
+        self.cache.ids.insert(ext.clone(), id);
+        self.cache.accounts.insert(id, Cached { ext, state, holds, indexed_changed: false });
         Ok(Some(id))
     }
 
@@ -579,6 +673,10 @@ impl Writer {
                 let effect: Effect = serde_json::from_str(&outcome).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
                 return Ok(Step::Done(Ok(Committed { effect, replayed: true })));
             }
+        }
+        if let Command::SetTier(c) = cmd {
+            let warnings = c.limits.validate()?;
+            return Ok(Step::Tier { limits: c.limits.clone(), warnings, fingerprint: p.fingerprint });
         }
         let mut snap = Snapshot::default();
         let mut account_id = None;
@@ -613,7 +711,8 @@ impl Writer {
                 snap.charge = load_charge(&self.conn, id, r.entry)?;
             }
         }
-        Ok(match rules::apply(&self.ledger, &snap, cmd, now)? {
+        let tiers = self.tiers()?;
+        Ok(match rules::apply(&self.ledger, &tiers, &snap, cmd, now)? {
             Ok(transition) => Step::Apply { account_id, transition: Box::new(transition), fingerprint: p.fingerprint },
             Err(rejection) => Step::Done(Err(rejection)),
         })
@@ -627,7 +726,7 @@ impl Writer {
             (None, Command::CreateAccount(c)) => {
                 let id = insert_account(conn, &c.account, &t.state, now)?;
                 self.cache.ids.insert(c.account.clone(), id);
-                self.cache.accounts.insert(id, Cached { state: t.state.clone(), holds: Vec::new(), indexed_changed: false });
+                self.cache.accounts.insert(id, Cached { ext: c.account.clone(), state: t.state.clone(), holds: Vec::new(), indexed_changed: false });
                 id
             }
             (None, _) => return Err(Error::Invariant("transition without an account".into())),
@@ -635,12 +734,12 @@ impl Writer {
         let mut new_hold = None;
         if let Some(h) = &t.new_hold {
             conn.prepare_cached(
-                "INSERT INTO holds (account_id, amount, deadline_ms, status, reference, created_ms) VALUES (?1, ?2, ?3, 'open', ?4, ?5)",
+                "INSERT INTO holds (account_id, amount, deadline_ms, status, reference, created_ms, cost_micros) VALUES (?1, ?2, ?3, 'open', ?4, ?5, ?6)",
             )?
-            .execute(params![id, h.amount, ms(h.deadline), h.reference, ms(now)])?;
+            .execute(params![id, h.amount, ms(h.deadline), h.reference, ms(now), h.cost_micros])?;
             let hold_id = HoldId(conn.last_insert_rowid());
             t.effect.set_hold(hold_id);
-            new_hold = Some(OpenHold { id: hold_id, amount: h.amount, deadline: h.deadline });
+            new_hold = Some(OpenHold { id: hold_id, amount: h.amount, deadline: h.deadline, cost_micros: h.cost_micros });
         }
         for (hold_id, status) in &t.closed_holds {
             let n = conn
@@ -703,13 +802,16 @@ impl Writer {
                 u.cost_micros,
             ])?;
         }
-        if let Some(key) = cmd.key() {
-            let outcome = serde_json::to_string(&t.effect).expect("effects serialize");
-            conn.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![key.as_str(), fingerprint, outcome, ms(now)])?;
+        for a in &t.alerts {
+            conn.prepare_cached(
+                "INSERT INTO cost_alerts (account_id, kind, month_ms, cost_micros, limit_micros, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![id, alert_kind_str(a.kind), day_ms(a.month), a.cost_micros, a.limit_micros, ms(a.at)])?;
         }
+        self.remember(cmd, &t.effect, fingerprint, now)?;
         // The cache follows the committed-to-be state.
         let c = self.cache.accounts.get_mut(&id).ok_or_else(|| Error::Invariant("account not cached".into()))?;
+        self.alerts.extend(t.alerts.iter().map(|a| (c.ext.clone(), a.clone())));
         let next_expiry = |s: &AccountState| s.next_expiry().map(|l| l.expires_at);
         c.indexed_changed |= c.state.plan != t.state.plan || next_expiry(&c.state) != next_expiry(&t.state);
         c.state = t.state;
@@ -761,48 +863,100 @@ fn parse_lots(s: &str) -> Result<Vec<Lot>> {
         .collect()
 }
 
-const ACCOUNT_COLUMNS: &str = "id, external_id, kind, monthly, purchased, held, rollover_lots, plan_credits, plan_active, period_end_ms";
+const ACCOUNT_COLUMNS: &str = "id, external_id, kind, monthly, purchased, held, rollover_lots, plan_credits, plan_active, period_end_ms, plan_anchor_day,
+    org_member, tier_override, cost_day_ms, day_cost_micros, cost_month_ms, month_cost_micros, held_cost_micros, throttle, requests, alerted";
 
-fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccountRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+fn invariant(what: &str) -> impl Fn(String) -> Error + '_ {
+    move |e| Error::Invariant(format!("{what}: {e}"))
 }
 
-type AccountRow = (i64, String, String, i64, i64, i64, String, Option<i64>, Option<bool>, Option<i64>);
-
-fn state_from(row: AccountRow) -> Result<(i64, AccountId, AccountState)> {
-    let (id, ext, kind, monthly, purchased, held, lots, plan_credits, plan_active, period_end) = row;
-    let kind = match kind.as_str() {
+/// Reads a row of [`ACCOUNT_COLUMNS`].
+fn account_from_row(r: &rusqlite::Row<'_>) -> Result<(i64, AccountId, AccountState)> {
+    let kind = match r.get_ref(2)?.as_str().map_err(|e| Error::Invariant(e.to_string()))? {
         "user" => AccountKind::User,
         "organisation" => AccountKind::Organisation,
         k => return Err(Error::Invariant(format!("unknown account kind {k:?}"))),
     };
-    let plan = match (plan_credits, plan_active, period_end) {
-        (Some(c), Some(a), Some(p)) => Some(PlanState { monthly_credits: c, active: a, period_end: at(p)? }),
+    let plan = match (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<bool>>(8)?, r.get::<_, Option<i64>>(9)?) {
+        (Some(c), Some(a), Some(p)) => {
+            let period_end = at(p)?;
+            let anchor_day = r.get::<_, Option<u32>>(10)?.unwrap_or_else(|| chrono::Datelike::day(&period_end));
+            Some(PlanState { monthly_credits: c, active: a, period_end, anchor_day })
+        }
         _ => None,
     };
-    let state = AccountState { kind, monthly, purchased, rollover: parse_lots(&lots)?, held, plan };
-    Ok((id, AccountId::new(ext)?, state))
+    let cost = CostState {
+        day: r.get::<_, Option<i64>>(13)?.map(|t| at(t).map(|t| t.date_naive())).transpose()?,
+        day_cost_micros: r.get(14)?,
+        month: r.get::<_, Option<i64>>(15)?.map(|t| at(t).map(|t| t.date_naive())).transpose()?,
+        month_cost_micros: r.get(16)?,
+        held_cost_micros: r.get(17)?,
+        throttle: r.get::<_, Option<String>>(18)?.map(|j| serde_json::from_str(&j).map_err(|e| invariant("throttle")(e.to_string()))).transpose()?,
+        requests_ms: decode_requests(r.get_ref(19)?.as_blob_or_null().map_err(|e| Error::Invariant(e.to_string()))?)?,
+        alerted: decode_alerted(r.get(20)?),
+    };
+    let state = AccountState {
+        kind,
+        monthly: r.get(3)?,
+        purchased: r.get(4)?,
+        rollover: parse_lots(&r.get::<_, String>(6)?)?,
+        held: r.get(5)?,
+        plan,
+        cost,
+        org_member: r.get(11)?,
+        tier: r.get(12)?,
+    };
+    Ok((r.get(0)?, AccountId::new(r.get::<_, String>(1)?)?, state))
+}
+
+fn decode_requests(b: Option<&[u8]>) -> Result<Vec<i64>> {
+    let b = b.unwrap_or_default();
+    if !b.len().is_multiple_of(8) {
+        return Err(Error::Invariant(format!("requests blob of {} bytes", b.len())));
+    }
+    Ok(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+fn encode_requests(v: &[i64]) -> Option<Vec<u8>> {
+    (!v.is_empty()).then(|| v.iter().flat_map(|t| t.to_le_bytes()).collect())
+}
+
+const ALERT_BITS: [(AlertKind, i64); 2] = [(AlertKind::AtRisk, 1), (AlertKind::Threshold, 2)];
+
+fn decode_alerted(bits: i64) -> Vec<AlertKind> {
+    ALERT_BITS.iter().filter(|(_, b)| bits & b != 0).map(|(k, _)| *k).collect()
+}
+
+fn encode_alerted(v: &[AlertKind]) -> i64 {
+    ALERT_BITS.iter().filter(|(k, _)| v.contains(k)).map(|(_, b)| b).sum()
+}
+
+fn alert_kind_str(k: AlertKind) -> &'static str {
+    match k {
+        AlertKind::AtRisk => "at_risk",
+        AlertKind::Threshold => "threshold",
+    }
+}
+
+fn day_ms(d: chrono::NaiveDate) -> i64 {
+    ms(crate::cost::day_start(d))
 }
 
 fn load_account(conn: &Connection, ext: &AccountId) -> Result<Option<(i64, AccountState)>> {
-    let row = conn
-        .prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE external_id = ?1"))?
-        .query_row([ext.as_str()], account_from_row)
-        .optional()?;
-    row.map(|r| state_from(r).map(|(id, _, s)| (id, s))).transpose()
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE external_id = ?1"))?;
+    let mut rows = stmt.query([ext.as_str()])?;
+    rows.next()?.map(|r| account_from_row(r).map(|(id, _, s)| (id, s))).transpose()
 }
 
 fn load_account_by_id(conn: &Connection, id: i64) -> Result<Option<(AccountId, AccountState)>> {
-    let row = conn
-        .prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"))?
-        .query_row([id], account_from_row)
-        .optional()?;
-    row.map(|r| state_from(r).map(|(_, ext, s)| (ext, s))).transpose()
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"))?;
+    let mut rows = stmt.query([id])?;
+    rows.next()?.map(|r| account_from_row(r).map(|(_, ext, s)| (ext, s))).transpose()
 }
 
 fn load_open_holds(conn: &Connection, account_id: i64) -> Result<Vec<OpenHold>> {
-    let mut stmt = conn.prepare_cached("SELECT id, amount, deadline_ms FROM holds WHERE account_id = ?1 AND status = 'open'")?;
-    let rows = stmt.query_map([account_id], |r| Ok(OpenHold { id: HoldId(r.get(0)?), amount: r.get(1)?, deadline: at(r.get(2)?)? }))?;
+    let mut stmt = conn.prepare_cached("SELECT id, amount, deadline_ms, cost_micros FROM holds WHERE account_id = ?1 AND status = 'open'")?;
+    let rows = stmt.query_map([account_id], |r| Ok(OpenHold { id: HoldId(r.get(0)?), amount: r.get(1)?, deadline: at(r.get(2)?)?, cost_micros: r.get(3)? }))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -826,10 +980,10 @@ fn load_charge(conn: &Connection, account_id: i64, entry: EntryId) -> Result<Opt
     }))
 }
 
-fn plan_columns(s: &AccountState) -> (Option<i64>, Option<bool>, Option<i64>) {
+fn plan_columns(s: &AccountState) -> (Option<i64>, Option<bool>, Option<i64>, Option<u32>) {
     match s.plan {
-        Some(p) => (Some(p.monthly_credits), Some(p.active), Some(ms(p.period_end))),
-        None => (None, None, None),
+        Some(p) => (Some(p.monthly_credits), Some(p.active), Some(ms(p.period_end)), Some(p.anchor_day)),
+        None => (None, None, None, None),
     }
 }
 
@@ -846,33 +1000,43 @@ fn insert_account(conn: &Connection, ext: &AccountId, s: &AccountState, now: Dat
     Ok(id)
 }
 
-/// Writes an account's balances; the indexed columns (plan period end, next expiry) only when
-/// they changed, so a plain spend does not rewrite index entries.
+/// Writes an account's balances and cost state; the indexed columns (plan period end, next
+/// expiry) only when they changed, so a plain spend does not rewrite index entries.
 fn update_account(conn: &Connection, id: i64, s: &AccountState, indexed_changed: bool, now: DateTime<Utc>) -> Result<()> {
+    let c = &s.cost;
+    let throttle = c.throttle.as_ref().map(|t| serde_json::to_string(t).expect("throttles serialize"));
+    let lifts = c.throttle.as_ref().and_then(crate::cost::Throttle::lifts_at).map(ms);
+    let cost_params = params![
+        c.day.map(day_ms),
+        c.day_cost_micros,
+        c.month.map(day_ms),
+        c.month_cost_micros,
+        c.held_cost_micros,
+        throttle,
+        lifts,
+        encode_requests(&c.requests_ms),
+        encode_alerted(&c.alerted),
+        s.org_member,
+        s.tier,
+    ];
+    const COST: &str = "cost_day_ms = ?8, day_cost_micros = ?9, cost_month_ms = ?10, month_cost_micros = ?11, held_cost_micros = ?12,
+        throttle = ?13, throttle_lifts_ms = ?14, requests = ?15, alerted = ?16, org_member = ?17, tier_override = ?18";
+    let base = params![id, s.monthly, s.rollover_total(), s.purchased, s.held, lots_json(&s.rollover), ms(now)];
     if indexed_changed {
-        let (pc, pa, pe) = plan_columns(s);
-        conn.prepare_cached(
-            "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, next_expiry_ms = ?7,
-             plan_credits = ?8, plan_active = ?9, period_end_ms = ?10, updated_ms = ?11 WHERE id = ?1",
-        )?
-        .execute(params![
-            id,
-            s.monthly,
-            s.rollover_total(),
-            s.purchased,
-            s.held,
-            lots_json(&s.rollover),
-            s.next_expiry().map(|l| ms(l.expires_at)),
-            pc,
-            pa,
-            pe,
-            ms(now)
-        ])?;
+        let (pc, pa, pe, anchor) = plan_columns(s);
+        let plan_params = params![s.next_expiry().map(|l| ms(l.expires_at)), pc, pa, pe, anchor];
+        let all: Vec<&dyn rusqlite::ToSql> = base.iter().chain(cost_params.iter()).chain(plan_params.iter()).copied().collect();
+        conn.prepare_cached(&format!(
+            "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, updated_ms = ?7, {COST},
+             next_expiry_ms = ?19, plan_credits = ?20, plan_active = ?21, period_end_ms = ?22, plan_anchor_day = ?23 WHERE id = ?1"
+        ))?
+        .execute(all.as_slice())?;
     } else {
-        conn.prepare_cached(
-            "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, updated_ms = ?7 WHERE id = ?1",
-        )?
-        .execute(params![id, s.monthly, s.rollover_total(), s.purchased, s.held, lots_json(&s.rollover), ms(now)])?;
+        let all: Vec<&dyn rusqlite::ToSql> = base.iter().chain(cost_params.iter()).copied().collect();
+        conn.prepare_cached(&format!(
+            "UPDATE accounts SET monthly = ?2, rollover = ?3, purchased = ?4, held = ?5, rollover_lots = ?6, updated_ms = ?7, {COST} WHERE id = ?1"
+        ))?
+        .execute(all.as_slice())?;
     }
     Ok(())
 }
@@ -1013,7 +1177,7 @@ fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec
             conn,
             "u.at_ms, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits, u.cost_micros",
             "JOIN usage_records u ON u.entry_id = e.id",
-            "AND e.kind IN ('spend', 'settle')",
+            "AND e.kind IN ('spend', 'settle', 'meter')",
             (id, i64::MAX, limit),
             &[],
             |r| {
@@ -1041,7 +1205,20 @@ fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec
 }
 
 fn query_due(conn: &Connection, due: Due, after: Option<&AccountId>, limit: u32, now: DateTime<Utc>) -> Result<Vec<AccountId>> {
+    let after = after.map_or("", |a| a.as_str());
+    if due == Due::CostReset {
+        // The three conditions of CostState::reset_due.
+        let today = now.date_naive();
+        let mut stmt = conn.prepare_cached(
+            "SELECT external_id FROM accounts WHERE external_id > ?2
+               AND (cost_month_ms < ?4 OR (cost_day_ms < ?5 AND day_cost_micros > 0) OR throttle_lifts_ms <= ?1)
+             ORDER BY external_id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![ms(now), after, limit, day_ms(crate::cost::month_start(today)), day_ms(today)], |r| r.get::<_, String>(0))?;
+        return rows.map(|r| AccountId::new(r?)).collect();
+    }
     let sql = match due {
+        Due::CostReset => unreachable!("handled above"),
         Due::Rollover => "SELECT external_id FROM accounts WHERE period_end_ms <= ?1 AND external_id > ?2 ORDER BY external_id LIMIT ?3",
         Due::ExpiredCredits => "SELECT external_id FROM accounts WHERE next_expiry_ms <= ?1 AND external_id > ?2 ORDER BY external_id LIMIT ?3",
         Due::ExpiredHolds => {
@@ -1051,8 +1228,177 @@ fn query_due(conn: &Connection, due: Due, after: Option<&AccountId>, limit: u32,
         }
     };
     let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map(params![ms(now), after.map_or("", |a| a.as_str()), limit], |r| r.get::<_, String>(0))?;
+    let rows = stmt.query_map(params![ms(now), after, limit], |r| r.get::<_, String>(0))?;
     rows.map(|r| AccountId::new(r?)).collect()
+}
+
+fn load_tiers(conn: &Connection) -> Result<TierTable> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit, alert_threshold_pct,
+                throttle_on_exceed FROM cost_tiers ORDER BY name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(TierLimits {
+            name: r.get(0)?,
+            monthly_revenue_micros: r.get(1)?,
+            monthly_cost_limit_micros: r.get(2)?,
+            daily_cost_limit_micros: r.get(3)?,
+            hourly_request_limit: r.get(4)?,
+            alert_threshold_pct: r.get(5)?,
+            throttle_on_exceed: r.get(6)?,
+        })
+    })?;
+    let tiers = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    TierTable::from_tiers(tiers).map_err(|e| Error::Invariant(format!("cost_tiers: {e}")))
+}
+
+/// Rolls the usage records above the watermark into `usage_daily` and moves the watermark.
+/// Call inside a write transaction. Returns the records rolled up.
+fn roll_up_usage(conn: &Connection) -> Result<u64> {
+    let upto: i64 = conn.prepare_cached("SELECT rolled_upto FROM usage_rollup_state WHERE id = 1")?.query_row([], |r| r.get(0))?;
+    let (last, n): (i64, i64) = conn
+        .prepare_cached("SELECT COALESCE(max(entry_id), ?1), count(*) FROM usage_records WHERE entry_id > ?1")?
+        .query_row([upto], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if n == 0 {
+        return Ok(0);
+    }
+    conn.prepare_cached(
+        "INSERT INTO usage_daily (account_id, day_ms, runs, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
+         SELECT account_id, (at_ms / 86400000) * 86400000, count(*), sum(credits), sum(input_tokens), sum(output_tokens),
+                sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_micros)
+         FROM usage_records WHERE entry_id > ?1 AND entry_id <= ?2 GROUP BY 1, 2
+         ON CONFLICT (account_id, day_ms) DO UPDATE SET runs = runs + excluded.runs, credits = credits + excluded.credits,
+            input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
+            cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens, cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
+            cost_micros = cost_micros + excluded.cost_micros",
+    )?
+    .execute([upto, last])?;
+    conn.prepare_cached("UPDATE usage_rollup_state SET rolled_upto = ?1 WHERE id = 1")?.execute([last])?;
+    Ok(n as u64)
+}
+
+/// The columns the cost views need (lighter than a whole account).
+const COST_COLUMNS: &str = "external_id, kind, plan_credits IS NOT NULL, org_member, tier_override, cost_day_ms, day_cost_micros, cost_month_ms,
+    month_cost_micros, held_cost_micros, throttle, requests";
+
+fn cost_view_from_row(r: &rusqlite::Row<'_>, tiers: &TierTable, now: DateTime<Utc>) -> Result<CostView> {
+    let kind = match r.get_ref(1)?.as_str().map_err(|e| Error::Invariant(e.to_string()))? {
+        "user" => AccountKind::User,
+        "organisation" => AccountKind::Organisation,
+        k => return Err(Error::Invariant(format!("unknown account kind {k:?}"))),
+    };
+    let day = |i| -> Result<Option<chrono::NaiveDate>> { Ok(r.get::<_, Option<i64>>(i)?.map(|t| at(t).map(|t| t.date_naive())).transpose()?) };
+    let cost = CostState {
+        day: day(5)?,
+        day_cost_micros: r.get(6)?,
+        month: day(7)?,
+        month_cost_micros: r.get(8)?,
+        held_cost_micros: r.get(9)?,
+        throttle: r.get_ref(10)?.as_str_or_null().map_err(|e| Error::Invariant(e.to_string()))?.map(serde_json::from_str).transpose().map_err(|e| Error::Invariant(format!("throttle: {e}")))?,
+        requests_ms: decode_requests(r.get_ref(11)?.as_blob_or_null().map_err(|e| Error::Invariant(e.to_string()))?)?,
+        alerted: Vec::new(),
+    };
+    let tier_override: Option<String> = r.get(4)?;
+    CostView::build(AccountId::new(r.get::<_, String>(0)?)?, kind, r.get(2)?, r.get(3)?, tier_override.as_deref(), &cost, tiers, now)
+}
+
+fn query_cost(conn: &Connection, account: &AccountId, now: DateTime<Utc>) -> Result<CostView> {
+    let tiers = load_tiers(conn)?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COST_COLUMNS} FROM accounts WHERE external_id = ?1"))?;
+    let mut rows = stmt.query([account.as_str()])?;
+    match rows.next()? {
+        Some(r) => cost_view_from_row(r, &tiers, now),
+        None => Err(Error::UnknownAccount(account.to_string())),
+    }
+}
+
+/// Calls `f` with every account's cost view after `after`, in id order, until it says stop.
+fn scan_costs(conn: &Connection, after: Option<&AccountId>, now: DateTime<Utc>, mut f: impl FnMut(CostView) -> bool) -> Result<()> {
+    let tiers = load_tiers(conn)?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COST_COLUMNS} FROM accounts WHERE external_id > ?1 ORDER BY external_id"))?;
+    let mut rows = stmt.query([after.map_or("", |a| a.as_str())])?;
+    while let Some(r) = rows.next()? {
+        if !f(cost_view_from_row(r, &tiers, now)?) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn query_summary(conn: &Connection, now: DateTime<Utc>) -> Result<crate::cost::Summary> {
+    let tiers = load_tiers(conn)?;
+    let mut users = Vec::new();
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COST_COLUMNS} FROM accounts"))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        users.push(cost_view_from_row(r, &tiers, now)?.user_cost());
+    }
+    crate::cost::summarize(&tiers, &users)
+}
+
+fn query_alerts(conn: &Connection, q: &AlertQuery) -> Result<Vec<StoredAlert>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT c.id, a.external_id, c.kind, c.month_ms, c.cost_micros, c.limit_micros, c.at_ms
+         FROM cost_alerts c JOIN accounts a ON a.id = c.account_id
+         WHERE c.id > ?1 AND (?2 IS NULL OR a.external_id = ?2) ORDER BY c.id LIMIT ?3",
+    )?;
+    let mut rows = stmt.query(params![q.after.unwrap_or(0), q.account.as_ref().map(|a| a.as_str()), q.limit])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let kind = match r.get_ref(2)?.as_str().map_err(|e| Error::Invariant(e.to_string()))? {
+            "at_risk" => AlertKind::AtRisk,
+            "threshold" => AlertKind::Threshold,
+            k => return Err(Error::Invariant(format!("unknown alert kind {k:?}"))),
+        };
+        out.push(StoredAlert {
+            id: r.get(0)?,
+            account: AccountId::new(r.get::<_, String>(1)?)?,
+            alert: Alert { kind, month: at(r.get(3)?)?.date_naive(), cost_micros: r.get(4)?, limit_micros: r.get(5)?, at: at(r.get(6)?)? },
+        });
+    }
+    Ok(out)
+}
+
+fn query_daily_usage(conn: &Connection, q: &DailyUsageQuery) -> Result<Vec<DailyUsage>> {
+    let account_id = match &q.account {
+        Some(a) => Some(load_account(conn, a)?.ok_or_else(|| Error::UnknownAccount(a.to_string()))?.0),
+        None => None,
+    };
+    let (from, until) = (day_ms(q.from), day_ms(q.until));
+    let mut days: std::collections::BTreeMap<i64, DailyUsage> = std::collections::BTreeMap::new();
+    in_snapshot(conn, |conn| {
+        // The rollups, then the records above the watermark, grouped alike.
+        let parts = [
+            "SELECT day_ms, sum(runs), sum(credits), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_micros)
+             FROM usage_daily WHERE day_ms >= ?1 AND day_ms < ?2 AND (?3 IS NULL OR account_id = ?3) GROUP BY day_ms",
+            "SELECT (at_ms / 86400000) * 86400000 AS d, count(*), sum(credits), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_micros)
+             FROM usage_records WHERE entry_id > (SELECT rolled_upto FROM usage_rollup_state WHERE id = 1)
+               AND at_ms >= ?1 AND at_ms < ?2 AND (?3 IS NULL OR account_id = ?3) GROUP BY d",
+        ];
+        for sql in parts {
+            let mut stmt = conn.prepare_cached(sql)?;
+            let mut rows = stmt.query(params![from, until, account_id])?;
+            while let Some(r) = rows.next()? {
+                let d: i64 = r.get(0)?;
+                let e = days.entry(d).or_insert_with(|| DailyUsage {
+                    day: DateTime::from_timestamp_millis(d).map(|t| t.date_naive()).unwrap_or_default(),
+                    runs: 0,
+                    credits: 0,
+                    tokens: crate::pricing::TokenUsage::default(),
+                    cost_micros: 0,
+                });
+                e.runs += r.get::<_, i64>(1)? as u64;
+                e.credits += r.get::<_, i64>(2)?;
+                e.tokens.input += r.get::<_, i64>(3)? as u64;
+                e.tokens.output += r.get::<_, i64>(4)? as u64;
+                e.tokens.cache_read += r.get::<_, i64>(5)? as u64;
+                e.tokens.cache_write += r.get::<_, i64>(6)? as u64;
+                e.cost_micros += r.get::<_, i64>(7)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(days.into_values().collect())
 }
 
 fn run_verify(conn: &Connection) -> Result<VerifyReport> {
@@ -1204,6 +1550,76 @@ impl Store for SqliteStore {
             r
         })
         .await
+    }
+
+    async fn tiers(&self) -> Result<TierTable> {
+        self.read(load_tiers).await
+    }
+
+    async fn cost(&self, account: &AccountId) -> Result<CostView> {
+        let account = account.clone();
+        let now = to_millis(self.clock.now());
+        self.read(move |c| query_cost(c, &account, now)).await
+    }
+
+    async fn cost_accounts(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
+        }
+        let after = after.cloned();
+        let now = to_millis(self.clock.now());
+        self.read(move |c| {
+            let mut out = Vec::new();
+            scan_costs(c, after.as_ref(), now, |v| {
+                if filter.matches(&v) {
+                    out.push(v);
+                }
+                out.len() < limit as usize
+            })?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn summary(&self) -> Result<crate::cost::Summary> {
+        let now = to_millis(self.clock.now());
+        self.read(move |c| in_snapshot(c, |c| query_summary(c, now))).await
+    }
+
+    async fn alerts(&self, query: &AlertQuery) -> Result<Vec<StoredAlert>> {
+        if !(1..=MAX_PAGE).contains(&query.limit) {
+            return Err(Error::invalid("limit", format!("{} is outside 1..={MAX_PAGE}", query.limit)));
+        }
+        let q = query.clone();
+        self.read(move |c| query_alerts(c, &q)).await
+    }
+
+    async fn daily_usage(&self, query: &DailyUsageQuery) -> Result<Vec<DailyUsage>> {
+        query.validate()?;
+        let q = query.clone();
+        self.read(move |c| query_daily_usage(c, &q)).await
+    }
+
+    async fn refresh_analytics(&self) -> Result<AnalyticsReport> {
+        let (tx, rx) = oneshot::channel();
+        // Runs on the writer's connection, between groups, in its own write transaction.
+        self.send(Job::Read(Box::new(move |c| {
+            let r = (|| {
+                c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+                match roll_up_usage(c) {
+                    Ok(n) => {
+                        c.prepare_cached("COMMIT")?.execute([])?;
+                        Ok(AnalyticsReport { usage_records: n })
+                    }
+                    Err(e) => {
+                        let _ = c.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+                        Err(e)
+                    }
+                }
+            })();
+            let _ = tx.send(r);
+        })))?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     fn clock(&self) -> Arc<dyn Clock> {
