@@ -17,7 +17,8 @@ use crate::jobs;
 use crate::ledger::rules::add_month;
 use crate::ledger::*;
 use crate::pricing::TokenUsage;
-use crate::store::{BalanceView, HistoryQuery, Store};
+use crate::cost::ThrottleReason;
+use crate::store::{AlertQuery, BalanceView, CostFilter, CostView, DailyUsageQuery, Entry, HistoryQuery, Store};
 
 /// The time every conformance store starts at.
 pub fn start() -> DateTime<Utc> {
@@ -42,7 +43,10 @@ macro_rules! conformance_suite {
             concurrent_spends_never_overspend, concurrent_holds_and_duplicate_keys,
             plan_changes_close_due_periods_first, rollover_runs_with_backed_holds, refunds_never_extend_expiry,
             rollover_lot_limits, times_are_kept_to_the_millisecond, huge_token_counts_are_refused,
-            jobs_run_twice_at_once_do_the_work_once);
+            jobs_run_twice_at_once_do_the_work_once,
+            rate_limit_is_exact_under_concurrency, cost_limits_hold_under_concurrency, throttles_and_alerts,
+            admin_throttles_and_lists, tiers_are_data_and_follow_plans, cost_periods_across_boundaries,
+            metering_counts_toward_limits, reference_scenario_summary, cost_jobs_run_twice_at_once_do_the_work_once);
         $crate::conformance_suite!(@tests $open; rollover_first; rollover_first_spend_order);
     };
     (@tests $open:path; $cfg:ident; $($name:ident),*) => {
@@ -803,4 +807,519 @@ pub async fn jobs_run_twice_at_once_do_the_work_once(store: &dyn Store, clock: &
         // 10 granted at the start, 10 rolled over, 10 granted once for the new period.
         assert_eq!(buckets(store, u).await, (10, 10, 5, 0));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cost control
+
+const USD: i64 = 1_000_000;
+
+/// Micro-dollars of this many cents.
+pub fn cents(c: i64) -> i64 {
+    c * USD / 100
+}
+
+/// A metered operation of this provider cost.
+pub fn usage_of(cost_micros: i64) -> Usage {
+    Usage {
+        operation: "playground_run".into(),
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenUsage { input: 1_000, output: 500, cache_read: 0, cache_write: 0 },
+        cost_micros,
+    }
+}
+
+pub fn cost_hold(a: &AccountId, amount: Credits, cost_micros: i64, k: &str) -> Hold {
+    Hold { account: a.clone(), amount, ttl_secs: 3_600, cost_micros, reference: format!("run {k}"), key: key(k) }
+}
+
+pub fn meter_cmd(a: &AccountId, cost_micros: i64, k: &str) -> Meter {
+    Meter { account: a.clone(), usage: usage_of(cost_micros), reference: format!("op {k}"), key: key(k) }
+}
+
+async fn cost_of(store: &dyn Store, a: &AccountId) -> CostView {
+    store.cost(a).await.expect("cost view")
+}
+
+fn at(y: i32, m: u32, d: u32, h: u32, min: u32, s: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, h, min, s).unwrap()
+}
+
+fn date(y: i32, m: u32, d: u32) -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(y, m, d).unwrap()
+}
+
+/// A user on PRPM+ (individual, or org member), with credits to spare.
+pub async fn create_plus_user(store: &dyn Store, clock: &ManualClock, id: &str, org_member: bool) -> AccountId {
+    let u = create_free_user(store, id).await;
+    let period_end = clock.now() + Duration::days(30);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 200, period_end, anchor_day: None }), key(&format!("plan:{id}"))).await);
+    if org_member {
+        applied(store.set_cost_profile(u.clone(), true, None, key(&format!("org:{id}"))).await);
+    }
+    u
+}
+
+async fn kinds_in_log(store: &dyn Store, a: &AccountId, kind: EntryKind) -> Vec<Entry> {
+    let mut q = HistoryQuery::new(a.clone());
+    q.limit = 1000;
+    q.kinds = vec![kind];
+    store.history(&q).await.expect("history").entries
+}
+
+/// The hourly request limit and the hold are one atomic step: 50 concurrent runs against a
+/// limit of 10 admit exactly 10; the others are refused with the time until the next slot,
+/// and charge nothing. The window slides: the slot opens exactly one hour after the oldest.
+pub async fn rate_limit_is_exact_under_concurrency(store: &dyn Store, clock: &ManualClock) {
+    let u = create_free_user(store, "u").await; // free: 10 requests an hour
+    grant(store, &u, Bucket::Purchased, 1_000, None, "g").await;
+    let t0 = clock.now();
+    let outcomes = join_all((0..50).map(|i| store.hold(cost_hold(&u, 2, 100, &format!("h{i}"))))).await;
+    let mut held = 0;
+    for o in outcomes {
+        match o.unwrap() {
+            Ok(c) if matches!(c.effect, Effect::Held { .. }) => held += 1,
+            Err(Rejection::RateLimited { limit: 10, retry_after_ms }) => assert_eq!(retry_after_ms, 3_600_000),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(held, 10);
+    assert_eq!(buckets(store, &u).await.3, 20, "only the admitted runs hold credits");
+    assert_eq!(kinds_in_log(store, &u, EntryKind::Hold).await.len(), 10);
+    let v = cost_of(store, &u).await;
+    assert_eq!((v.requests_last_hour, v.held_cost_micros), (10, 1_000));
+
+    // A second later, the next slot is an hour after the first run, less that second.
+    clock.set(t0 + Duration::seconds(1));
+    assert_eq!(rejected(store.hold(cost_hold(&u, 1, 0, "late")).await), Rejection::RateLimited { limit: 10, retry_after_ms: 3_599_000 });
+    clock.set(t0 + Duration::hours(1) - Duration::milliseconds(1));
+    assert_eq!(rejected(store.hold(cost_hold(&u, 1, 0, "late2")).await), Rejection::RateLimited { limit: 10, retry_after_ms: 1 });
+    // Exactly an hour later the ten leave the window together; ten more fit, not eleven.
+    clock.set(t0 + Duration::hours(1));
+    let outcomes = join_all((0..11).map(|i| store.hold(cost_hold(&u, 1, 0, &format!("n{i}"))))).await;
+    let admitted = outcomes.iter().filter(|o| matches!(o, Ok(Ok(_)))).count();
+    assert_eq!(admitted, 10);
+}
+
+/// The worst case of runs in flight counts against the cost limits at admission, so
+/// concurrent runs can never pass a limit together; settles count the real cost, releases and
+/// expiries give the worst case back.
+pub async fn cost_limits_hold_under_concurrency(store: &dyn Store, clock: &ManualClock) {
+    let u = create_plus_user(store, clock, "u", false).await; // $1.00 a day, $5.00 a month
+    assert_eq!(cost_of(store, &u).await.tier, crate::cost::PRPM_PLUS_INDIVIDUAL);
+    let outcomes = join_all((0..50).map(|i| store.hold(cost_hold(&u, 1, cents(30), &format!("h{i}"))))).await;
+    let mut holds = Vec::new();
+    for o in outcomes {
+        match o.unwrap() {
+            Ok(c) => holds.push(hold_id(&c.effect)),
+            Err(Rejection::DailyCostLimit { limit_micros, spent_micros: 0, held_micros, requested_micros }) => {
+                assert_eq!((limit_micros, requested_micros), (USD, cents(30)));
+                assert!(held_micros == cents(90), "refused with {held_micros} held");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(holds.len(), 3, "3 × $0.30 fit in $1.00, a fourth does not");
+    // The first run costs $0.10: 0.10 spent + 0.60 in flight + 0.30 = 1.00 fits exactly.
+    let s = Settle { hold: holds[0], credits: 1, usage: Some(usage_of(cents(10))), key: key("s0") };
+    applied(store.settle(s).await);
+    let v = cost_of(store, &u).await;
+    assert_eq!((v.day_cost_micros, v.month_cost_micros, v.held_cost_micros), (cents(10), cents(10), cents(60)));
+    let h3 = hold_id(&applied(store.hold(cost_hold(&u, 1, cents(30), "h3")).await));
+    assert!(matches!(rejected(store.hold(cost_hold(&u, 1, 1, "h4")).await), Rejection::DailyCostLimit { .. }));
+    // A release gives its worst case back.
+    applied(store.release(holds[1], key("r1")).await);
+    applied(store.hold(cost_hold(&u, 1, cents(30), "h5")).await);
+    // So does an expired hold.
+    clock.advance(Duration::seconds(3_601));
+    let r = jobs::expire_holds(store).await.unwrap();
+    assert_eq!(r.applied, 1);
+    let v = cost_of(store, &u).await;
+    assert_eq!((v.held_cost_micros, v.day_cost_micros), (0, cents(10)));
+    let _ = h3;
+    // Settling above the worst case counts the real cost (the provider's bill is the truth).
+    let h = hold_id(&applied(store.hold(cost_hold(&u, 1, cents(20), "h6")).await));
+    applied(store.settle(Settle { hold: h, credits: 1, usage: Some(usage_of(cents(25))), key: key("s6") }).await);
+    assert_eq!(cost_of(store, &u).await.day_cost_micros, cents(35));
+}
+
+/// Settles and meters count real cost; reaching a limit throttles with a reason that is in
+/// the log; the alert threshold and "at risk" each alert once per user and month.
+pub async fn throttles_and_alerts(store: &dyn Store, clock: &ManualClock) {
+    let u = create_free_user(store, "u").await; // $0.10 a day, $0.50 a month, alert at 80 %
+    grant(store, &u, Bucket::Purchased, 1_000, None, "g").await;
+    let mut s = spend_cmd(&u, 1, "s1");
+    s.usage = Some(usage_of(cents(6)));
+    assert!(matches!(applied(store.spend(s).await), Effect::Spent { cost: crate::cost::CostEvents { throttled: None, .. }, .. }));
+    assert!(matches!(rejected(store.hold(cost_hold(&u, 1, cents(5), "h1")).await), Rejection::DailyCostLimit { .. }));
+    let h = hold_id(&applied(store.hold(cost_hold(&u, 1, cents(4), "h2")).await));
+    let today = clock.now().date_naive();
+    match applied(store.settle(Settle { hold: h, credits: 1, usage: Some(usage_of(cents(4))), key: key("s2") }).await) {
+        Effect::Settled { cost, .. } => assert_eq!(cost.throttled, Some(ThrottleReason::DailyCostLimit { day: today })),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rejected(store.hold(cost_hold(&u, 1, 0, "h3")).await), Rejection::Throttled { reason: ThrottleReason::DailyCostLimit { day: today } });
+    let throttles = kinds_in_log(store, &u, EntryKind::Throttle).await;
+    assert_eq!(throttles.len(), 1);
+    assert_eq!(throttles[0].reference, format!("daily cost limit reached on {today}"));
+    assert_eq!(cost_of(store, &u).await.risk, crate::cost::RiskLevel::HighRisk, "throttled is high risk");
+
+    // The next day the cost reset lifts it (once), and says so in the log.
+    clock.set(at(2026, 1, 16, 0, 0, 30));
+    let r = jobs::cost_reset(store).await.unwrap();
+    assert_eq!((r.examined, r.applied), (1, 1));
+    assert_eq!(jobs::cost_reset(store).await.unwrap(), jobs::JobReport::default(), "twice is once");
+    let v = cost_of(store, &u).await;
+    assert_eq!((v.throttle.clone(), v.day_cost_micros, v.month_cost_micros), (None, 0, cents(10)));
+    let lifted = kinds_in_log(store, &u, EntryKind::Unthrottle).await;
+    assert_eq!(lifted.len(), 1);
+    assert!(lifted[0].reference.starts_with("period ended: daily cost limit"), "{}", lifted[0].reference);
+
+    // Month so far $0.10. At risk is above $0.375, the threshold at $0.40: one alert each.
+    let mut n = 0;
+    let mut meter = |c: i64| {
+        n += 1;
+        store.meter(meter_cmd(&u, c, &format!("m{n}")))
+    };
+    let alerts_of = |e: Effect| e.cost_events().cloned().unwrap_or_default().alerts.iter().map(|a| a.kind).collect::<Vec<_>>();
+    assert_eq!(alerts_of(applied(meter(cents(9)).await)), vec![]); // 0.19
+    clock.set(at(2026, 1, 17, 9, 0, 0));
+    assert_eq!(alerts_of(applied(meter(cents(9)).await)), vec![]); // 0.28
+    clock.set(at(2026, 1, 18, 9, 0, 0));
+    assert_eq!(alerts_of(applied(meter(cents(9)).await)), vec![]); // 0.37
+    assert_eq!(alerts_of(applied(meter(cents(1)).await)), vec![crate::cost::AlertKind::AtRisk]); // 0.38
+    assert_eq!(alerts_of(applied(meter(cents(1)).await)), vec![]); // 0.39
+    assert_eq!(alerts_of(applied(meter(cents(1)).await)), vec![crate::cost::AlertKind::Threshold]); // 0.40
+    assert_eq!(alerts_of(applied(meter(cents(1)).await)), vec![]); // 0.41
+    let alerts = store.alerts(&AlertQuery { account: Some(u.clone()), after: None, limit: 100 }).await.unwrap();
+    let kinds: Vec<_> = alerts.iter().map(|a| (a.alert.kind, a.alert.month, a.alert.cost_micros, a.alert.limit_micros)).collect();
+    assert_eq!(
+        kinds,
+        vec![(crate::cost::AlertKind::AtRisk, date(2026, 1, 1), cents(38), cents(50)), (crate::cost::AlertKind::Threshold, date(2026, 1, 1), cents(40), cents(50))]
+    );
+    // Paging: after the first alert.
+    let rest = store.alerts(&AlertQuery { account: None, after: Some(alerts[0].id), limit: 10 }).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].account, u);
+
+    // Reaching the monthly limit throttles for the rest of the month.
+    clock.set(at(2026, 1, 19, 9, 0, 0));
+    applied(meter(cents(9)).await); // 0.50
+    let month = date(2026, 1, 1);
+    clock.set(at(2026, 1, 25, 9, 0, 0));
+    assert_eq!(rejected(store.hold(cost_hold(&u, 1, 0, "h4")).await), Rejection::Throttled { reason: ThrottleReason::MonthlyCostLimit { month } });
+    // February: lifted lazily (admission works before the job ran), alerts may fire again.
+    clock.set(at(2026, 2, 1, 0, 0, 1));
+    applied(store.hold(cost_hold(&u, 1, 0, "h5")).await);
+    clock.set(at(2026, 2, 2, 9, 0, 0));
+    applied(meter(cents(9)).await);
+    clock.set(at(2026, 2, 3, 9, 0, 0));
+    applied(meter(cents(9)).await);
+    clock.set(at(2026, 2, 4, 9, 0, 0));
+    applied(meter(cents(9)).await);
+    clock.set(at(2026, 2, 5, 9, 0, 0));
+    assert_eq!(alerts_of(applied(meter(cents(9)).await)), vec![]); // 0.36
+    clock.set(at(2026, 2, 6, 9, 0, 0));
+    assert_eq!(alerts_of(applied(meter(cents(9)).await)), vec![crate::cost::AlertKind::AtRisk, crate::cost::AlertKind::Threshold]);
+    let all = store.alerts(&AlertQuery { account: None, after: None, limit: 100 }).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(all[2..].iter().all(|a| a.alert.month == date(2026, 2, 1)));
+}
+
+/// Admins throttle and unthrottle with who and why in the log; unthrottling a user who is not
+/// throttled is a clear outcome that changes nothing; the at-risk, throttled and high-risk
+/// lists.
+pub async fn admin_throttles_and_lists(store: &dyn Store, clock: &ManualClock) {
+    let u = create_free_user(store, "u").await;
+    let admin = |by: &str, why: &str, k: &str| AdminThrottle { account: u.clone(), by: by.into(), why: why.into(), key: key(k) };
+    let before = log_len(store, &u).await;
+    assert_eq!(rejected(store.unthrottle(admin("ops", "appeal", "un0")).await), Rejection::NotThrottled);
+    assert_eq!(log_len(store, &u).await, before);
+    applied(store.throttle(admin("ops", "abuse report #12", "t1")).await);
+    assert_eq!(rejected(store.throttle(admin("ops", "again", "t2")).await), Rejection::AlreadyThrottled);
+    match rejected(store.hold(cost_hold(&u, 1, 0, "h1")).await) {
+        Rejection::Throttled { reason: ThrottleReason::Admin { by, why } } => assert_eq!((by.as_str(), why.as_str()), ("ops", "abuse report #12")),
+        other => panic!("{other:?}"),
+    }
+    // Only an admin lifts an admin's throttle: not the reset job, not a new month.
+    clock.set(at(2026, 3, 2, 0, 0, 0));
+    jobs::cost_reset(store).await.unwrap();
+    assert!(cost_of(store, &u).await.throttle.is_some());
+    assert!(matches!(rejected(store.hold(cost_hold(&u, 1, 0, "h1b")).await), Rejection::Throttled { .. }));
+    applied(store.unthrottle(admin("lead", "appeal accepted", "un1")).await);
+    applied(store.hold(cost_hold(&u, 1, 0, "h2")).await);
+    let refs: Vec<String> = kinds_in_log(store, &u, EntryKind::Throttle).await.into_iter().chain(kinds_in_log(store, &u, EntryKind::Unthrottle).await).map(|e| e.reference).collect();
+    assert_eq!(refs, vec!["admin ops: abuse report #12".to_string(), "admin lead: appeal accepted".to_string()]);
+    assert!(matches!(store.unthrottle(AdminThrottle { account: u.clone(), by: "".into(), why: "x".into(), key: key("bad") }).await, Err(Error::InvalidInput { .. })));
+
+    // A tier without a daily or hourly limit, $1.00 a month, so one meter sets a user's share.
+    let tier = crate::cost::TierLimits {
+        name: "analyst".into(),
+        monthly_revenue_micros: 0,
+        monthly_cost_limit_micros: Some(USD),
+        daily_cost_limit_micros: None,
+        hourly_request_limit: None,
+        alert_threshold_pct: None,
+        throttle_on_exceed: true,
+    };
+    applied(store.set_tier(tier, key("tier")).await);
+    clock.set(at(2026, 3, 28, 12, 0, 0)); // late in the month: velocity stays below the limit
+    for (id, c) in [("a", 76), ("b", 0), ("c", 90), ("d", 10)] {
+        let a = create_free_user(store, id).await;
+        applied(store.set_cost_profile(a.clone(), false, Some("analyst".into()), key(&format!("p{id}"))).await);
+        if c > 0 {
+            applied(store.meter(meter_cmd(&a, cents(c), &format!("m{id}"))).await);
+        }
+    }
+    applied(store.throttle(AdminThrottle { account: acct("b"), by: "ops".into(), why: "test".into(), key: key("tb") }).await);
+    let ids = |v: Vec<CostView>| v.into_iter().map(|v| v.account.to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(store.cost_accounts(CostFilter::AtRisk, None, 100).await.unwrap()), vec!["a", "c"]);
+    assert_eq!(ids(store.cost_accounts(CostFilter::Throttled, None, 100).await.unwrap()), vec!["b"]);
+    assert_eq!(ids(store.cost_accounts(CostFilter::HighRisk, None, 100).await.unwrap()), vec!["b", "c"]);
+    assert_eq!(ids(store.cost_accounts(CostFilter::All, Some(&acct("a")), 2).await.unwrap()), vec!["b", "c"]);
+    assert_eq!(cost_of(store, &acct("a")).await.risk, crate::cost::RiskLevel::AtRisk);
+    assert_eq!(cost_of(store, &acct("d")).await.risk, crate::cost::RiskLevel::Low);
+    assert!(matches!(store.cost_accounts(CostFilter::All, None, 0).await, Err(Error::InvalidInput { .. })));
+}
+
+/// Tier limits are data in the store with the spec's defaults; admins change them (bad limits
+/// change nothing; odd ones are flagged); the tier of a user follows plan and membership.
+pub async fn tiers_are_data_and_follow_plans(store: &dyn Store, clock: &ManualClock) {
+    assert_eq!(store.tiers().await.unwrap(), crate::cost::TierTable::default());
+    let mut bad = crate::cost::TierTable::default().get(crate::cost::FREE).unwrap().clone();
+    bad.daily_cost_limit_micros = Some(-1);
+    assert!(matches!(store.set_tier(bad.clone(), key("bad")).await, Err(Error::InvalidInput { .. })));
+    bad.daily_cost_limit_micros = Some(cents(10));
+    bad.name = "Free!".into();
+    assert!(matches!(store.set_tier(bad, key("bad2")).await, Err(Error::InvalidInput { .. })));
+    assert_eq!(store.tiers().await.unwrap(), crate::cost::TierTable::default(), "nothing changed");
+
+    // Daily above monthly is allowed, and flagged.
+    let mut free = crate::cost::TierTable::default().get(crate::cost::FREE).unwrap().clone();
+    free.daily_cost_limit_micros = Some(cents(60));
+    free.hourly_request_limit = Some(2);
+    let e = applied(store.set_tier(free.clone(), key("free2")).await);
+    assert_eq!(e, Effect::TierSet { warnings: vec![crate::cost::LimitWarning::DailyAboveMonthly { daily_micros: cents(60), monthly_micros: cents(50) }] });
+    assert!(store.set_tier(free.clone(), key("free2")).await.unwrap().unwrap().replayed);
+    assert_eq!(store.tiers().await.unwrap().get(crate::cost::FREE).unwrap(), &free);
+    // It takes effect at once.
+    let u = create_free_user(store, "u").await;
+    applied(store.hold(cost_hold(&u, 1, 0, "h1")).await);
+    applied(store.hold(cost_hold(&u, 1, 0, "h2")).await);
+    assert!(matches!(rejected(store.hold(cost_hold(&u, 1, 0, "h3")).await), Rejection::RateLimited { limit: 2, .. }));
+
+    // The tier of a user: plan and membership, or an override; organisations are unlimited.
+    let tier = |a: AccountId| async move { store.cost(&a).await.unwrap().tier };
+    assert_eq!(tier(u.clone()).await, "free");
+    let period_end = clock.now() + Duration::days(10);
+    applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end, anchor_day: None }), key("plan")).await);
+    assert_eq!(tier(u.clone()).await, "prpm_plus_individual");
+    applied(store.set_cost_profile(u.clone(), true, None, key("org")).await);
+    assert_eq!(tier(u.clone()).await, "prpm_plus_org");
+    applied(store.set_plan(u.clone(), None, key("cancel")).await);
+    assert_eq!(tier(u.clone()).await, "prpm_plus_org", "a cancelled plan runs to its period end");
+    clock.set(period_end + Duration::minutes(1));
+    jobs::monthly_rollover(store).await.unwrap();
+    assert_eq!(tier(u.clone()).await, "free");
+    let before = log_len(store, &u).await;
+    assert!(matches!(store.set_cost_profile(u.clone(), false, Some("gold".into()), key("gold")).await, Err(Error::InvalidInput { .. })));
+    assert_eq!(log_len(store, &u).await, before, "an unknown tier writes nothing");
+    applied(store.set_cost_profile(u.clone(), false, Some("unlimited".into()), key("unl")).await);
+    assert_eq!(tier(u.clone()).await, "unlimited");
+    let o = acct("org");
+    applied(store.create_account(o.clone(), AccountKind::Organisation, key("org-create")).await);
+    assert_eq!(tier(o).await, "unlimited");
+    assert!(matches!(store.cost(&acct("nobody")).await, Err(Error::UnknownAccount(_))));
+}
+
+/// Counters follow UTC days, months (28 to 31 days) and years; the cost reset keeps the stored
+/// figures current and does its work once; plan periods anchored on the 31st end on each
+/// month's last day and come back to the 31st.
+pub async fn cost_periods_across_boundaries(store: &dyn Store, clock: &ManualClock) {
+    // A plan whose periods end on the 31st.
+    clock.set(at(2026, 1, 10, 8, 0, 0));
+    let p = create_free_user(store, "p31").await;
+    applied(store.set_plan(p.clone(), Some(PlanTerms { monthly_credits: 50, period_end: at(2026, 1, 31, 0, 0, 0), anchor_day: None }), key("p31")).await);
+    let expected = [at(2026, 2, 28, 0, 0, 0), at(2026, 3, 31, 0, 0, 0), at(2026, 4, 30, 0, 0, 0), at(2026, 5, 31, 0, 0, 0)];
+    for (i, next) in expected.into_iter().enumerate() {
+        let ending = balance(store, &p).await.plan.unwrap().period_end;
+        clock.set(ending + Duration::minutes(5));
+        let r = jobs::monthly_rollover(store).await.unwrap();
+        assert_eq!(r.applied, 1, "period {i}");
+        let b = balance(store, &p).await;
+        assert_eq!(b.plan.unwrap().period_end, next, "period {i}");
+        assert_eq!(b.monthly, 50, "one allocation per period");
+        assert_eq!(jobs::monthly_rollover(store).await.unwrap().examined, 0);
+    }
+    // Through a leap February: anchored on the 31st, and explicitly on the 30th.
+    clock.set(at(2027, 12, 20, 0, 0, 0));
+    let q = create_free_user(store, "leap").await;
+    applied(store.set_plan(q.clone(), Some(PlanTerms { monthly_credits: 5, period_end: at(2028, 1, 31, 12, 0, 0), anchor_day: None }), key("leap")).await);
+    let r = create_free_user(store, "anchor").await;
+    applied(store.set_plan(r.clone(), Some(PlanTerms { monthly_credits: 5, period_end: at(2028, 1, 30, 0, 0, 0), anchor_day: Some(30) }), key("anchor")).await);
+    let period_end = |a: AccountId| async move { store.balance(&a).await.unwrap().plan.unwrap().period_end };
+    clock.set(at(2028, 1, 30, 1, 0, 0));
+    jobs::monthly_rollover(store).await.unwrap();
+    assert_eq!(period_end(r.clone()).await, at(2028, 2, 29, 0, 0, 0));
+    clock.set(at(2028, 2, 1, 0, 0, 0));
+    jobs::monthly_rollover(store).await.unwrap();
+    assert_eq!(period_end(q.clone()).await, at(2028, 2, 29, 12, 0, 0));
+    clock.set(at(2028, 2, 29, 1, 0, 0));
+    jobs::monthly_rollover(store).await.unwrap();
+    assert_eq!(period_end(r.clone()).await, at(2028, 3, 30, 0, 0, 0));
+    assert_eq!(period_end(q.clone()).await, at(2028, 2, 29, 12, 0, 0));
+    let bad = PlanTerms { monthly_credits: 5, period_end: at(2028, 9, 1, 0, 0, 0), anchor_day: Some(32) };
+    assert!(matches!(store.set_plan(r.clone(), Some(bad), key("bad-anchor")).await, Err(Error::InvalidInput { .. })));
+
+    // Cost counters: the last second of months of 31, 30, 31 (a year's end), 28 and 29 days,
+    // then the first second of the next.
+    let u = create_user(store, "u").await;
+    let month_ends = [
+        at(2028, 5, 31, 23, 59, 59),
+        at(2028, 6, 30, 23, 59, 59),
+        at(2028, 12, 31, 23, 59, 59),
+        at(2029, 2, 28, 23, 59, 59),
+        at(2032, 2, 29, 23, 59, 59),
+    ];
+    for (i, end) in month_ends.into_iter().enumerate() {
+        clock.set(end);
+        applied(store.meter(meter_cmd(&u, cents(30), &format!("m{i}"))).await);
+        let v = cost_of(store, &u).await;
+        assert_eq!((v.day_cost_micros, v.month_cost_micros), (cents(30), cents(30)), "{end}");
+        clock.set(end + Duration::seconds(1));
+        let v = cost_of(store, &u).await;
+        assert_eq!((v.day_cost_micros, v.month_cost_micros), (0, 0), "a new day and month at {}", end + Duration::seconds(1));
+        let r = jobs::cost_reset(store).await.unwrap();
+        assert_eq!((r.examined, r.applied), (1, 1), "{end}");
+        assert_eq!(jobs::cost_reset(store).await.unwrap().examined, 0);
+    }
+    // Inside a month, a new day clears only the day.
+    clock.set(at(2032, 3, 10, 23, 0, 0));
+    applied(store.meter(meter_cmd(&u, cents(20), "d1")).await);
+    clock.set(at(2032, 3, 11, 1, 0, 0));
+    let r = jobs::cost_reset(store).await.unwrap();
+    assert_eq!(r.applied, 1, "yesterday's counter");
+    let v = cost_of(store, &u).await;
+    assert_eq!((v.day_cost_micros, v.month_cost_micros), (0, cents(20)));
+    applied(store.meter(meter_cmd(&u, cents(5), "d2")).await);
+    let v = cost_of(store, &u).await;
+    assert_eq!((v.day_cost_micros, v.month_cost_micros), (cents(5), cents(25)));
+}
+
+/// Any AI operation can be metered (user, operation, model, tokens, cost): it is in the usage
+/// log, counts toward the same limits, and shows in the daily rollups, exact before and after
+/// the analytics refresh.
+pub async fn metering_counts_toward_limits(store: &dyn Store, clock: &ManualClock) {
+    let u = create_plus_user(store, clock, "u", false).await; // $1.00 a day
+    let mut m = meter_cmd(&u, cents(20), "embed");
+    m.usage.operation = "embedding".into();
+    m.usage.model = "text-embedding-3-small".into();
+    assert!(matches!(applied(store.meter(m).await), Effect::Metered { cost: crate::cost::CostEvents { throttled: None, .. }, .. }));
+    let rows = store.usage(&u, 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].usage.operation.as_str(), rows[0].usage.model.as_str(), rows[0].credits, rows[0].usage.cost_micros), ("embedding", "text-embedding-3-small", 0, cents(20)));
+    assert_eq!(buckets(store, &u).await, (200, 0, 5, 0), "metering takes no credits");
+    // It counts: $0.20 metered + $0.85 worst case is over $1.00.
+    assert!(matches!(rejected(store.hold(cost_hold(&u, 1, cents(85), "h1")).await), Rejection::DailyCostLimit { spent_micros: 200_000, .. }));
+    // And it throttles (a meter itself is never refused: it already happened).
+    match applied(store.meter(meter_cmd(&u, cents(85), "big")).await) {
+        Effect::Metered { cost, .. } => assert!(matches!(cost.throttled, Some(ThrottleReason::DailyCostLimit { .. }))),
+        other => panic!("{other:?}"),
+    }
+    applied(store.meter(meter_cmd(&u, cents(1), "after")).await);
+    assert!(matches!(rejected(store.hold(cost_hold(&u, 1, 0, "h2")).await), Rejection::Throttled { .. }));
+
+    let day = clock.now().date_naive();
+    let q = DailyUsageQuery { account: Some(u.clone()), from: day, until: day + Duration::days(1) };
+    let before = store.daily_usage(&q).await.unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!((before[0].day, before[0].runs, before[0].credits, before[0].cost_micros), (day, 3, 0, cents(106)));
+    assert_eq!(before[0].tokens.input, 3_000);
+    // (A backend may already have rolled some up on its own.)
+    assert!(jobs::refresh_analytics(store).await.unwrap().usage_records <= 3);
+    assert_eq!(jobs::refresh_analytics(store).await.unwrap().usage_records, 0, "twice is once");
+    assert_eq!(store.daily_usage(&q).await.unwrap(), before, "the same before and after the refresh");
+    // The next day, a settle; all accounts together.
+    clock.advance(Duration::days(1));
+    let v = create_user(store, "v").await;
+    let h = hold_id(&applied(store.hold(cost_hold(&v, 3, cents(2), "hv")).await));
+    applied(store.settle(Settle { hold: h, credits: 2, usage: Some(usage_of(cents(2))), key: key("sv") }).await);
+    let all = store.daily_usage(&DailyUsageQuery { account: None, from: day - Duration::days(3), until: day + Duration::days(5) }).await.unwrap();
+    assert_eq!(all.iter().map(|d| (d.day, d.runs, d.credits, d.cost_micros)).collect::<Vec<_>>(), vec![(day, 3, 0, cents(106)), (day + Duration::days(1), 1, 2, cents(2))]);
+    let bad = DailyUsageQuery { account: None, from: day, until: day };
+    assert!(matches!(store.daily_usage(&bad).await, Err(Error::InvalidInput { .. })));
+    let bad = DailyUsageQuery { account: None, from: day, until: day + Duration::days(401) };
+    assert!(matches!(store.daily_usage(&bad).await, Err(Error::InvalidInput { .. })));
+    let mut neg = meter_cmd(&u, 0, "neg");
+    neg.usage.cost_micros = -1;
+    assert!(matches!(store.meter(neg).await, Err(Error::InvalidInput { .. })));
+    let mut h = cost_hold(&u, 1, 0, "negh");
+    h.cost_micros = -5;
+    assert!(matches!(store.hold(h).await, Err(Error::InvalidInput { .. })));
+}
+
+/// The seed's reference scenario through the store: 60 Individual, 30 Org and 10 Free users at
+/// $0.92 / $0.60 / $0.15 of monthly cost give revenue $450.00, cost $74.70, margin 83.4 %.
+pub async fn reference_scenario_summary(store: &dyn Store, clock: &ManualClock) {
+    let mut users = Vec::new();
+    for i in 0..100 {
+        let id = format!("user{i:03}");
+        let u = match i {
+            0..60 => create_plus_user(store, clock, &id, false).await,
+            60..90 => create_plus_user(store, clock, &id, true).await,
+            _ => create_free_user(store, &id).await,
+        };
+        users.push(u);
+    }
+    // Costs over two days, each day within the tiers' daily limits.
+    let day_costs = |i: usize| match i {
+        0..60 => [cents(92), 0],
+        60..90 => [cents(30), cents(30)],
+        _ => [75_000, 75_000],
+    };
+    for d in 0..2 {
+        let metered = join_all(users.iter().enumerate().filter(|(i, _)| day_costs(*i)[d] > 0).map(|(i, u)| store.meter(meter_cmd(u, day_costs(i)[d], &format!("d{d}-{i}"))))).await;
+        for m in metered {
+            applied(m);
+        }
+        clock.advance(Duration::days(1));
+    }
+    let s = store.summary().await.unwrap();
+    assert_eq!(crate::cost::micros_to_usd(s.total_monthly_revenue_micros), rust_decimal::Decimal::new(45000, 2));
+    assert_eq!(crate::cost::micros_to_usd(s.total_monthly_cost_micros), rust_decimal::Decimal::new(7470, 2));
+    assert_eq!(s.overall_margin_pct, Some(rust_decimal::Decimal::new(834, 1)));
+    assert_eq!((s.users, s.active_users, s.throttled_users, s.high_risk_users), (100, 100, 0, 0));
+    assert!(!s.margin_below_70 && !s.throttled_over_5pct);
+    // Throttle six users (> 5 %): flagged, and they count as high risk.
+    for i in 0..6 {
+        applied(store.throttle(AdminThrottle { account: users[i].clone(), by: "ops".into(), why: "test".into(), key: key(&format!("t{i}")) }).await);
+    }
+    let s = store.summary().await.unwrap();
+    assert_eq!((s.throttled_users, s.high_risk_users, s.throttled_over_5pct), (6, 6, true));
+    // The next month starts from zero cost; revenue stays while plans run.
+    clock.set(at(2026, 2, 1, 0, 0, 0));
+    let s = store.summary().await.unwrap();
+    assert_eq!((s.total_monthly_cost_micros, s.overall_margin_pct), (0, Some(rust_decimal::Decimal::new(1000, 1))));
+}
+
+/// Two nodes running the cost jobs at the same moment do the work once.
+pub async fn cost_jobs_run_twice_at_once_do_the_work_once(store: &dyn Store, clock: &ManualClock) {
+    for i in 0..30 {
+        let u = create_user(store, &format!("u{i}")).await;
+        applied(store.meter(meter_cmd(&u, cents(1), &format!("m{i}"))).await);
+    }
+    let day = clock.now().date_naive();
+    let q = DailyUsageQuery { account: None, from: day, until: day + Duration::days(1) };
+    let before = store.daily_usage(&q).await.unwrap();
+    let (a, b) = tokio::join!(jobs::refresh_analytics(store), jobs::refresh_analytics(store));
+    assert!(a.unwrap().usage_records + b.unwrap().usage_records <= 30, "each record is rolled up once");
+    assert_eq!(jobs::refresh_analytics(store).await.unwrap().usage_records, 0);
+    assert_eq!(store.daily_usage(&q).await.unwrap(), before);
+    assert_eq!((before[0].runs, before[0].cost_micros), (30, cents(30)));
+    clock.advance(Duration::days(1));
+    let (a, b) = tokio::join!(jobs::cost_reset(store), jobs::cost_reset(store));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.applied + b.applied, 30);
+    assert_eq!((a.failed, b.failed), (0, 0));
+    assert_eq!(jobs::cost_reset(store).await.unwrap().examined, 0);
 }

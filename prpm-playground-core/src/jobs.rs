@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ledger::{AccountId, Command, Rejection};
-use crate::store::{Due, Store};
+use crate::store::{AnalyticsReport, Due, Store};
 
 /// Accounts fetched per page, and commands in flight at once (they commit in groups).
 const PAGE: u32 = 256;
@@ -46,6 +46,20 @@ pub async fn expire_rollover(store: &dyn Store) -> Result<JobReport> {
 /// allocation is granted.
 pub async fn monthly_rollover(store: &dyn Store) -> Result<JobReport> {
     run(store, Due::Rollover, |account| Command::Rollover { account }).await
+}
+
+/// The monthly cost reset (daily, 00:00 UTC): clears the cost counters of days and months that
+/// ended and lifts the cost throttles whose period ended. (Admission and settle roll the
+/// counters lazily, so limits are exact without it; the job keeps the stored figures current
+/// for reports and lists.)
+pub async fn cost_reset(store: &dyn Store) -> Result<JobReport> {
+    run(store, Due::CostReset, |account| Command::CostReset { account }).await
+}
+
+/// The analytics refresh (hourly): rolls the usage records not rolled up yet into the
+/// per-account daily rollups. A second run finds nothing to do.
+pub async fn refresh_analytics(store: &dyn Store) -> Result<AnalyticsReport> {
+    store.refresh_analytics().await
 }
 
 async fn run(store: &dyn Store, due: Due, command: impl Fn(AccountId) -> Command) -> Result<JobReport> {
