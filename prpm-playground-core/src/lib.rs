@@ -27,4 +27,7 @@ pub use error::{Error, Result};
 pub use ledger::*;
 pub use pricing::{Estimate, EstimateRequest, PriceTable, Pricing, Quote, TokenUsage};
 pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
-pub use store::{BalanceView, Due, Entry, HistoryPage, HistoryQuery, Store, UsageRow, VerifyReport};
+pub use store::{
+    AlertQuery, AnalyticsReport, BalanceView, CostFilter, CostView, DailyUsage, DailyUsageQuery, Due, Entry, HistoryPage, HistoryQuery, StoredAlert, Store,
+    UsageRow, VerifyReport,
+};

@@ -120,6 +120,7 @@ fn verify_reports_every_difference() {
         let c = Connection::open(&path).unwrap();
         c.execute("UPDATE accounts SET purchased = purchased + 7 WHERE external_id = 'u'", []).unwrap();
         c.execute("UPDATE accounts SET held = 3 WHERE external_id = 'w'", []).unwrap();
+        c.execute("UPDATE accounts SET held_cost_micros = 40 WHERE external_id = 'u'", []).unwrap();
         c.execute(
             "INSERT INTO ledger_entries (account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
              SELECT id, 0, 'grant', 1, 0, 0, 0, 999, 0, 'forged' FROM accounts WHERE external_id = 'w'",
@@ -136,6 +137,7 @@ fn verify_reports_every_difference() {
         assert_eq!(
             found,
             vec![
+                ("u".into(), "held cost (micro-USD) of open holds".into(), 40, 0),
                 ("u".into(), "purchased".into(), 12, 5),
                 ("w".into(), "entry balance_after".into(), 999, 6),
                 ("w".into(), "held".into(), 3, 0),
@@ -373,4 +375,40 @@ fn history_index_batch_is_bounded() {
         assert_eq!(err.code(), "invalid_input", "{err}");
     }
     assert!(!dir.path().join("x.db").exists(), "a bad option creates nothing");
+}
+
+/// Alerts go to the pluggable sink once each, after they committed, as well as to the table.
+#[test]
+fn alerts_reach_the_sink_once() {
+    use prpm_playground_core::conformance::{create_free_user, meter_cmd};
+    use prpm_playground_core::cost::{Alert, AlertKind, AlertSink};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, AlertKind, i64)>>);
+    impl AlertSink for Recorder {
+        fn alert(&self, account: &AccountId, alert: &Alert) {
+            self.0.lock().unwrap().push((account.to_string(), alert.kind, alert.cost_micros));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(Recorder::default());
+    let clock = Arc::new(ManualClock::new(conformance::start()));
+    let opts = SqliteOptions::file(dir.path().join("l.db")).clock(clock.clone()).alert_sink(sink.clone());
+    let s: Arc<dyn Store> = Arc::new(SqliteStore::open_with(opts).unwrap());
+    rt().block_on(async {
+        let u = create_free_user(&*s, "u").await;
+        // $0.09 a day for five days: $0.36 (nothing), then $0.45 (both alerts at once).
+        for d in 0..6 {
+            let m = meter_cmd(&u, 90_000, &format!("m{d}"));
+            applied(s.meter(m.clone()).await);
+            // A replay changes nothing and alerts nobody.
+            assert!(s.meter(m).await.unwrap().unwrap().replayed);
+            clock.advance(chrono::Duration::days(1));
+        }
+        let got = sink.0.lock().unwrap().clone();
+        assert_eq!(got, vec![("u".to_string(), AlertKind::AtRisk, 450_000), ("u".to_string(), AlertKind::Threshold, 450_000)]);
+        let stored = s.alerts(&store::AlertQuery { account: None, after: None, limit: 10 }).await.unwrap();
+        assert_eq!(stored.len(), 2);
+    });
 }

@@ -1413,7 +1413,9 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
     let mut stmt = conn.prepare(
         "SELECT a.id, a.external_id, a.monthly, a.rollover, a.purchased, a.held, a.rollover_lots,
                 COALESCE(l.m, 0), COALESCE(l.r, 0), COALESCE(l.p, 0), COALESCE(l.h, 0), COALESCE(l.n, 0),
-                (SELECT COALESCE(SUM(amount), 0) FROM holds h WHERE h.account_id = a.id AND h.status = 'open')
+                (SELECT COALESCE(SUM(amount), 0) FROM holds h WHERE h.account_id = a.id AND h.status = 'open'),
+                a.held_cost_micros,
+                (SELECT COALESCE(SUM(cost_micros), 0) FROM holds h WHERE h.account_id = a.id AND h.status = 'open')
          FROM accounts a LEFT JOIN (
              SELECT account_id, SUM(d_monthly) AS m, SUM(d_rollover) AS r, SUM(d_purchased) AS p, SUM(d_held) AS h, COUNT(*) AS n
              FROM ledger_entries GROUP BY account_id) l ON l.account_id = a.id
@@ -1443,6 +1445,10 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
         let open: i64 = r.get(12)?;
         if open != stored[3] {
             push(&mut report, &ext, "open holds", stored[3], open)?;
+        }
+        let (held_cost, open_cost): (i64, i64) = (r.get(13)?, r.get(14)?);
+        if held_cost != open_cost {
+            push(&mut report, &ext, "held cost (micro-USD) of open holds", held_cost, open_cost)?;
         }
         report.accounts += 1;
         report.entries += r.get::<_, i64>(11)? as u64;
