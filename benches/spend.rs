@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
@@ -123,10 +123,12 @@ impl Baseline {
         .execute(params![a.as_str(), now, -tm, -tr, -tp, m + r + p - amount])
         .unwrap();
         let u = usage();
-        tx.prepare_cached("INSERT INTO usage (account_id, at_ms, model, input_tokens, output_tokens, credits, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
-            .unwrap()
-            .execute(params![a.as_str(), now, u.model, u.tokens.input as i64, u.tokens.output as i64, amount, u.cost_micros])
-            .unwrap();
+        tx.prepare_cached(
+            "INSERT INTO usage (account_id, at_ms, model, input_tokens, output_tokens, credits, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .unwrap()
+        .execute(params![a.as_str(), now, u.model, u.tokens.input as i64, u.tokens.output as i64, amount, u.cost_micros])
+        .unwrap();
         tx.commit().unwrap();
     }
 }
@@ -236,7 +238,13 @@ fn pick(c: usize, i: u64) -> usize {
 }
 
 async fn hold_settle(store: &dyn Store, i: usize) {
-    let h = match store.hold(Hold { account: account(i), amount: 4, ttl_secs: 600, cost_micros: 0, reference: "bench".into(), key: next_key() }).await.unwrap().unwrap().effect {
+    let h = match store
+        .hold(Hold { account: account(i), amount: 4, ttl_secs: 600, cost_micros: 0, reference: "bench".into(), key: next_key() })
+        .await
+        .unwrap()
+        .unwrap()
+        .effect
+    {
         Effect::Held { hold, .. } => hold,
         other => panic!("{other:?}"),
     };
@@ -257,15 +265,8 @@ enum Load {
 }
 
 impl Load {
-    const ALL: [Load; 7] = [
-        Load::BaselineSingle,
-        Load::SpendSingle,
-        Load::HoldSettleSingle,
-        Load::SpendSingleBigLog,
-        Load::Spend64,
-        Load::Spend64RandomKeys,
-        Load::HoldSettle64,
-    ];
+    const ALL: [Load; 7] =
+        [Load::BaselineSingle, Load::SpendSingle, Load::HoldSettleSingle, Load::SpendSingleBigLog, Load::Spend64, Load::Spend64RandomKeys, Load::HoldSettle64];
 
     fn name(self) -> &'static str {
         match self {

@@ -1,6 +1,7 @@
 //! The main job on the embedded SQLite default: open a database file, create an account,
-//! grant a credit pack, estimate a run, hold its worst case, settle the actual usage, and
-//! print the balance and the log.
+//! grant a credit pack, estimate a run, hold its worst case (credits and cost, admitted by the
+//! account's tier limits), settle the actual usage, and print the balance, the cost-control
+//! state and the log.
 //!
 //! ```text
 //! cargo run --example quickstart [-- path/to/ledger.db]
@@ -19,10 +20,7 @@ use prpm_playground_core::*;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args()
-        .nth(1)
-        .or_else(|| std::env::var("PRPM_DATABASE").ok())
-        .unwrap_or_else(|| "prpm-playground.db".into());
+    let path = std::env::args().nth(1).or_else(|| std::env::var("PRPM_DATABASE").ok()).unwrap_or_else(|| "prpm-playground.db".into());
     let pricing = match std::env::var("PRPM_PRICE_TABLE") {
         Ok(file) => Pricing::with_table(PriceTable::load(file)?),
         Err(_) => Pricing::default(),
@@ -53,12 +51,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 3. Estimate a run before it happens.
     let model = "claude-sonnet-4-5";
-    let estimate = pricing.estimate(&EstimateRequest {
-        model: model.into(),
-        input_tokens: 1_800,
-        max_output_tokens: Some(4_096),
-        expected_output_tokens: None,
-    })?;
+    let estimate =
+        pricing.estimate(&EstimateRequest { model: model.into(), input_tokens: 1_800, max_output_tokens: Some(4_096), expected_output_tokens: None })?;
     println!(
         "estimate for {model}: ~{} credits (at most {}), ~${} (at most ${}){}",
         estimate.expected.credits,
@@ -79,37 +73,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         reference: run_id.clone(),
         key: IdempotencyKey::new(format!("hold:{run_id}"))?,
     };
-    let hold_id = match store.hold(hold).await? {
+    let held = match store.hold(hold).await? {
         Ok(Committed { effect: Effect::Held { hold, amount, .. }, .. }) => {
             println!("held {amount} credits for {run_id}");
-            hold
+            Some(hold)
         }
         Ok(other) => return Err(format!("unexpected {other:?}").into()),
+        // Cost control at work (e.g. the free tier's daily $0.10 after a few runs today):
+        // nothing was charged.
         Err(rejection) => {
-            println!("run refused: {rejection}");
-            return Ok(());
+            println!("run refused ({}): {rejection}", rejection.code());
+            None
         }
     };
-    // The provider's reported usage (a real run gets it from the API response).
-    let tokens = TokenUsage { input: 1_800, output: 612, cache_read: 0, cache_write: 0 };
-    let quote = pricing.price_usage(model, &tokens)?;
-    let settle = Settle {
-        hold: hold_id,
-        credits: quote.credits as i64,
-        usage: Some(Usage { operation: "playground_run".into(), model: model.into(), tokens, cost_micros: quote.cost_micros }),
-        key: IdempotencyKey::new(format!("settle:{run_id}"))?,
-    };
-    match store.settle(settle).await? {
-        Ok(Committed { effect: Effect::Settled { charged, released, .. }, .. }) => println!(
-            "settled {run_id}: {} tokens, {} credits charged (monthly {}, rollover {}, purchased {}), {released} released, cost ${}",
-            tokens.total(),
-            charged.total(),
-            charged.monthly,
-            charged.rollover,
-            charged.purchased,
-            micros_to_usd(quote.cost_micros)
-        ),
-        other => return Err(format!("settle: {other:?}").into()),
+    if let Some(hold_id) = held {
+        // The provider's reported usage (a real run gets it from the API response).
+        let tokens = TokenUsage { input: 1_800, output: 612, cache_read: 0, cache_write: 0 };
+        let quote = pricing.price_usage(model, &tokens)?;
+        let settle = Settle {
+            hold: hold_id,
+            credits: quote.credits as i64,
+            usage: Some(Usage { operation: "playground_run".into(), model: model.into(), tokens, cost_micros: quote.cost_micros }),
+            key: IdempotencyKey::new(format!("settle:{run_id}"))?,
+        };
+        match store.settle(settle).await? {
+            Ok(Committed { effect: Effect::Settled { charged, released, .. }, .. }) => println!(
+                "settled {run_id}: {} tokens, {} credits charged (monthly {}, rollover {}, purchased {}), {released} released, cost ${}",
+                tokens.total(),
+                charged.total(),
+                charged.monthly,
+                charged.rollover,
+                charged.purchased,
+                micros_to_usd(quote.cost_micros)
+            ),
+            other => return Err(format!("settle: {other:?}").into()),
+        }
     }
 
     // 5. The balance and the log.
@@ -117,6 +115,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "\nbalance of alice: total {} (monthly {}, rollover {}, purchased {}), held {}, available {}",
         b.total, b.monthly, b.rollover, b.purchased, b.held, b.available
+    );
+    let c = store.cost(&alice).await?;
+    println!(
+        "cost control: tier {}, today ${} of ${}, this month ${} of ${}, {} requests in the last hour, risk {}{}",
+        c.tier,
+        micros_to_usd(c.day_cost_micros),
+        c.limits.daily_cost_limit_micros.map_or("-".into(), |l| micros_to_usd(l).to_string()),
+        micros_to_usd(c.month_cost_micros),
+        c.limits.monthly_cost_limit_micros.map_or("-".into(), |l| micros_to_usd(l).to_string()),
+        c.requests_last_hour,
+        c.risk.as_str(),
+        c.throttle.as_ref().map_or(String::new(), |t| format!(", throttled: {:?}", t.reason))
     );
     let mut q = HistoryQuery::new(alice.clone());
     q.limit = 10;

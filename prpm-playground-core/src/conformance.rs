@@ -11,13 +11,13 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use futures_util::future::join_all;
 
 use crate::clock::{Clock, ManualClock};
+use crate::cost::ThrottleReason;
 use crate::error::Error;
 use crate::history::export_csv;
 use crate::jobs;
 use crate::ledger::rules::add_month;
 use crate::ledger::*;
 use crate::pricing::TokenUsage;
-use crate::cost::ThrottleReason;
 use crate::store::{AlertQuery, BalanceView, CostFilter, CostView, DailyUsageQuery, Entry, HistoryQuery, Store};
 
 /// The time every conformance store starts at.
@@ -124,11 +124,7 @@ pub async fn create_free_user(store: &dyn Store, id: &str) -> AccountId {
 }
 
 pub async fn grant(store: &dyn Store, a: &AccountId, bucket: Bucket, amount: Credits, expires_at: Option<DateTime<Utc>>, k: &str) -> Effect {
-    applied(
-        store
-            .grant(Grant { account: a.clone(), bucket, amount, source: GrantSource::Admin, expires_at, reference: "test".into(), key: key(k) })
-            .await,
-    )
+    applied(store.grant(Grant { account: a.clone(), bucket, amount, source: GrantSource::Admin, expires_at, reference: "test".into(), key: key(k) }).await)
 }
 
 pub fn spend_cmd(a: &AccountId, amount: Credits, k: &str) -> Spend {
@@ -537,7 +533,10 @@ pub async fn monthly_rollover(store: &dyn Store, clock: &ManualClock) {
     let e = applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1, anchor_day: None }), key("plan1")).await);
     assert!(matches!(e, Effect::PlanSet { granted: 100, .. }));
     // Updating the same plan does not grant again.
-    assert!(matches!(applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1, anchor_day: None }), key("plan1b")).await), Effect::PlanSet { granted: 0, .. }));
+    assert!(matches!(
+        applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 100, period_end: pe1, anchor_day: None }), key("plan1b")).await),
+        Effect::PlanSet { granted: 0, .. }
+    ));
     applied(store.spend(spend_cmd(&u, 30, "s1")).await);
     assert_eq!(jobs::monthly_rollover(store).await.unwrap().examined, 0);
 
@@ -789,7 +788,11 @@ pub async fn jobs_run_twice_at_once_do_the_work_once(store: &dyn Store, clock: &
     let mut users = Vec::new();
     for i in 0..30 {
         let u = create_user(store, &format!("u{i:02}")).await;
-        applied(store.set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(1), anchor_day: None }), key(&format!("p{i}"))).await);
+        applied(
+            store
+                .set_plan(u.clone(), Some(PlanTerms { monthly_credits: 10, period_end: now + Duration::days(1), anchor_day: None }), key(&format!("p{i}")))
+                .await,
+        );
         grant(store, &u, Bucket::Rollover, 3, Some(now + Duration::hours(2)), &format!("g{i}")).await;
         applied(store.hold(hold_cmd(&u, 1, 60, &format!("h{i}"))).await);
         users.push(u);
@@ -995,7 +998,10 @@ pub async fn throttles_and_alerts(store: &dyn Store, clock: &ManualClock) {
     let kinds: Vec<_> = alerts.iter().map(|a| (a.alert.kind, a.alert.month, a.alert.cost_micros, a.alert.limit_micros)).collect();
     assert_eq!(
         kinds,
-        vec![(crate::cost::AlertKind::AtRisk, date(2026, 1, 1), cents(38), cents(50)), (crate::cost::AlertKind::Threshold, date(2026, 1, 1), cents(40), cents(50))]
+        vec![
+            (crate::cost::AlertKind::AtRisk, date(2026, 1, 1), cents(38), cents(50)),
+            (crate::cost::AlertKind::Threshold, date(2026, 1, 1), cents(40), cents(50))
+        ]
     );
     // Paging: after the first alert.
     let rest = store.alerts(&AlertQuery { account: None, after: Some(alerts[0].id), limit: 10 }).await.unwrap();
@@ -1048,9 +1054,17 @@ pub async fn admin_throttles_and_lists(store: &dyn Store, clock: &ManualClock) {
     assert!(matches!(rejected(store.hold(cost_hold(&u, 1, 0, "h1b")).await), Rejection::Throttled { .. }));
     applied(store.unthrottle(admin("lead", "appeal accepted", "un1")).await);
     applied(store.hold(cost_hold(&u, 1, 0, "h2")).await);
-    let refs: Vec<String> = kinds_in_log(store, &u, EntryKind::Throttle).await.into_iter().chain(kinds_in_log(store, &u, EntryKind::Unthrottle).await).map(|e| e.reference).collect();
+    let refs: Vec<String> = kinds_in_log(store, &u, EntryKind::Throttle)
+        .await
+        .into_iter()
+        .chain(kinds_in_log(store, &u, EntryKind::Unthrottle).await)
+        .map(|e| e.reference)
+        .collect();
     assert_eq!(refs, vec!["admin ops: abuse report #12".to_string(), "admin lead: appeal accepted".to_string()]);
-    assert!(matches!(store.unthrottle(AdminThrottle { account: u.clone(), by: "".into(), why: "x".into(), key: key("bad") }).await, Err(Error::InvalidInput { .. })));
+    assert!(matches!(
+        store.unthrottle(AdminThrottle { account: u.clone(), by: "".into(), why: "x".into(), key: key("bad") }).await,
+        Err(Error::InvalidInput { .. })
+    ));
 
     // A tier without a daily or hourly limit, $1.00 a month, so one meter sets a user's share.
     let tier = crate::cost::TierLimits {
@@ -1174,13 +1188,8 @@ pub async fn cost_periods_across_boundaries(store: &dyn Store, clock: &ManualClo
     // Cost counters: the last second of months of 31, 30, 31 (a year's end), 28 and 29 days,
     // then the first second of the next.
     let u = create_user(store, "u").await;
-    let month_ends = [
-        at(2028, 5, 31, 23, 59, 59),
-        at(2028, 6, 30, 23, 59, 59),
-        at(2028, 12, 31, 23, 59, 59),
-        at(2029, 2, 28, 23, 59, 59),
-        at(2032, 2, 29, 23, 59, 59),
-    ];
+    let month_ends =
+        [at(2028, 5, 31, 23, 59, 59), at(2028, 6, 30, 23, 59, 59), at(2028, 12, 31, 23, 59, 59), at(2029, 2, 28, 23, 59, 59), at(2032, 2, 29, 23, 59, 59)];
     for (i, end) in month_ends.into_iter().enumerate() {
         clock.set(end);
         applied(store.meter(meter_cmd(&u, cents(30), &format!("m{i}"))).await);
@@ -1217,7 +1226,10 @@ pub async fn metering_counts_toward_limits(store: &dyn Store, clock: &ManualCloc
     assert!(matches!(applied(store.meter(m).await), Effect::Metered { cost: crate::cost::CostEvents { throttled: None, .. }, .. }));
     let rows = store.usage(&u, 10).await.unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].usage.operation.as_str(), rows[0].usage.model.as_str(), rows[0].credits, rows[0].usage.cost_micros), ("embedding", "text-embedding-3-small", 0, cents(20)));
+    assert_eq!(
+        (rows[0].usage.operation.as_str(), rows[0].usage.model.as_str(), rows[0].credits, rows[0].usage.cost_micros),
+        ("embedding", "text-embedding-3-small", 0, cents(20))
+    );
     assert_eq!(buckets(store, &u).await, (200, 0, 5, 0), "metering takes no credits");
     // It counts: $0.20 metered + $0.85 worst case is over $1.00.
     assert!(matches!(rejected(store.hold(cost_hold(&u, 1, cents(85), "h1")).await), Rejection::DailyCostLimit { spent_micros: 200_000, .. }));
@@ -1245,7 +1257,10 @@ pub async fn metering_counts_toward_limits(store: &dyn Store, clock: &ManualCloc
     let h = hold_id(&applied(store.hold(cost_hold(&v, 3, cents(2), "hv")).await));
     applied(store.settle(Settle { hold: h, credits: 2, usage: Some(usage_of(cents(2))), key: key("sv") }).await);
     let all = store.daily_usage(&DailyUsageQuery { account: None, from: day - Duration::days(3), until: day + Duration::days(5) }).await.unwrap();
-    assert_eq!(all.iter().map(|d| (d.day, d.runs, d.credits, d.cost_micros)).collect::<Vec<_>>(), vec![(day, 3, 0, cents(106)), (day + Duration::days(1), 1, 2, cents(2))]);
+    assert_eq!(
+        all.iter().map(|d| (d.day, d.runs, d.credits, d.cost_micros)).collect::<Vec<_>>(),
+        vec![(day, 3, 0, cents(106)), (day + Duration::days(1), 1, 2, cents(2))]
+    );
     let bad = DailyUsageQuery { account: None, from: day, until: day };
     assert!(matches!(store.daily_usage(&bad).await, Err(Error::InvalidInput { .. })));
     let bad = DailyUsageQuery { account: None, from: day, until: day + Duration::days(401) };
@@ -1278,7 +1293,10 @@ pub async fn reference_scenario_summary(store: &dyn Store, clock: &ManualClock) 
         _ => [75_000, 75_000],
     };
     for d in 0..2 {
-        let metered = join_all(users.iter().enumerate().filter(|(i, _)| day_costs(*i)[d] > 0).map(|(i, u)| store.meter(meter_cmd(u, day_costs(i)[d], &format!("d{d}-{i}"))))).await;
+        let metered = join_all(
+            users.iter().enumerate().filter(|(i, _)| day_costs(*i)[d] > 0).map(|(i, u)| store.meter(meter_cmd(u, day_costs(i)[d], &format!("d{d}-{i}")))),
+        )
+        .await;
         for m in metered {
             applied(m);
         }
@@ -1291,8 +1309,8 @@ pub async fn reference_scenario_summary(store: &dyn Store, clock: &ManualClock) 
     assert_eq!((s.users, s.active_users, s.throttled_users, s.high_risk_users), (100, 100, 0, 0));
     assert!(!s.margin_below_70 && !s.throttled_over_5pct);
     // Throttle six users (> 5 %): flagged, and they count as high risk.
-    for i in 0..6 {
-        applied(store.throttle(AdminThrottle { account: users[i].clone(), by: "ops".into(), why: "test".into(), key: key(&format!("t{i}")) }).await);
+    for (i, u) in users.iter().take(6).enumerate() {
+        applied(store.throttle(AdminThrottle { account: u.clone(), by: "ops".into(), why: "test".into(), key: key(&format!("t{i}")) }).await);
     }
     let s = store.summary().await.unwrap();
     assert_eq!((s.throttled_users, s.high_risk_users, s.throttled_over_5pct), (6, 6, true));

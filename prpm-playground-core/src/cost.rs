@@ -70,9 +70,8 @@ pub enum LimitWarning {
 impl TierLimits {
     /// Checks the limits: a clear error for what cannot work, warnings for what is odd.
     pub fn validate(&self) -> Result<Vec<LimitWarning>> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= MAX_TIER_NAME
-            && self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let name_ok =
+            !self.name.is_empty() && self.name.len() <= MAX_TIER_NAME && self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !name_ok {
             return Err(Error::invalid("tier", format!("{:?} must be 1..={MAX_TIER_NAME} of [a-z0-9_]", self.name)));
         }
@@ -82,7 +81,9 @@ impl TierLimits {
         let mut warnings = Vec::new();
         for (which, v) in [("monthly_cost_limit", self.monthly_cost_limit_micros), ("daily_cost_limit", self.daily_cost_limit_micros)] {
             match v {
-                Some(v) if v < 0 => return Err(Error::invalid(which, format!("{} is negative", micros_to_usd(v)))),
+                Some(v) if v < 0 => {
+                    return Err(Error::invalid(which, format!("{} is negative", micros_to_usd(v))));
+                }
                 Some(0) => warnings.push(LimitWarning::ZeroLimit { which: which.into() }),
                 _ => {}
             }
@@ -411,11 +412,7 @@ pub fn month_start(d: NaiveDate) -> NaiveDate {
 
 /// The end (exclusive) of the UTC month starting on `month`.
 pub fn month_end(month: NaiveDate) -> DateTime<Utc> {
-    let next = if month.month() == 12 {
-        NaiveDate::from_ymd_opt(month.year() + 1, 1, 1)
-    } else {
-        NaiveDate::from_ymd_opt(month.year(), month.month() + 1, 1)
-    };
+    let next = if month.month() == 12 { NaiveDate::from_ymd_opt(month.year() + 1, 1, 1) } else { NaiveDate::from_ymd_opt(month.year(), month.month() + 1, 1) };
     Utc.from_utc_datetime(&next.expect("valid month").and_hms_opt(0, 0, 0).expect("midnight"))
 }
 
@@ -575,13 +572,7 @@ impl CostState {
                 let crossed = threshold.is_some_and(|t| next.month_cost_micros > t || (kind == AlertKind::Threshold && next.month_cost_micros >= t));
                 if crossed && !next.alerted.contains(&kind) {
                     next.alerted.push(kind);
-                    events.alerts.push(Alert {
-                        kind,
-                        month: month_start(today),
-                        cost_micros: next.month_cost_micros,
-                        limit_micros: limit,
-                        at: now,
-                    });
+                    events.alerts.push(Alert { kind, month: month_start(today), cost_micros: next.month_cost_micros, limit_micros: limit, at: now });
                 }
             }
         }
@@ -633,7 +624,9 @@ pub fn risk_level(limits: &TierLimits, state: &CostState, now: DateTime<Utc>) ->
     if s.throttle.is_some() || (limits.monthly_revenue_micros > 0 && cost > limits.monthly_revenue_micros) {
         return RiskLevel::HighRisk;
     }
-    let Some(limit) = limits.monthly_cost_limit_micros else { return RiskLevel::Low };
+    let Some(limit) = limits.monthly_cost_limit_micros else {
+        return RiskLevel::Low;
+    };
     if cost >= pct_of(limit, HIGH_RISK_PCT) {
         return RiskLevel::HighRisk;
     }
@@ -738,7 +731,12 @@ mod tests {
         let tiers = TierTable::default();
         let row = |n: &str| {
             let l = tiers.get(n).unwrap();
-            (l.monthly_cost_limit_micros.map(micros_to_usd), l.daily_cost_limit_micros.map(micros_to_usd), l.hourly_request_limit, l.alert_threshold_micros().map(micros_to_usd))
+            (
+                l.monthly_cost_limit_micros.map(micros_to_usd),
+                l.daily_cost_limit_micros.map(micros_to_usd),
+                l.hourly_request_limit,
+                l.alert_threshold_micros().map(micros_to_usd),
+            )
         };
         assert_eq!(row(FREE), (Some(dec!(0.5)), Some(dec!(0.1)), Some(10), Some(dec!(0.4))));
         assert_eq!(row(PRPM_PLUS_INDIVIDUAL), (Some(dec!(5)), Some(dec!(1)), Some(100), Some(dec!(4.5))));
@@ -875,10 +873,7 @@ mod tests {
         assert_eq!(s.admit(&l, 0, at).unwrap(), Err(Refusal::RateLimited { limit: 10, retry_after_ms: 1 }));
         assert_eq!(s.admit(&l, 0, t("2026-03-01T11:00:00Z")).unwrap(), Ok(()));
         // The next slot: when 10:05 leaves.
-        assert_eq!(
-            s.admit(&l, 0, t("2026-03-01T11:00:00.001Z")).unwrap(),
-            Err(Refusal::RateLimited { limit: 10, retry_after_ms: 5 * 60_000 - 1 })
-        );
+        assert_eq!(s.admit(&l, 0, t("2026-03-01T11:00:00.001Z")).unwrap(), Err(Refusal::RateLimited { limit: 10, retry_after_ms: 5 * 60_000 - 1 }));
         assert_eq!(s.requests_ms.len(), 10);
     }
 
@@ -967,7 +962,12 @@ mod tests {
     fn risk_levels() {
         let ind = tier(PRPM_PLUS_INDIVIDUAL); // $6 revenue, $5 limit
         let org = tier(PRPM_PLUS_ORG); // $3 revenue, $2.50 limit
-        let at = |cost: i64, now: DateTime<Utc>| CostState { day: Some(now.date_naive()), month: Some(now.date_naive().with_day(1).unwrap()), month_cost_micros: cost, ..CostState::default() };
+        let at = |cost: i64, now: DateTime<Utc>| CostState {
+            day: Some(now.date_naive()),
+            month: Some(now.date_naive().with_day(1).unwrap()),
+            month_cost_micros: cost,
+            ..CostState::default()
+        };
         let late = t("2026-04-29T00:00:00Z"); // 28 of 30 days gone
         assert_eq!(risk_level(&ind, &at(3_000_000, late), late), RiskLevel::Low);
         assert_eq!(risk_level(&ind, &at(3_750_001, late), late), RiskLevel::AtRisk);
@@ -993,7 +993,13 @@ mod tests {
     #[test]
     fn the_reference_scenario() {
         let tiers = TierTable::default();
-        let user = |tier: &str, plan: bool, cost: i64| UserCost { tier: tier.into(), plan_active: plan, month_cost_micros: cost, throttled: false, risk: RiskLevel::Low };
+        let user = |tier: &str, plan: bool, cost: i64| UserCost {
+            tier: tier.into(),
+            plan_active: plan,
+            month_cost_micros: cost,
+            throttled: false,
+            risk: RiskLevel::Low,
+        };
         let mut users = Vec::new();
         users.extend((0..60).map(|_| user(PRPM_PLUS_INDIVIDUAL, true, 920_000)));
         users.extend((0..30).map(|_| user(PRPM_PLUS_ORG, true, 600_000)));

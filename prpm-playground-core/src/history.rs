@@ -7,8 +7,21 @@ use crate::store::{Entry, HistoryQuery, MAX_PAGE, Store};
 
 /// The CSV header row.
 pub const CSV_HEADER: [&str; 15] = [
-    "id", "at", "account", "kind", "monthly", "rollover", "purchased", "held", "balance_after", "held_after", "source", "hold",
-    "ref_entry", "reference", "rollover_expires_at",
+    "id",
+    "at",
+    "account",
+    "kind",
+    "monthly",
+    "rollover",
+    "purchased",
+    "held",
+    "balance_after",
+    "held_after",
+    "source",
+    "hold",
+    "ref_entry",
+    "reference",
+    "rollover_expires_at",
 ];
 
 /// Writes every entry matching `query` (newest first, all pages) as CSV; returns the row count.

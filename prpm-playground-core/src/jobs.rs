@@ -67,7 +67,9 @@ async fn run(store: &dyn Store, due: Due, command: impl Fn(AccountId) -> Command
     let mut after: Option<AccountId> = None;
     loop {
         let page = store.due(due, after.as_ref(), PAGE).await?;
-        let Some(last) = page.last().cloned() else { break };
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
         let outcomes = join_all(page.iter().map(|a| store.execute(command(a.clone())))).await;
         for (account, outcome) in page.into_iter().zip(outcomes) {
             report.examined += 1;

@@ -28,6 +28,6 @@ pub use ledger::*;
 pub use pricing::{Estimate, EstimateRequest, PriceTable, Pricing, Quote, TokenUsage};
 pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 pub use store::{
-    AlertQuery, AnalyticsReport, BalanceView, CostFilter, CostView, DailyUsage, DailyUsageQuery, Due, Entry, HistoryPage, HistoryQuery, StoredAlert, Store,
+    AlertQuery, AnalyticsReport, BalanceView, CostFilter, CostView, DailyUsage, DailyUsageQuery, Due, Entry, HistoryPage, HistoryQuery, Store, StoredAlert,
     UsageRow, VerifyReport,
 };

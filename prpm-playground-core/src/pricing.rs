@@ -106,32 +106,24 @@ impl PriceTable {
 
     /// Parses a JSON table: `{"model": [{...}, ...]}` with the same fields as the TOML form.
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let file: TableFile =
-            serde_json::from_str(s).map_err(|e| Error::PriceTable(e.to_string()))?;
+        let file: TableFile = serde_json::from_str(s).map_err(|e| Error::PriceTable(e.to_string()))?;
         PriceTable::new(file.model)
     }
 
     /// Loads a table from a `.toml` or `.json` file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::PriceTable(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::PriceTable(format!("{}: {e}", path.display())))?;
         match path.extension().and_then(|e| e.to_str()) {
             Some("json") => PriceTable::from_json_str(&text),
             Some("toml") => PriceTable::from_toml_str(&text),
-            _ => Err(Error::PriceTable(format!(
-                "{}: expected a .toml or .json file",
-                path.display()
-            ))),
+            _ => Err(Error::PriceTable(format!("{}: expected a .toml or .json file", path.display()))),
         }
     }
 
     /// Looks a model up by id or alias.
     pub fn get(&self, model: &str) -> Result<&ModelPrice> {
-        self.aliases
-            .get(model)
-            .and_then(|id| self.models.get(id))
-            .ok_or_else(|| Error::UnknownModel(model.to_owned()))
+        self.aliases.get(model).and_then(|id| self.models.get(id)).ok_or_else(|| Error::UnknownModel(model.to_owned()))
     }
 
     pub fn models(&self) -> impl Iterator<Item = &ModelPrice> {
@@ -181,12 +173,9 @@ impl TokenUsage {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        for (field, n) in [
-            ("input_tokens", self.input),
-            ("output_tokens", self.output),
-            ("cache_read_tokens", self.cache_read),
-            ("cache_write_tokens", self.cache_write),
-        ] {
+        for (field, n) in
+            [("input_tokens", self.input), ("output_tokens", self.output), ("cache_read_tokens", self.cache_read), ("cache_write_tokens", self.cache_write)]
+        {
             if n > MAX_TOKENS {
                 return Err(Error::invalid(field, format!("{n} is more than {MAX_TOKENS}")));
             }
@@ -270,12 +259,7 @@ pub struct Pricing {
 
 impl Default for Pricing {
     fn default() -> Self {
-        Pricing {
-            table: PriceTable::default(),
-            request_cap_tokens: DEFAULT_REQUEST_CAP_TOKENS,
-            default_max_output_tokens: 4_096,
-            expensive_credits: 5,
-        }
+        Pricing { table: PriceTable::default(), request_cap_tokens: DEFAULT_REQUEST_CAP_TOKENS, default_max_output_tokens: 4_096, expensive_credits: 5 }
     }
 }
 
@@ -308,10 +292,7 @@ impl Pricing {
         self.check_request_size(req.input_tokens)?;
         let max_out = req.max_output_tokens.unwrap_or(self.default_max_output_tokens.min(price.max_output_tokens));
         if max_out == 0 || max_out > price.max_output_tokens {
-            return Err(Error::invalid(
-                "max_output_tokens",
-                format!("{max_out} is outside 1..={} for {}", price.max_output_tokens, price.id),
-            ));
+            return Err(Error::invalid("max_output_tokens", format!("{max_out} is outside 1..={} for {}", price.max_output_tokens, price.id)));
         }
         let expected_out = req.expected_output_tokens.unwrap_or(max_out.div_ceil(4));
         if expected_out > max_out {
@@ -319,21 +300,12 @@ impl Pricing {
         }
         let worst_case = quote(price, &TokenUsage { input: req.input_tokens, output: max_out.into(), ..Default::default() });
         let expected = quote(price, &TokenUsage { input: req.input_tokens, output: expected_out.into(), ..Default::default() });
-        Ok(Estimate {
-            model: price.id.clone(),
-            expensive: worst_case.credits >= self.expensive_credits,
-            worst_case,
-            expected,
-        })
+        Ok(Estimate { model: price.id.clone(), expensive: worst_case.credits >= self.expensive_credits, worst_case, expected })
     }
 }
 
 fn quote(price: &ModelPrice, usage: &TokenUsage) -> Quote {
-    Quote {
-        tokens: usage.total(),
-        credits: credits_for_tokens(usage.total(), price.multiplier),
-        cost_micros: usd_to_micros_ceil(cost_usd(price, usage)),
-    }
+    Quote { tokens: usage.total(), credits: credits_for_tokens(usage.total(), price.multiplier), cost_micros: usd_to_micros_ceil(cost_usd(price, usage)) }
 }
 
 #[cfg(test)]
@@ -396,9 +368,7 @@ mod tests {
     fn request_cap_is_enforced() {
         let p = Pricing::default();
         assert!(p.check_request_size(20_000).is_ok());
-        let err = p
-            .estimate(&EstimateRequest { model: "claude-sonnet-4-5".into(), input_tokens: 20_001, ..Default::default() })
-            .unwrap_err();
+        let err = p.estimate(&EstimateRequest { model: "claude-sonnet-4-5".into(), input_tokens: 20_001, ..Default::default() }).unwrap_err();
         assert_eq!(err.code(), "request_too_large");
         let p15 = Pricing { request_cap_tokens: 15_000, ..Pricing::default() };
         assert!(p15.check_request_size(15_001).is_err());
@@ -409,10 +379,22 @@ mod tests {
         for (text, why) in [
             ("", "empty"),
             ("[[model]]\nid = \"x\"\n", "missing fields"),
-            ("[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"-1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n", "negative"),
-            ("[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=0\nmax_output_tokens=10\n", "zero multiplier"),
-            ("[[model]]\nid=\"x\"\nprovider=\"mars\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n", "provider"),
-            ("[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n", "duplicate"),
+            (
+                "[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"-1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n",
+                "negative",
+            ),
+            (
+                "[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=0\nmax_output_tokens=10\n",
+                "zero multiplier",
+            ),
+            (
+                "[[model]]\nid=\"x\"\nprovider=\"mars\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n",
+                "provider",
+            ),
+            (
+                "[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n[[model]]\nid=\"x\"\nprovider=\"anthropic\"\ninput=\"1\"\noutput=\"1\"\ncache_read=\"0\"\ncache_write=\"0\"\nmultiplier=1\nmax_output_tokens=10\n",
+                "duplicate",
+            ),
         ] {
             let err = PriceTable::from_toml_str(text).expect_err(why);
             assert_eq!(err.code(), "invalid_price_table", "{why}");

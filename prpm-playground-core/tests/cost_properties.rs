@@ -1,8 +1,8 @@
 //! Properties of the cost-control rules over random sequences of requests and settles.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use prpm_playground_core::cost::*;
 use proptest::prelude::*;
+use prpm_playground_core::cost::*;
 
 fn start() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 30, 22, 0, 0).unwrap()
@@ -11,11 +11,18 @@ fn start() -> DateTime<Utc> {
 #[derive(Debug, Clone)]
 enum Op {
     /// Advance the clock by this many ms, then try to admit a run with this worst case.
-    Admit { gap_ms: i64, worst_micros: i64 },
+    Admit {
+        gap_ms: i64,
+        worst_micros: i64,
+    },
     /// Settle the oldest admitted run at this share (percent, up to 150) of its worst case.
-    Settle { pct: i64 },
+    Settle {
+        pct: i64,
+    },
     Release,
-    Meter { cost_micros: i64 },
+    Meter {
+        cost_micros: i64,
+    },
 }
 
 /// Gaps that often add up to exactly an hour, or an hour give or take a millisecond.

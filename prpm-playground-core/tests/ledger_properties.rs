@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use chrono::Duration;
+use proptest::prelude::*;
 use prpm_playground_core::conformance::{acct, key, start};
 use prpm_playground_core::store::HistoryQuery;
 use prpm_playground_core::*;
-use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -49,7 +49,11 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn order_strategy() -> impl Strategy<Value = SpendOrder> {
-    prop_oneof![Just(SpendOrder::DEFAULT), Just(SpendOrder::ROLLOVER_FIRST), Just(SpendOrder::new([Bucket::Purchased, Bucket::Rollover, Bucket::Monthly]).unwrap())]
+    prop_oneof![
+        Just(SpendOrder::DEFAULT),
+        Just(SpendOrder::ROLLOVER_FIRST),
+        Just(SpendOrder::new([Bucket::Purchased, Bucket::Rollover, Bucket::Monthly]).unwrap())
+    ]
 }
 
 struct World {
@@ -128,7 +132,9 @@ async fn step(w: &mut World, op: &Op) {
             key: w.key(),
         }),
         Op::Spend { amount } => Command::Spend(Spend { account: a.clone(), amount: *amount, usage: None, reference: String::new(), key: w.key() }),
-        Op::Hold { amount, ttl_secs } => Command::Hold(Hold { account: a.clone(), amount: *amount, ttl_secs: *ttl_secs, cost_micros: 0, reference: String::new(), key: w.key() }),
+        Op::Hold { amount, ttl_secs } => {
+            Command::Hold(Hold { account: a.clone(), amount: *amount, ttl_secs: *ttl_secs, cost_micros: 0, reference: String::new(), key: w.key() })
+        }
         Op::Settle { pick, credits } if !w.holds.is_empty() => {
             let (hold, _, _) = w.holds[pick % w.holds.len()];
             Command::Settle(Settle { hold, credits: *credits, usage: None, key: w.key() })
@@ -141,10 +147,14 @@ async fn step(w: &mut World, op: &Op) {
             let entry = w.charges[pick % w.charges.len()];
             Command::Refund(Refund { account: a.clone(), entry, amount: *amount, reference: String::new(), key: w.key() })
         }
-        Op::Clawback { bucket, amount } => Command::Clawback(Clawback { account: a.clone(), bucket: *bucket, amount: *amount, reference: String::new(), key: w.key() }),
-        Op::StartPlan { credits, days } => {
-            Command::SetPlan(SetPlan { account: a.clone(), plan: Some(PlanTerms { monthly_credits: *credits, period_end: now + Duration::days(*days), anchor_day: None }), key: w.key() })
+        Op::Clawback { bucket, amount } => {
+            Command::Clawback(Clawback { account: a.clone(), bucket: *bucket, amount: *amount, reference: String::new(), key: w.key() })
         }
+        Op::StartPlan { credits, days } => Command::SetPlan(SetPlan {
+            account: a.clone(),
+            plan: Some(PlanTerms { monthly_credits: *credits, period_end: now + Duration::days(*days), anchor_day: None }),
+            key: w.key(),
+        }),
         Op::EndPlan => Command::SetPlan(SetPlan { account: a.clone(), plan: None, key: w.key() }),
         Op::Jobs => {
             jobs::expire_holds(&*w.store).await.unwrap();

@@ -79,11 +79,8 @@ fn refuses_a_schema_newer_than_the_code() {
     drop(SqliteStore::open(&path).unwrap());
     {
         let c = Connection::open(&path).unwrap();
-        c.execute(
-            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (99, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
-            [],
-        )
-        .unwrap();
+        c.execute("INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (99, 'from_the_future', '2030-01-01T00:00:00Z', '1')", [])
+            .unwrap();
     }
     match SqliteStore::open(&path) {
         Err(Error::SchemaTooNew { found: 99, supported: 3 }) => {}
@@ -248,10 +245,7 @@ fn a_full_database_fails_cleanly() {
         grant(&*store, &u, Bucket::Purchased, 1_000_000, None, "g").await;
         let (mut ok, mut full) = (0i64, 0);
         for round in 0..40 {
-            let outcomes = futures_util::future::join_all(
-                (0..64).map(|i| store.spend(spend_cmd(&u, 1, &format!("r{round}-{i}-{}", "k".repeat(120))))),
-            )
-            .await;
+            let outcomes = futures_util::future::join_all((0..64).map(|i| store.spend(spend_cmd(&u, 1, &format!("r{round}-{i}-{}", "k".repeat(120)))))).await;
             for o in outcomes {
                 match o {
                     Ok(Ok(_)) => ok += 1,

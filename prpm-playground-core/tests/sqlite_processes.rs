@@ -16,7 +16,9 @@ const SPENDS_PER_TASK: usize = 25;
 
 #[test]
 fn worker() {
-    let Ok(path) = std::env::var("PRPM_WORKER_DB") else { return };
+    let Ok(path) = std::env::var("PRPM_WORKER_DB") else {
+        return;
+    };
     let id = std::env::var("PRPM_WORKER_ID").unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let spent: i64 = rt.block_on(async {
@@ -78,7 +80,8 @@ fn processes_share_one_file_without_overspending() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "worker failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         // libtest prints the worker's line after "test worker ... ".
-        let total = stdout.split("SPENT ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or_else(|| panic!("no total from the worker: {stdout}"));
+        let total =
+            stdout.split("SPENT ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or_else(|| panic!("no total from the worker: {stdout}"));
         spent += total.parse::<i64>().unwrap();
     }
     rt.block_on(async {

@@ -79,17 +79,7 @@ pub struct AccountState {
 
 impl AccountState {
     pub fn new(kind: AccountKind) -> Self {
-        AccountState {
-            kind,
-            monthly: 0,
-            purchased: 0,
-            rollover: Vec::new(),
-            held: 0,
-            plan: None,
-            cost: CostState::default(),
-            org_member: false,
-            tier: None,
-        }
+        AccountState { kind, monthly: 0, purchased: 0, rollover: Vec::new(), held: 0, plan: None, cost: CostState::default(), org_member: false, tier: None }
     }
 
     /// The account's cost tier: an admin's override; otherwise organisations (credit pools)
@@ -111,7 +101,7 @@ impl AccountState {
 }
 
 /// See [`AccountState::tier`].
-pub fn account_tier<'a>(kind: AccountKind, plan: bool, org_member: bool, tier_override: Option<&'a str>) -> &'a str {
+pub fn account_tier(kind: AccountKind, plan: bool, org_member: bool, tier_override: Option<&str>) -> &str {
     if let Some(t) = tier_override {
         return t;
     }
@@ -280,10 +270,14 @@ pub fn apply(cfg: &LedgerConfig, tiers: &TierTable, snap: &Snapshot, cmd: &Comma
     }
     // Settle and release name a hold: an unknown hold is a rejection, not an unknown account.
     if let Some(hold_id) = cmd.hold() {
-        let Some(hold) = snap.hold else { return Ok(Err(Rejection::UnknownHold(hold_id))) };
+        let Some(hold) = snap.hold else {
+            return Ok(Err(Rejection::UnknownHold(hold_id)));
+        };
         match hold.status {
             HoldStatus::Open if hold.deadline > now => {}
-            HoldStatus::Open | HoldStatus::Expired => return Ok(Err(Rejection::HoldExpired(hold_id))),
+            HoldStatus::Open | HoldStatus::Expired => {
+                return Ok(Err(Rejection::HoldExpired(hold_id)));
+            }
             HoldStatus::Settled => return Ok(Err(Rejection::AlreadySettled(hold_id))),
             HoldStatus::Released => return Ok(Err(Rejection::AlreadyReleased(hold_id))),
         }
@@ -572,7 +566,9 @@ pub fn apply(cfg: &LedgerConfig, tiers: &TierTable, snap: &Snapshot, cmd: &Comma
 fn throttle_text(r: &ThrottleReason) -> String {
     match r {
         ThrottleReason::DailyCostLimit { day } => format!("daily cost limit reached on {day}"),
-        ThrottleReason::MonthlyCostLimit { month } => format!("monthly cost limit reached in {}", month.format("%Y-%m")),
+        ThrottleReason::MonthlyCostLimit { month } => {
+            format!("monthly cost limit reached in {}", month.format("%Y-%m"))
+        }
         ThrottleReason::Admin { by, why } => format!("admin {by}: {why}"),
     }
 }
@@ -868,7 +864,9 @@ impl<'c> Tx<'c> {
     fn grant(&mut self, b: Bucket, n: Credits, source: GrantSource, expires_at: Option<DateTime<Utc>>, reference: String) -> Result<()> {
         match (b, expires_at) {
             (Bucket::Rollover, Some(at)) => self.add_lot(n, at)?,
-            (Bucket::Rollover, None) => return Err(Error::Invariant("rollover grant without expiry".into())),
+            (Bucket::Rollover, None) => {
+                return Err(Error::Invariant("rollover grant without expiry".into()));
+            }
             (b, _) => self.add(b, n)?,
         }
         let mut e = NewEntry::new(EntryKind::Grant);
@@ -888,7 +886,9 @@ impl<'c> Tx<'c> {
         let mut left = n;
         let earliest = self.s.rollover.first().map(|l| l.expires_at).filter(|_| n > 0);
         while left > 0 {
-            let Some(lot) = self.s.rollover.first_mut() else { break };
+            let Some(lot) = self.s.rollover.first_mut() else {
+                break;
+            };
             let k = left.min(lot.amount);
             lot.amount -= k;
             left -= k;

@@ -346,10 +346,7 @@ impl EntryKind {
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
-        EntryKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| Error::invalid("kind", format!("unknown entry kind {s:?}")))
+        EntryKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| Error::invalid("kind", format!("unknown entry kind {s:?}")))
     }
 }
 
@@ -541,11 +538,17 @@ pub enum Command {
     Unthrottle(AdminThrottle),
     SetTier(SetTier),
     /// The monthly rollover step for one account whose period ended.
-    Rollover { account: AccountId },
+    Rollover {
+        account: AccountId,
+    },
     /// Returns expired holds and removes expired credits of one account.
-    Sweep { account: AccountId },
+    Sweep {
+        account: AccountId,
+    },
     /// Clears the cost counters and cost throttles of periods that ended.
-    CostReset { account: AccountId },
+    CostReset {
+        account: AccountId,
+    },
 }
 
 fn check_amount(field: &'static str, n: Credits, allow_zero: bool) -> Result<()> {
@@ -703,9 +706,20 @@ impl Balances {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "effect", rename_all = "snake_case")]
 pub enum Effect {
-    AccountCreated { granted: Credits, balances: Balances },
-    Granted { entry: EntryId, balances: Balances },
-    Held { hold: HoldId, amount: Credits, deadline: DateTime<Utc>, balances: Balances },
+    AccountCreated {
+        granted: Credits,
+        balances: Balances,
+    },
+    Granted {
+        entry: EntryId,
+        balances: Balances,
+    },
+    Held {
+        hold: HoldId,
+        amount: Credits,
+        deadline: DateTime<Utc>,
+        balances: Balances,
+    },
     Settled {
         hold: HoldId,
         entry: EntryId,
@@ -716,7 +730,11 @@ pub enum Effect {
         #[serde(default)]
         cost: CostEvents,
     },
-    Released { hold: HoldId, released: Credits, balances: Balances },
+    Released {
+        hold: HoldId,
+        released: Credits,
+        balances: Balances,
+    },
     Spent {
         entry: EntryId,
         charged: BucketAmounts,
@@ -724,18 +742,56 @@ pub enum Effect {
         #[serde(default)]
         cost: CostEvents,
     },
-    Refunded { entry: EntryId, returned: BucketAmounts, balances: Balances },
-    ClawedBack { entry: Option<EntryId>, taken: BucketAmounts, shortfall: Credits, balances: Balances },
-    PlanSet { granted: Credits, balances: Balances },
-    RolledOver { periods: u32, moved: Credits, expired: Credits, granted: Credits, balances: Balances },
-    Swept { holds_expired: u32, credits_expired: Credits, balances: Balances },
-    Metered { entry: EntryId, cost: CostEvents, balances: Balances },
-    CostProfileSet { tier: String, balances: Balances },
-    Throttled { balances: Balances },
-    Unthrottled { balances: Balances },
+    Refunded {
+        entry: EntryId,
+        returned: BucketAmounts,
+        balances: Balances,
+    },
+    ClawedBack {
+        entry: Option<EntryId>,
+        taken: BucketAmounts,
+        shortfall: Credits,
+        balances: Balances,
+    },
+    PlanSet {
+        granted: Credits,
+        balances: Balances,
+    },
+    RolledOver {
+        periods: u32,
+        moved: Credits,
+        expired: Credits,
+        granted: Credits,
+        balances: Balances,
+    },
+    Swept {
+        holds_expired: u32,
+        credits_expired: Credits,
+        balances: Balances,
+    },
+    Metered {
+        entry: EntryId,
+        cost: CostEvents,
+        balances: Balances,
+    },
+    CostProfileSet {
+        tier: String,
+        balances: Balances,
+    },
+    Throttled {
+        balances: Balances,
+    },
+    Unthrottled {
+        balances: Balances,
+    },
     /// The tier's limits were stored; `warnings` lists what is odd about them.
-    TierSet { warnings: Vec<LimitWarning> },
-    CostReset { throttle_lifted: bool, balances: Balances },
+    TierSet {
+        warnings: Vec<LimitWarning>,
+    },
+    CostReset {
+        throttle_lifted: bool,
+        balances: Balances,
+    },
 }
 
 impl Effect {
@@ -877,9 +933,7 @@ mod key_tests {
         }
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "generated keys must strictly increase");
         // The leading ten characters are the millisecond timestamp.
-        let decode = |s: &str| {
-            s.bytes().take(10).fold(0u64, |v, c| v * 32 + b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".iter().position(|&a| a == c).unwrap() as u64)
-        };
+        let decode = |s: &str| s.bytes().take(10).fold(0u64, |v, c| v * 32 + b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".iter().position(|&a| a == c).unwrap() as u64);
         let now = chrono::Utc::now().timestamp_millis() as u64;
         let first = decode(keys[0].as_str());
         assert!(first <= now && now - first < 60_000, "timestamp {first} vs now {now}");

@@ -215,10 +215,9 @@ impl CostFilter {
     pub fn matches(self, v: &CostView) -> bool {
         match self {
             CostFilter::All => true,
-            CostFilter::AtRisk => v
-                .limits
-                .monthly_cost_limit_micros
-                .is_some_and(|l| i128::from(v.month_cost_micros) * 100 > i128::from(l) * i128::from(crate::cost::AT_RISK_PCT)),
+            CostFilter::AtRisk => {
+                v.limits.monthly_cost_limit_micros.is_some_and(|l| i128::from(v.month_cost_micros) * 100 > i128::from(l) * i128::from(crate::cost::AT_RISK_PCT))
+            }
             CostFilter::Throttled => v.throttle.is_some(),
             CostFilter::HighRisk => v.risk == RiskLevel::HighRisk,
         }

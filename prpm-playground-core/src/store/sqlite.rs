@@ -234,16 +234,12 @@ impl SqliteStore {
             .name("prpm-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch, index_batch, sink))
             .map_err(|e| Error::Backend(format!("cannot start the writer thread: {e}")))?;
-        let readers = opts.path.as_ref().filter(|_| opts.readers > 0).map(|p| {
-            Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers })
-        });
-        Ok(SqliteStore {
-            jobs: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
-            readers,
-            clock: opts.clock,
-            ledger: opts.ledger,
-        })
+        let readers = opts
+            .path
+            .as_ref()
+            .filter(|_| opts.readers > 0)
+            .map(|p| Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers }));
+        Ok(SqliteStore { jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), readers, clock: opts.clock, ledger: opts.ledger })
     }
 
     fn send(&self, job: Job) -> Result<()> {
@@ -317,19 +313,12 @@ fn check_ours(conn: &Connection) -> Result<()> {
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::NotADatabase => Error::NotOurDatabase(e.to_string()),
         e => e.into(),
     })?;
-    let tables: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
-        [],
-        |r| r.get(0),
-    )?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'", [], |r| r.get(0))?;
     if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
         return Err(Error::NotOurDatabase(format!("application_id is {app_id:#x} and the file has {tables} tables of another application")));
     }
     if tables > 0 {
-        let found: Option<i64> = conn
-            .query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0))
-            .optional()?
-            .flatten();
+        let found: Option<i64> = conn.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).optional()?.flatten();
         let supported = embedded::migrations::runner().get_migrations().iter().map(|m| i64::from(m.version())).max().unwrap_or(0);
         if let Some(found) = found.filter(|f| *f > supported) {
             return Err(Error::SchemaTooNew { found, supported });
@@ -393,9 +382,17 @@ enum GroupError {
 enum Step {
     /// A replay or a rejection: nothing to write.
     Done(Outcome),
-    Apply { account_id: Option<i64>, transition: Box<Transition>, fingerprint: i64 },
+    Apply {
+        account_id: Option<i64>,
+        transition: Box<Transition>,
+        fingerprint: i64,
+    },
     /// A tier's limits to store.
-    Tier { limits: TierLimits, warnings: Vec<LimitWarning>, fingerprint: i64 },
+    Tier {
+        limits: TierLimits,
+        warnings: Vec<LimitWarning>,
+        fingerprint: i64,
+    },
 }
 
 struct Writer {
@@ -499,11 +496,8 @@ impl Writer {
         self.alerts.clear();
         self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.execute([])).map_err(|e| GroupError::Begin(e.into()))?;
         // Inside the write lock: nobody can commit between this check and our commit.
-        let version = self
-            .conn
-            .prepare_cached("PRAGMA data_version")
-            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
-            .map_err(|e| GroupError::Write(e.into()));
+        let version =
+            self.conn.prepare_cached("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0))).map_err(|e| GroupError::Write(e.into()));
         let result = version.and_then(|version| {
             if version != self.data_version || self.cache.accounts.len() > MAX_CACHED_ACCOUNTS {
                 self.cache.clear();
@@ -627,9 +621,12 @@ impl Writer {
     fn remember(&self, cmd: &Command, effect: &Effect, fingerprint: i64, now: DateTime<Utc>) -> Result<()> {
         if let Some(key) = cmd.key() {
             let outcome = serde_json::to_string(effect).expect("effects serialize");
-            self.conn
-                .prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![key.as_str(), fingerprint, outcome, ms(now)])?;
+            self.conn.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?.execute(params![
+                key.as_str(),
+                fingerprint,
+                outcome,
+                ms(now)
+            ])?;
         }
         Ok(())
     }
@@ -647,7 +644,9 @@ impl Writer {
             (None, Some(ext)) => load_account(&self.conn, ext)?.map(|(id, s)| (id, ext.clone(), s)),
             (None, None) => None,
         };
-        let Some((id, ext, state)) = loaded else { return Ok(None) };
+        let Some((id, ext, state)) = loaded else {
+            return Ok(None);
+        };
         let holds = load_open_holds(&self.conn, id)?;
         for h in &holds {
             self.cache.holds.insert(h.id, id);
@@ -742,9 +741,11 @@ impl Writer {
             new_hold = Some(OpenHold { id: hold_id, amount: h.amount, deadline: h.deadline, cost_micros: h.cost_micros });
         }
         for (hold_id, status) in &t.closed_holds {
-            let n = conn
-                .prepare_cached("UPDATE holds SET status = ?2, closed_ms = ?3 WHERE id = ?1 AND status = 'open'")?
-                .execute(params![hold_id.0, status.as_str(), ms(now)])?;
+            let n = conn.prepare_cached("UPDATE holds SET status = ?2, closed_ms = ?3 WHERE id = ?1 AND status = 'open'")?.execute(params![
+                hold_id.0,
+                status.as_str(),
+                ms(now)
+            ])?;
             if n != 1 {
                 return Err(Error::Invariant(format!("hold {hold_id:?} was not open")));
             }
@@ -803,10 +804,8 @@ impl Writer {
             ])?;
         }
         for a in &t.alerts {
-            conn.prepare_cached(
-                "INSERT INTO cost_alerts (account_id, kind, month_ms, cost_micros, limit_micros, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![id, alert_kind_str(a.kind), day_ms(a.month), a.cost_micros, a.limit_micros, ms(a.at)])?;
+            conn.prepare_cached("INSERT INTO cost_alerts (account_id, kind, month_ms, cost_micros, limit_micros, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+                .execute(params![id, alert_kind_str(a.kind), day_ms(a.month), a.cost_micros, a.limit_micros, ms(a.at)])?;
         }
         self.remember(cmd, &t.effect, fingerprint, now)?;
         // The cache follows the committed-to-be state.
@@ -858,9 +857,7 @@ fn lots_json(lots: &[Lot]) -> String {
 
 fn parse_lots(s: &str) -> Result<Vec<Lot>> {
     let v: Vec<(i64, i64)> = serde_json::from_str(s).map_err(|e| Error::Invariant(format!("rollover_lots: {e}")))?;
-    v.into_iter()
-        .map(|(amount, exp)| Ok(Lot { amount, expires_at: at(exp)? }))
-        .collect()
+    v.into_iter().map(|(amount, exp)| Ok(Lot { amount, expires_at: at(exp)? })).collect()
 }
 
 const ACCOUNT_COLUMNS: &str = "id, external_id, kind, monthly, purchased, held, rollover_lots, plan_credits, plan_active, period_end_ms, plan_anchor_day,
@@ -967,7 +964,9 @@ fn load_charge(conn: &Connection, account_id: i64, entry: EntryId) -> Result<Opt
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<i64>>(4)?))
         })
         .optional()?;
-    let Some((kind, m, ro, p, exp)) = row else { return Ok(None) };
+    let Some((kind, m, ro, p, exp)) = row else {
+        return Ok(None);
+    };
     let refunded = conn
         .prepare_cached("SELECT COALESCE(SUM(d_monthly), 0), COALESCE(SUM(d_rollover), 0), COALESCE(SUM(d_purchased), 0) FROM ledger_entries WHERE ref_entry = ?1 AND kind = 'refund'")?
         .query_row([entry.0], |r| Ok(BucketAmounts { monthly: r.get(0)?, rollover: r.get(1)?, purchased: r.get(2)? }))?;
@@ -1294,7 +1293,13 @@ fn cost_view_from_row(r: &rusqlite::Row<'_>, tiers: &TierTable, now: DateTime<Ut
         month: day(7)?,
         month_cost_micros: r.get(8)?,
         held_cost_micros: r.get(9)?,
-        throttle: r.get_ref(10)?.as_str_or_null().map_err(|e| Error::Invariant(e.to_string()))?.map(serde_json::from_str).transpose().map_err(|e| Error::Invariant(format!("throttle: {e}")))?,
+        throttle: r
+            .get_ref(10)?
+            .as_str_or_null()
+            .map_err(|e| Error::Invariant(e.to_string()))?
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| Error::Invariant(format!("throttle: {e}")))?,
         requests_ms: decode_requests(r.get_ref(11)?.as_blob_or_null().map_err(|e| Error::Invariant(e.to_string()))?)?,
         alerted: Vec::new(),
     };
@@ -1436,9 +1441,7 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
         if lot_sum != stored[1] {
             push(&mut report, &ext, "rollover lots", stored[1], lot_sum)?;
         }
-        let bad_lots = lots.iter().any(|l| l.amount <= 0)
-            || lots.windows(2).any(|w| w[0].expires_at >= w[1].expires_at)
-            || lots.len() > MAX_ROLLOVER_LOTS_HARD;
+        let bad_lots = lots.iter().any(|l| l.amount <= 0) || lots.windows(2).any(|w| w[0].expires_at >= w[1].expires_at) || lots.len() > MAX_ROLLOVER_LOTS_HARD;
         if bad_lots {
             push(&mut report, &ext, "rollover lots malformed (count)", lots.len() as i64, 0)?;
         }
