@@ -46,7 +46,8 @@ macro_rules! conformance_suite {
             jobs_run_twice_at_once_do_the_work_once,
             rate_limit_is_exact_under_concurrency, cost_limits_hold_under_concurrency, throttles_and_alerts,
             admin_throttles_and_lists, tiers_are_data_and_follow_plans, cost_periods_across_boundaries,
-            metering_counts_toward_limits, reference_scenario_summary, cost_jobs_run_twice_at_once_do_the_work_once);
+            metering_counts_toward_limits, reference_scenario_summary, cost_jobs_run_twice_at_once_do_the_work_once,
+            monthly_limit_outranks_a_daily_throttle, a_clock_that_steps_back_never_restarts_a_period);
         $crate::conformance_suite!(@tests $open; rollover_first; rollover_first_spend_order);
     };
     (@tests $open:path; $cfg:ident; $($name:ident),*) => {
@@ -1340,4 +1341,65 @@ pub async fn cost_jobs_run_twice_at_once_do_the_work_once(store: &dyn Store, clo
     assert_eq!(a.applied + b.applied, 30);
     assert_eq!((a.failed, b.failed), (0, 0));
     assert_eq!(jobs::cost_reset(store).await.unwrap().examined, 0);
+}
+
+/// Reaching the monthly limit while a daily throttle is on turns it into a monthly one (the
+/// next day does not lift it); an admin's unthrottle of a user still over a limit clears the
+/// flag only: admission keeps refusing what would pass the limit, a zero-cost meter does not
+/// throttle again, and a tier change lets the user run.
+pub async fn monthly_limit_outranks_a_daily_throttle(store: &dyn Store, clock: &ManualClock) {
+    let u = create_free_user(store, "u").await; // $0.10 a day, $0.50 a month
+    grant(store, &u, Bucket::Purchased, 100, None, "g").await;
+    for d in 0..4 {
+        clock.set(at(2026, 1, 15 + d, 10, 0, 0));
+        applied(store.meter(meter_cmd(&u, 99_000, &format!("m{d}"))).await);
+    }
+    clock.set(at(2026, 1, 19, 10, 0, 0));
+    applied(store.meter(meter_cmd(&u, cents(10), "m4")).await); // month 0.496, day 0.10
+    assert_eq!(cost_of(store, &u).await.throttle.unwrap().reason, ThrottleReason::DailyCostLimit { day: date(2026, 1, 19) });
+    match applied(store.meter(meter_cmd(&u, cents(1), "m5")).await) {
+        Effect::Metered { cost, .. } => assert_eq!(cost.throttled, Some(ThrottleReason::MonthlyCostLimit { month: date(2026, 1, 1) })),
+        other => panic!("{other:?}"),
+    }
+    let throttles = kinds_in_log(store, &u, EntryKind::Throttle).await;
+    assert_eq!(throttles.len(), 2);
+    assert_eq!(throttles[0].reference, "monthly cost limit reached in 2026-01");
+    assert!(kinds_in_log(store, &u, EntryKind::Unthrottle).await.is_empty(), "replaced, not lifted");
+    clock.set(at(2026, 1, 20, 0, 30, 0));
+    jobs::cost_reset(store).await.unwrap();
+    let v = cost_of(store, &u).await;
+    assert_eq!(v.throttle.map(|t| t.reason), Some(ThrottleReason::MonthlyCostLimit { month: date(2026, 1, 1) }));
+    assert_eq!(store.cost_accounts(CostFilter::Throttled, None, 10).await.unwrap().len(), 1);
+    assert_eq!(store.summary().await.unwrap().throttled_users, 1);
+
+    // The admin lifts it; the user is still over the monthly limit.
+    applied(store.unthrottle(AdminThrottle { account: u.clone(), by: "ops".into(), why: "goodwill".into(), key: key("un") }).await);
+    assert!(matches!(rejected(store.hold(cost_hold(&u, 1, 1, "h1")).await), Rejection::MonthlyCostLimit { .. }));
+    applied(store.meter(meter_cmd(&u, 0, "m6")).await);
+    assert!(cost_of(store, &u).await.throttle.is_none(), "no new crossing, no new throttle");
+    applied(store.set_cost_profile(u.clone(), false, Some(crate::cost::UNLIMITED.into()), key("up")).await);
+    applied(store.hold(cost_hold(&u, 1, cents(5), "h2")).await);
+}
+
+/// A clock that steps back across a day or month boundary (a correction, a node a little
+/// behind) never restarts a period: costs count into the period already started, limits and
+/// alerts stay once per period, and nothing fails.
+pub async fn a_clock_that_steps_back_never_restarts_a_period(store: &dyn Store, clock: &ManualClock) {
+    let u = create_free_user(store, "u").await;
+    clock.set(at(2026, 1, 31, 23, 59, 58));
+    for i in 0..4 {
+        applied(store.meter(meter_cmd(&u, 95_000, &format!("m{i}"))).await); // 0.38: at risk
+    }
+    clock.set(at(2026, 2, 1, 0, 0, 0) + Duration::milliseconds(500));
+    applied(store.meter(meter_cmd(&u, 0, "feb")).await);
+    clock.set(at(2026, 1, 31, 23, 59, 59));
+    for i in 0..4 {
+        applied(store.meter(meter_cmd(&u, 95_000, &format!("back{i}"))).await);
+    }
+    // Counted into February (the period already started): at risk again, once, for February.
+    let v = cost_of(store, &u).await;
+    assert_eq!((v.month_cost_micros, v.day_cost_micros), (380_000, 380_000));
+    let alerts = store.alerts(&AlertQuery { account: Some(u.clone()), after: None, limit: 10 }).await.unwrap();
+    let months: Vec<_> = alerts.iter().map(|a| (a.alert.kind, a.alert.month)).collect();
+    assert_eq!(months, vec![(crate::cost::AlertKind::AtRisk, date(2026, 1, 1)), (crate::cost::AlertKind::AtRisk, date(2026, 2, 1))]);
 }

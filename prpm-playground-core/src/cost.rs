@@ -450,20 +450,22 @@ impl CostState {
         let today = now.date_naive();
         let this_month = month_start(today);
         let mut changed = false;
-        if self.day != Some(today) {
+        // Only forward: a clock that steps back (a correction, another node a little behind)
+        // keeps counting into the period already started, never restarts one.
+        if self.day.is_none_or(|d| d < today) {
             self.day = Some(today);
             self.day_cost_micros = 0;
             changed = true;
         }
-        if self.month != Some(this_month) {
+        if self.month.is_none_or(|m| m < this_month) {
             self.month = Some(this_month);
             self.month_cost_micros = 0;
             self.alerted.clear();
             changed = true;
         }
         let lifted = match &self.throttle {
-            Some(Throttle { reason: ThrottleReason::DailyCostLimit { day }, .. }) => *day != today,
-            Some(Throttle { reason: ThrottleReason::MonthlyCostLimit { month }, .. }) => *month != this_month,
+            Some(Throttle { reason: ThrottleReason::DailyCostLimit { day }, .. }) => *day < today,
+            Some(Throttle { reason: ThrottleReason::MonthlyCostLimit { month }, .. }) => *month < this_month,
             _ => false,
         };
         if lifted {
@@ -548,18 +550,27 @@ impl CostState {
         }
         let mut next = self.clone();
         next.roll(now);
+        // The periods the counters are in (a clock behind them counts into them).
+        let (day, month) = (next.day.expect("rolled"), next.month.expect("rolled"));
+        let (day_before, month_before) = (next.day_cost_micros, next.month_cost_micros);
         next.held_cost_micros -= held_micros;
         next.day_cost_micros = next.day_cost_micros.saturating_add(cost_micros);
         next.month_cost_micros = next.month_cost_micros.saturating_add(cost_micros);
-        let today = now.date_naive();
         let mut events = CostEvents::default();
-        if limits.throttle_on_exceed && next.throttle.is_none() {
-            let reason = if limits.monthly_cost_limit_micros.is_some_and(|l| next.month_cost_micros >= l) {
-                Some(ThrottleReason::MonthlyCostLimit { month: month_start(today) })
-            } else if limits.daily_cost_limit_micros.is_some_and(|l| next.day_cost_micros >= l) {
-                Some(ThrottleReason::DailyCostLimit { day: today })
-            } else {
-                None
+        if limits.throttle_on_exceed {
+            // Crossing a limit throttles; the monthly limit replaces a daily throttle (it lasts
+            // longer); an admin's throttle stays as it is. A user an admin unthrottled while
+            // over a limit is not throttled again until a limit is crossed anew (admission
+            // still refuses what would pass a limit).
+            let crossed = |limit: Option<i64>, before: i64, after: i64| limit.is_some_and(|l| before < l && after >= l);
+            let reason = match &next.throttle {
+                None | Some(Throttle { reason: ThrottleReason::DailyCostLimit { .. }, .. })
+                    if crossed(limits.monthly_cost_limit_micros, month_before, next.month_cost_micros) =>
+                {
+                    Some(ThrottleReason::MonthlyCostLimit { month })
+                }
+                None if crossed(limits.daily_cost_limit_micros, day_before, next.day_cost_micros) => Some(ThrottleReason::DailyCostLimit { day }),
+                _ => None,
             };
             if let Some(reason) = reason {
                 next.throttle = Some(Throttle { reason: reason.clone(), since: now });
@@ -572,7 +583,7 @@ impl CostState {
                 let crossed = threshold.is_some_and(|t| next.month_cost_micros > t || (kind == AlertKind::Threshold && next.month_cost_micros >= t));
                 if crossed && !next.alerted.contains(&kind) {
                     next.alerted.push(kind);
-                    events.alerts.push(Alert { kind, month: month_start(today), cost_micros: next.month_cost_micros, limit_micros: limit, at: now });
+                    events.alerts.push(Alert { kind, month, cost_micros: next.month_cost_micros, limit_micros: limit, at: now });
                 }
             }
         }

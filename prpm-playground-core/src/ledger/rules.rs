@@ -705,7 +705,8 @@ impl<'c> Tx<'c> {
         if before == after {
             return;
         }
-        if let Some(b) = before {
+        // A throttle replaced by another (daily by monthly) is one `throttle` entry.
+        if let (Some(b), None) = (&before, &after) {
             let mut e = NewEntry::new(EntryKind::Unthrottle);
             e.reference = format!("period ended: {}", throttle_text(&b.reason));
             self.push(e);

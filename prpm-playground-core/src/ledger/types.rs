@@ -386,7 +386,8 @@ pub struct PlanTerms {
     /// The day of the month periods end on (the billing cycle anchor, 1..=31); in shorter
     /// months the period ends on the month's last day, and the next on the anchor day again.
     /// `None`: the day of `period_end`.
-    #[serde(default)]
+    /// (Left out of the canonical form when `None`, so keys stored before it existed match.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anchor_day: Option<u32>,
 }
 
@@ -422,7 +423,8 @@ pub struct Hold {
     pub ttl_secs: u32,
     /// Worst-case provider cost of the run in micro-dollars: admission checks it against the
     /// account's daily and monthly cost limits, and it counts against them until the settle.
-    #[serde(default)]
+    /// (Left out of the canonical form when zero, so keys stored before it existed match.)
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub cost_micros: i64,
     pub reference: String,
     pub key: IdempotencyKey,
@@ -549,6 +551,10 @@ pub enum Command {
     CostReset {
         account: AccountId,
     },
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 fn check_amount(field: &'static str, n: Credits, allow_zero: bool) -> Result<()> {
@@ -923,6 +929,28 @@ pub type Outcome = std::result::Result<Committed, Rejection>;
 #[cfg(test)]
 mod key_tests {
     use super::*;
+
+    /// Keys stored before cost control (and plan anchors) existed must still match their
+    /// commands: the canonical form of a command without the new fields is unchanged.
+    #[test]
+    fn fingerprints_of_older_commands_are_unchanged() {
+        let hold = Command::Hold(Hold {
+            account: AccountId::new("u").unwrap(),
+            amount: 3,
+            ttl_secs: 60,
+            cost_micros: 0,
+            reference: "r".into(),
+            key: IdempotencyKey::new("k").unwrap(),
+        });
+        assert_eq!(hold.fingerprint(), r#"{"op":"hold","account":"u","amount":3,"ttl_secs":60,"reference":"r","key":"k"}"#);
+        let t = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let plan = Command::SetPlan(SetPlan {
+            account: AccountId::new("u").unwrap(),
+            plan: Some(PlanTerms { monthly_credits: 5, period_end: t, anchor_day: None }),
+            key: IdempotencyKey::new("k").unwrap(),
+        });
+        assert_eq!(plan.fingerprint(), r#"{"op":"set_plan","account":"u","plan":{"monthly_credits":5,"period_end":"2027-01-15T08:00:00Z"},"key":"k"}"#);
+    }
 
     #[test]
     fn generated_keys_are_valid_unique_and_ordered() {

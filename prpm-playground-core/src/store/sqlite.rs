@@ -803,14 +803,24 @@ impl Writer {
                 u.cost_micros,
             ])?;
         }
+        // One alert per account, kind and month: one already recorded is not recorded (nor sent)
+        // again, and never fails the settle that raised it.
+        let mut new_alerts = Vec::with_capacity(t.alerts.len());
         for a in &t.alerts {
-            conn.prepare_cached("INSERT INTO cost_alerts (account_id, kind, month_ms, cost_micros, limit_micros, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+            let n = conn
+                .prepare_cached(
+                    "INSERT INTO cost_alerts (account_id, kind, month_ms, cost_micros, limit_micros, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (account_id, kind, month_ms) DO NOTHING",
+                )?
                 .execute(params![id, alert_kind_str(a.kind), day_ms(a.month), a.cost_micros, a.limit_micros, ms(a.at)])?;
+            if n == 1 {
+                new_alerts.push(a.clone());
+            }
         }
         self.remember(cmd, &t.effect, fingerprint, now)?;
         // The cache follows the committed-to-be state.
         let c = self.cache.accounts.get_mut(&id).ok_or_else(|| Error::Invariant("account not cached".into()))?;
-        self.alerts.extend(t.alerts.iter().map(|a| (c.ext.clone(), a.clone())));
+        self.alerts.extend(new_alerts.into_iter().map(|a| (c.ext.clone(), a)));
         let next_expiry = |s: &AccountState| s.next_expiry().map(|l| l.expires_at);
         c.indexed_changed |= c.state.plan != t.state.plan || next_expiry(&c.state) != next_expiry(&t.state);
         c.state = t.state;
@@ -1615,17 +1625,14 @@ impl Store for SqliteStore {
         self.send(Job::Read(Box::new(move |c| {
             let r = (|| {
                 c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-                match roll_up_usage(c) {
-                    Ok(n) => {
-                        c.prepare_cached("COMMIT")?.execute([])?;
-                        Ok(AnalyticsReport { usage_records: n })
-                    }
-                    Err(e) => {
-                        let _ = c.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
-                        Err(e)
-                    }
-                }
+                let n = roll_up_usage(c)?;
+                c.prepare_cached("COMMIT")?.execute([])?;
+                Ok(AnalyticsReport { usage_records: n })
             })();
+            // Whatever failed (the roll-up or the commit itself), leave no transaction open.
+            if r.is_err() && !c.is_autocommit() {
+                let _ = c.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+            }
             let _ = tx.send(r);
         })))?;
         rx.await.map_err(|_| Error::Closed)?
