@@ -19,6 +19,7 @@ pub mod error;
 pub mod history;
 pub mod jobs;
 pub mod ledger;
+pub mod pg_cluster;
 pub mod pricing;
 pub mod store;
 
