@@ -8,7 +8,8 @@
 //! a missing PostgreSQL is an error, so CI can never skip these tests silently.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A running cluster; stopped and deleted on drop.
@@ -72,7 +73,40 @@ impl PgCluster {
         let log = cluster.dir.join("server.log");
         cluster
             .run("pg_ctl", &["-D".as_ref(), data.as_os_str(), "-l".as_ref(), log.as_os_str(), "-o".as_ref(), opts.as_ref(), "-w".as_ref(), "start".as_ref()])?;
+        cluster.watchdog()?;
         Ok(Some(cluster))
+    }
+
+    /// One cluster for the whole test binary, started on first use. It is never dropped (it is
+    /// a static): the watchdog every cluster has stops and removes it when the process exits.
+    pub fn shared() -> Result<Option<&'static PgCluster>, String> {
+        static SHARED: OnceLock<Result<Option<PgCluster>, String>> = OnceLock::new();
+        SHARED.get_or_init(PgCluster::start).as_ref().map(Option::as_ref).map_err(Clone::clone)
+    }
+
+    /// A shell that waits for this process to end, however it ends (a panic that aborts, a
+    /// static never dropped), then stops the cluster and removes its directory.
+    fn watchdog(&self) -> Result<(), String> {
+        let data = self.dir.join("data");
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = if self.as_postgres {
+            format!("runuser -u postgres -- '{}' -D '{}' -m immediate -w stop", pg_ctl.display(), data.display())
+        } else {
+            format!("'{}' -D '{}' -m immediate -w stop", pg_ctl.display(), data.display())
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            dir = self.dir.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cluster watchdog: {e}"))?;
+        Ok(())
     }
 
     fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {

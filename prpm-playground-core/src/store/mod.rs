@@ -314,6 +314,60 @@ pub struct UsageRow {
     pub usage: Usage,
 }
 
+/// 64-bit FNV-1a of the command's canonical form (what a reused key is compared by).
+pub(crate) fn fingerprint(cmd: &Command) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cmd.fingerprint().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
+}
+
+const ALERT_BITS: [(crate::cost::AlertKind, i64); 2] = [(crate::cost::AlertKind::AtRisk, 1), (crate::cost::AlertKind::Threshold, 2)];
+
+/// The alerts of the month as stored: bit 0 at risk, bit 1 threshold.
+pub(crate) fn decode_alerted(bits: i64) -> Vec<crate::cost::AlertKind> {
+    ALERT_BITS.iter().filter(|(_, b)| bits & b != 0).map(|(k, _)| *k).collect()
+}
+
+pub(crate) fn encode_alerted(v: &[crate::cost::AlertKind]) -> i64 {
+    ALERT_BITS.iter().filter(|(k, _)| v.contains(k)).map(|(_, b)| b).sum()
+}
+
+pub(crate) fn alert_kind_str(k: crate::cost::AlertKind) -> &'static str {
+    match k {
+        crate::cost::AlertKind::AtRisk => "at_risk",
+        crate::cost::AlertKind::Threshold => "threshold",
+    }
+}
+
+pub(crate) fn parse_alert_kind(s: &str) -> Result<crate::cost::AlertKind> {
+    match s {
+        "at_risk" => Ok(crate::cost::AlertKind::AtRisk),
+        "threshold" => Ok(crate::cost::AlertKind::Threshold),
+        k => Err(Error::Invariant(format!("unknown alert kind {k:?}"))),
+    }
+}
+
+pub(crate) fn parse_source(s: &str) -> Result<GrantSource> {
+    Ok(match s {
+        "plan" => GrantSource::Plan,
+        "purchase" => GrantSource::Purchase,
+        "bonus" => GrantSource::Bonus,
+        "admin" => GrantSource::Admin,
+        _ => return Err(Error::Invariant(format!("unknown grant source {s:?}"))),
+    })
+}
+
+pub(crate) fn parse_kind(s: &str) -> Result<AccountKind> {
+    match s {
+        "user" => Ok(AccountKind::User),
+        "organisation" => Ok(AccountKind::Organisation),
+        k => Err(Error::Invariant(format!("unknown account kind {k:?}"))),
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Applies one command atomically. A command with a key that was used before returns the

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::clock::{SystemClock, to_millis};
-use crate::cost::{Alert, AlertKind, AlertSink, CostState, LimitWarning, TierLimits, TierTable};
+use crate::cost::{Alert, AlertSink, CostState, LimitWarning, TierLimits, TierTable};
 use crate::ledger::rules::{self, ChargeRecord, HoldRecord, NEW_HOLD, OpenHold, Snapshot, Transition};
 
 mod embedded {
@@ -836,16 +836,6 @@ impl Writer {
     }
 }
 
-/// 64-bit FNV-1a of the command's canonical form.
-fn fingerprint(cmd: &Command) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in cmd.fingerprint().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h as i64
-}
-
 fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
@@ -926,23 +916,6 @@ fn decode_requests(b: Option<&[u8]>) -> Result<Vec<i64>> {
 
 fn encode_requests(v: &[i64]) -> Option<Vec<u8>> {
     (!v.is_empty()).then(|| v.iter().flat_map(|t| t.to_le_bytes()).collect())
-}
-
-const ALERT_BITS: [(AlertKind, i64); 2] = [(AlertKind::AtRisk, 1), (AlertKind::Threshold, 2)];
-
-fn decode_alerted(bits: i64) -> Vec<AlertKind> {
-    ALERT_BITS.iter().filter(|(_, b)| bits & b != 0).map(|(k, _)| *k).collect()
-}
-
-fn encode_alerted(v: &[AlertKind]) -> i64 {
-    ALERT_BITS.iter().filter(|(k, _)| v.contains(k)).map(|(_, b)| b).sum()
-}
-
-fn alert_kind_str(k: AlertKind) -> &'static str {
-    match k {
-        AlertKind::AtRisk => "at_risk",
-        AlertKind::Threshold => "threshold",
-    }
 }
 
 fn day_ms(d: chrono::NaiveDate) -> i64 {
@@ -1075,16 +1048,6 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Entry, String, Opt
         kind,
         source,
     ))
-}
-
-fn parse_source(s: &str) -> Result<GrantSource> {
-    Ok(match s {
-        "plan" => GrantSource::Plan,
-        "purchase" => GrantSource::Purchase,
-        "bonus" => GrantSource::Bonus,
-        "admin" => GrantSource::Admin,
-        _ => return Err(Error::Invariant(format!("unknown grant source {s:?}"))),
-    })
 }
 
 /// Runs `f` in one read transaction, so its queries see one snapshot.
@@ -1360,11 +1323,7 @@ fn query_alerts(conn: &Connection, q: &AlertQuery) -> Result<Vec<StoredAlert>> {
     let mut rows = stmt.query(params![q.after.unwrap_or(0), q.account.as_ref().map(|a| a.as_str()), q.limit])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        let kind = match r.get_ref(2)?.as_str().map_err(|e| Error::Invariant(e.to_string()))? {
-            "at_risk" => AlertKind::AtRisk,
-            "threshold" => AlertKind::Threshold,
-            k => return Err(Error::Invariant(format!("unknown alert kind {k:?}"))),
-        };
+        let kind = parse_alert_kind(r.get_ref(2)?.as_str().map_err(|e| Error::Invariant(e.to_string()))?)?;
         out.push(StoredAlert {
             id: r.get(0)?,
             account: AccountId::new(r.get::<_, String>(1)?)?,
