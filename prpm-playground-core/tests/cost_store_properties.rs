@@ -68,11 +68,21 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn cost_control_matches_the_model(ops in prop::collection::vec(op(), 1..80), tier in prop::sample::select(vec!["free", "prpm_plus_org"])) {
+    fn cost_control_matches_the_model(ops in prop::collection::vec(op(), 1..80), tier in prop::sample::select(vec!["free", "prpm_plus_org"]), postgres in prop::sample::select(vec![false, false, true])) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let clock = Arc::new(ManualClock::new(start()));
-            let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::memory().clock(clock.clone())).unwrap());
+            // A third of the cases on PostgreSQL (a fresh database each), the rest on SQLite.
+            let store: Arc<dyn Store> = match (postgres, prpm_playground_core::pg_cluster::PgCluster::shared()) {
+                (true, Ok(Some(cluster))) => {
+                    let url = cluster.create_database().await.unwrap();
+                    let opts = prpm_playground_core::store::postgres::PgOptions::new(url).clock(clock.clone()).pool_size(2);
+                    Arc::new(prpm_playground_core::store::postgres::PgStore::open(opts).await.unwrap())
+                }
+                (true, Err(e)) => panic!("cannot start a PostgreSQL cluster: {e}"),
+                // Without PostgreSQL installed (and not required), SQLite stands in.
+                _ => Arc::new(SqliteStore::open_with(SqliteOptions::memory().clock(clock.clone())).unwrap()),
+            };
             let u = create_free_user(&*store, "u").await;
             applied(store.grant(Grant { account: u.clone(), bucket: Bucket::Purchased, amount: 100_000, source: GrantSource::Admin, expires_at: None, reference: String::new(), key: key("g") }).await);
             if tier != "free" {

@@ -237,6 +237,18 @@ async fn step(w: &mut World, op: &Op) {
     }
 }
 
+async fn run(store: Arc<dyn Store>, clock: Arc<ManualClock>, order: SpendOrder, ops: &[Op]) {
+    store.create_account(acct("u"), AccountKind::User, key("create")).await.unwrap().unwrap();
+    // Unlimited: the ledger's rules are under test here, not the request limit.
+    store.set_cost_profile(acct("u"), false, Some("unlimited".into()), key("unlimited")).await.unwrap().unwrap();
+    let mut w = World { store, clock, order, holds: Vec::new(), charges: Vec::new(), applied: Vec::new(), n: 0 };
+    for op in ops {
+        step(&mut w, op).await;
+    }
+    let report = w.store.verify().await.unwrap();
+    assert!(report.is_clean(), "{:?}", report.discrepancies);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
@@ -247,15 +259,33 @@ proptest! {
             let clock = Arc::new(ManualClock::new(start()));
             let ledger = LedgerConfig { spend_order: order, ..LedgerConfig::default() };
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::memory().clock(clock.clone()).ledger(ledger).history_index_batch(index_batch)).unwrap());
-            store.create_account(acct("u"), AccountKind::User, key("create")).await.unwrap().unwrap();
-            // Unlimited: the ledger's rules are under test here, not the request limit.
-            store.set_cost_profile(acct("u"), false, Some("unlimited".into()), key("unlimited")).await.unwrap().unwrap();
-            let mut w = World { store, clock, order, holds: Vec::new(), charges: Vec::new(), applied: Vec::new(), n: 0 };
-            for op in &ops {
-                step(&mut w, op).await;
+            run(store, clock, order, &ops).await;
+        });
+    }
+}
+
+proptest! {
+    // Each case is a fresh database on the test binary's PostgreSQL cluster.
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn ledger_invariants_hold_on_postgres(order in order_strategy(), ops in prop::collection::vec(op(), 1..70)) {
+        let cluster = match prpm_playground_core::pg_cluster::PgCluster::shared() {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                eprintln!("SKIPPED: PostgreSQL is not installed here (CI installs it and sets PRPM_REQUIRE_POSTGRES=1)");
+                return Ok(());
             }
-            let report = w.store.verify().await.unwrap();
-            assert!(report.is_clean(), "{:?}", report.discrepancies);
+            Err(e) => panic!("cannot start a PostgreSQL cluster: {e}"),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let clock = Arc::new(ManualClock::new(start()));
+            let ledger = LedgerConfig { spend_order: order, ..LedgerConfig::default() };
+            let url = cluster.create_database().await.unwrap();
+            let opts = prpm_playground_core::store::postgres::PgOptions::new(url).clock(clock.clone()).ledger(ledger).pool_size(2);
+            let store: Arc<dyn Store> = Arc::new(prpm_playground_core::store::postgres::PgStore::open(opts).await.unwrap());
+            run(store, clock, order, &ops).await;
         });
     }
 }

@@ -1,0 +1,369 @@
+//! The PostgreSQL schema on a real, throw-away cluster (see `pg_cluster`): migrations applied
+//! once under an advisory lock by nodes starting together, the seeded tiers, the append-only
+//! log, and refusing a newer schema. Skips with one line when PostgreSQL is not installed,
+//! unless `PRPM_REQUIRE_POSTGRES=1` (CI), where a missing PostgreSQL fails.
+
+use prpm_playground_core::cost::{TierLimits, TierTable};
+use prpm_playground_core::pg_cluster::PgCluster;
+use prpm_playground_core::store::postgres;
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+#[test]
+fn postgres_schema() {
+    let cluster = match PgCluster::start() {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("SKIPPED postgres tests: PostgreSQL is not installed here (CI installs it and sets PRPM_REQUIRE_POSTGRES=1)");
+            return;
+        }
+        Err(e) => panic!("cannot start a PostgreSQL cluster: {e}"),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        // Four nodes start at once on a fresh database: one migrates, the others find it done.
+        let url = cluster.create_database().await.unwrap();
+        let nodes = (0..4).map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut c = connect(&url).await;
+                postgres::migrate(&mut c).await.unwrap()
+            })
+        });
+        let applied: Vec<Vec<i64>> = futures_util::future::join_all(nodes).await.into_iter().map(|r| r.unwrap()).collect();
+        let mut applied_by: Vec<_> = applied.iter().filter(|a| !a.is_empty()).collect();
+        assert_eq!(applied_by.len(), 1, "exactly one node migrates: {applied:?}");
+        assert_eq!(applied_by.pop().unwrap().last(), Some(&postgres::supported_version()));
+
+        let mut c = connect(&url).await;
+        assert!(postgres::migrate(&mut c).await.unwrap().is_empty(), "a second run applies nothing");
+
+        // The tiers are the spec's.
+        let rows = c
+            .query(
+                "SELECT name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit, alert_threshold_pct, throttle_on_exceed
+                 FROM cost_tiers ORDER BY name",
+                &[],
+            )
+            .await
+            .unwrap();
+        let tiers = TierTable::from_tiers(rows.iter().map(|r| TierLimits {
+            name: r.get(0),
+            monthly_revenue_micros: r.get(1),
+            monthly_cost_limit_micros: r.get(2),
+            daily_cost_limit_micros: r.get(3),
+            hourly_request_limit: r.get::<_, Option<i32>>(4).map(|v| v as u32),
+            alert_threshold_pct: r.get::<_, Option<i32>>(5).map(|v| v as u32),
+            throttle_on_exceed: r.get(6),
+        }))
+        .unwrap();
+        assert_eq!(tiers, TierTable::default());
+
+        // The log is append-only.
+        c.batch_execute(
+            "INSERT INTO accounts (external_id, kind, monthly, rollover, purchased, held, created_at, updated_at) VALUES ('u', 'user', 0, 0, 5, 0, now(), now());
+             INSERT INTO ledger_entries (account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
+                 SELECT id, now(), 'grant', 0, 0, 5, 0, 5, 0, 'signup' FROM accounts;",
+        )
+        .await
+        .unwrap();
+        for sql in ["UPDATE ledger_entries SET d_purchased = 500", "DELETE FROM ledger_entries"] {
+            let e = c.batch_execute(sql).await.unwrap_err();
+            let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+            assert!(message.contains("append-only"), "{sql}: {e:?}");
+        }
+
+        // A database migrated by a newer version is refused, untouched.
+        c.batch_execute("INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (99, 'from_the_future', '2030-01-01T00:00:00Z', '1')")
+            .await
+            .unwrap();
+        match postgres::migrate(&mut c).await {
+            Err(Error::SchemaTooNew { found: 99, supported }) => assert_eq!(supported, postgres::supported_version()),
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many nodes: processes, jobs, faults
+
+use std::process::Command as Process;
+use std::sync::Arc;
+
+use prpm_playground_core::conformance::{acct, cost_hold, create_free_user, create_user, grant, meter_cmd, spend_cmd};
+use prpm_playground_core::store::postgres::{PgOptions, PgStore};
+use prpm_playground_core::*;
+
+const PROCESSES: usize = 3;
+const TASKS: usize = 8;
+const SPENDS_PER_TASK: usize = 25;
+const ACCOUNTS: usize = 20;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Skips (one line) without PostgreSQL, unless CI requires it.
+fn shared_cluster() -> Option<&'static PgCluster> {
+    match PgCluster::shared() {
+        Ok(Some(c)) => Some(c),
+        Ok(None) => {
+            eprintln!("SKIPPED: PostgreSQL is not installed here (CI installs it and sets PRPM_REQUIRE_POSTGRES=1)");
+            None
+        }
+        Err(e) => panic!("cannot start a PostgreSQL cluster: {e}"),
+    }
+}
+
+/// One node of the multi-process test (does nothing unless `PRPM_WORKER_PG` is set): spends from
+/// a hot account and from its own share of `ACCOUNTS` accounts, and tries holds on a free-tier
+/// account whose hourly limit is 10.
+#[test]
+fn pg_worker() {
+    let Ok(url) = std::env::var("PRPM_WORKER_PG") else {
+        return;
+    };
+    let id = std::env::var("PRPM_WORKER_ID").unwrap();
+    let (spent, admitted) = rt().block_on(async {
+        let store: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url).pool_size(8)).await.unwrap());
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let store = store.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    let (mut spent, mut admitted) = (0i64, 0u32);
+                    for i in 0..SPENDS_PER_TASK {
+                        let amount = 1 + (i % 3) as i64;
+                        let account = if i % 2 == 0 { acct("hot") } else { acct(&format!("a{}", (t * 7 + i) % ACCOUNTS)) };
+                        match store.spend(spend_cmd(&account, amount, &format!("p{id}-t{t}-{i}"))).await.unwrap() {
+                            Ok(_) if account.as_str() == "hot" => spent += amount,
+                            Ok(_) => {}
+                            Err(Rejection::InsufficientCredits { .. }) => {}
+                            Err(other) => panic!("{other:?}"),
+                        }
+                    }
+                    for i in 0..3 {
+                        match store.hold(cost_hold(&acct("limited"), 1, 0, &format!("l{id}-t{t}-{i}"))).await.unwrap() {
+                            Ok(_) => admitted += 1,
+                            Err(Rejection::RateLimited { limit: 10, .. }) => {}
+                            Err(other) => panic!("{other:?}"),
+                        }
+                    }
+                    (spent, admitted)
+                })
+            })
+            .collect();
+        let (mut spent, mut admitted) = (0, 0);
+        for t in tasks {
+            let (s, a) = t.await.unwrap();
+            spent += s;
+            admitted += a;
+        }
+        (spent, admitted)
+    });
+    println!("SPENT {spent} ADMITTED {admitted}");
+}
+
+/// Three OS processes, each its own node with its own pool, on one database: a hot account
+/// (as an organisation pool would be) is never overspent, the hourly limit of a free user is
+/// exact across processes (10 admitted of 72 tries), and `verify()` is clean.
+#[test]
+fn processes_share_one_database_without_overspending() {
+    let Some(cluster) = shared_cluster() else { return };
+    let rt = rt();
+    let url = rt.block_on(cluster.create_database()).unwrap();
+    let store: Arc<dyn Store> = Arc::new(rt.block_on(PgStore::open(PgOptions::new(url.clone()))).unwrap());
+    rt.block_on(async {
+        let hot = create_user(&*store, "hot").await;
+        grant(&*store, &hot, Bucket::Purchased, 295, None, "g").await; // 300 credits
+        for i in 0..ACCOUNTS {
+            create_user(&*store, &format!("a{i}")).await;
+        }
+        let limited = create_free_user(&*store, "limited").await;
+        grant(&*store, &limited, Bucket::Purchased, 100, None, "gl").await;
+    });
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|p| {
+            Process::new(&exe)
+                .args(["pg_worker", "--exact", "--nocapture", "--test-threads=1"])
+                .env("PRPM_WORKER_PG", &url)
+                .env("PRPM_WORKER_ID", p.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let (mut spent, mut admitted) = (0i64, 0u32);
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "worker failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let field = |name: &str| {
+            stdout
+                .split(name)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no {name} from the worker: {stdout}"))
+                .to_owned()
+        };
+        spent += field("SPENT ").parse::<i64>().unwrap();
+        admitted += field("ADMITTED ").parse::<u32>().unwrap();
+    }
+    rt.block_on(async {
+        let b = store.balance(&acct("hot")).await.unwrap();
+        assert_eq!(spent + b.total, 300, "spent {spent}, left {}", b.total);
+        assert!(b.total < 3, "credits left while callers were refused: {}", b.total);
+        assert_eq!(admitted, 10, "the hourly limit across processes");
+        assert_eq!(store.balance(&acct("limited")).await.unwrap().held, 10);
+        let report = store.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}
+
+/// Two nodes (two stores, two pools) running the same jobs at the same moment do the work once.
+#[test]
+fn two_nodes_run_each_job_once() {
+    let Some(cluster) = shared_cluster() else { return };
+    let rt = rt();
+    rt.block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let clock = Arc::new(ManualClock::new(conformance::start()));
+        let a: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url.clone()).clock(clock.clone())).await.unwrap());
+        let b: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url).clock(clock.clone())).await.unwrap());
+        for i in 0..40 {
+            let u = create_user(&*a, &format!("u{i}")).await;
+            let plan = PlanTerms { monthly_credits: 10, period_end: clock.now() + chrono::Duration::days(1), anchor_day: None };
+            a.set_plan(u.clone(), Some(plan), conformance::key(&format!("p{i}"))).await.unwrap().unwrap();
+            b.hold(cost_hold(&u, 1, 10, &format!("h{i}"))).await.unwrap().unwrap();
+            b.meter(meter_cmd(&u, 1_000, &format!("m{i}"))).await.unwrap().unwrap();
+        }
+        clock.advance(chrono::Duration::days(2));
+        let (x, y) = tokio::join!(jobs::expire_holds(&*a), jobs::expire_holds(&*b));
+        assert_eq!(x.unwrap().applied + y.unwrap().applied, 40);
+        let (x, y) = tokio::join!(jobs::monthly_rollover(&*a), jobs::monthly_rollover(&*b));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert_eq!(x.applied + y.applied, 40);
+        assert_eq!((x.failed, y.failed), (0, 0));
+        let (x, y) = tokio::join!(jobs::cost_reset(&*a), jobs::cost_reset(&*b));
+        assert_eq!(x.unwrap().applied + y.unwrap().applied, 40);
+        let (x, y) = tokio::join!(jobs::refresh_analytics(&*a), jobs::refresh_analytics(&*b));
+        assert_eq!(x.unwrap().usage_records + y.unwrap().usage_records, 40);
+        for i in 0..40 {
+            let bal = a.balance(&acct(&format!("u{i}"))).await.unwrap();
+            assert_eq!((bal.monthly, bal.held), (10, 0), "one allocation, hold returned once");
+        }
+        let report = a.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}
+
+/// Faults: an unreachable database is a clear error at start; a connection killed in the middle
+/// of work fails those operations cleanly (or they completed), never half-applied; a database
+/// of a newer schema refuses to start.
+#[test]
+fn faults_fail_cleanly() {
+    let Some(cluster) = shared_cluster() else { return };
+    let rt = rt();
+    rt.block_on(async {
+        // Nothing listens on this port.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("host=127.0.0.1 port={free} user=postgres dbname=postgres connect_timeout=2");
+        match PgStore::open(PgOptions::new(url)).await {
+            Err(e) => assert_eq!(e.code(), "backend", "{e}"),
+            Ok(_) => panic!("opened a database that is not there"),
+        }
+        assert!(matches!(PgStore::open(PgOptions::new("not a url ===")).await, Err(Error::InvalidInput { .. })));
+
+        // Kill every connection of the store while 200 spends are in flight.
+        let url = cluster.create_database().await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url.clone()).pool_size(8)).await.unwrap());
+        let u = create_user(&*store, "u").await;
+        grant(&*store, &u, Bucket::Purchased, 995, None, "g").await;
+        let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let spends = (0..200).map(|i| {
+            let store = store.clone();
+            let u = u.clone();
+            tokio::spawn(async move { store.spend(spend_cmd(&u, 1, &format!("s{i}"))).await })
+        });
+        let killer = async {
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            admin
+                .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()", &[])
+                .await
+                .unwrap()
+        };
+        let (results, killed) = tokio::join!(futures_util::future::join_all(spends), killer);
+        assert!(killed > 0, "no connection was terminated");
+        let (mut ok, mut failed) = (0i64, 0);
+        for r in results {
+            match r.unwrap() {
+                Ok(Ok(_)) => ok += 1,
+                Err(e) => {
+                    assert_eq!(e.code(), "backend", "{e}");
+                    failed += 1;
+                }
+                Ok(Err(other)) => panic!("{other:?}"),
+            }
+        }
+        eprintln!("connections killed: {killed}; spends applied {ok}, failed {failed}");
+        // Every spend that said so was applied; one whose connection died may have committed
+        // or not (the client cannot know), never half: retries with the same keys then apply
+        // each exactly once.
+        let applied = 1_000 - store.balance(&u).await.unwrap().total;
+        assert!((ok..=ok + failed).contains(&applied), "{applied} applied, {ok} said so, {failed} failed");
+        for i in 0..200 {
+            store.spend(spend_cmd(&u, 1, &format!("s{i}"))).await.unwrap().unwrap();
+        }
+        assert_eq!(store.balance(&u).await.unwrap().total, 800);
+        let report = store.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+
+        // A newer schema: refused at open.
+        admin
+            .batch_execute(
+                "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (99, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
+            )
+            .await
+            .unwrap();
+        assert!(matches!(PgStore::open(PgOptions::new(url)).await, Err(Error::SchemaTooNew { found: 99, .. })));
+    });
+}
+
+/// Alerts reach the pluggable sink once each, after they committed, as well as the table.
+#[test]
+fn alerts_reach_the_sink_once() {
+    use prpm_playground_core::cost::{Alert, AlertKind, AlertSink};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, AlertKind, i64)>>);
+    impl AlertSink for Recorder {
+        fn alert(&self, account: &AccountId, alert: &Alert) {
+            self.0.lock().unwrap().push((account.to_string(), alert.kind, alert.cost_micros));
+        }
+    }
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let sink = Arc::new(Recorder::default());
+        let clock = Arc::new(ManualClock::new(conformance::start()));
+        let s: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url).clock(clock.clone()).alert_sink(sink.clone())).await.unwrap());
+        let u = create_free_user(&*s, "u").await;
+        for d in 0..6 {
+            let m = meter_cmd(&u, 90_000, &format!("m{d}"));
+            s.meter(m.clone()).await.unwrap().unwrap();
+            assert!(s.meter(m).await.unwrap().unwrap().replayed);
+            clock.advance(chrono::Duration::days(1));
+        }
+        let got = sink.0.lock().unwrap().clone();
+        assert_eq!(got, vec![("u".to_string(), AlertKind::AtRisk, 450_000), ("u".to_string(), AlertKind::Threshold, 450_000)]);
+        assert_eq!(s.alerts(&store::AlertQuery { account: None, after: None, limit: 10 }).await.unwrap().len(), 2);
+    });
+}
