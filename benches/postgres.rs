@@ -1,0 +1,254 @@
+//! The PostgreSQL spend path against the original system's design, measured in the same run,
+//! on a fresh local cluster with durable settings (fsync on, synchronous_commit on), over the
+//! same kind of connection pool.
+//!
+//! The baseline, per spend, is one transaction: `SELECT ... FOR UPDATE` of the user's credit
+//! row, `UPDATE` of the three buckets in priority order, `INSERT` of the log row, `INSERT` of
+//! the usage row, `COMMIT`. Each workload runs for both in the same shape (one caller; 32
+//! callers over 1,000 accounts; 32 callers on one hot account) and the ratio is ours over the
+//! baseline's. `cargo bench --bench postgres` prints criterion's figures and then a table from
+//! interleaved rounds. Under `cargo test --all-targets` each runs once on small counts; without
+//! PostgreSQL installed it says so and does nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use prpm_playground_core::conformance::{acct, key};
+use prpm_playground_core::pg_cluster::PgCluster;
+use prpm_playground_core::store::postgres::{PgOptions, PgStore};
+use prpm_playground_core::*;
+
+const ACCOUNTS: usize = 1_000;
+const CALLERS: usize = 32;
+const POOL: usize = 32;
+const START_CREDITS: i64 = 1_000_000_000;
+
+fn account(i: usize) -> AccountId {
+    acct(&format!("acct-{i:05}"))
+}
+
+fn usage() -> Usage {
+    Usage {
+        operation: "playground_run".into(),
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenUsage { input: 1_200, output: 400, cache_read: 0, cache_write: 0 },
+        cost_micros: 9_600,
+    }
+}
+
+struct Baseline {
+    pool: Pool,
+}
+
+impl Baseline {
+    async fn open(url: &str) -> Baseline {
+        let cfg: tokio_postgres::Config = url.parse().unwrap();
+        let mgr = Manager::from_config(cfg, tokio_postgres::NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(mgr).max_size(POOL).build().unwrap();
+        let c = pool.get().await.unwrap();
+        c.batch_execute(
+            "CREATE TABLE credits (account_id TEXT PRIMARY KEY, monthly BIGINT NOT NULL, rollover BIGINT NOT NULL, purchased BIGINT NOT NULL);
+             CREATE TABLE transactions (id BIGSERIAL PRIMARY KEY, account_id TEXT NOT NULL, at TIMESTAMPTZ NOT NULL, kind TEXT NOT NULL,
+                 d_monthly BIGINT NOT NULL, d_rollover BIGINT NOT NULL, d_purchased BIGINT NOT NULL, balance_after BIGINT NOT NULL, reference TEXT NOT NULL);
+             CREATE INDEX transactions_by_account ON transactions (account_id, id);
+             CREATE TABLE usage (id BIGSERIAL PRIMARY KEY, account_id TEXT NOT NULL, at TIMESTAMPTZ NOT NULL, model TEXT NOT NULL,
+                 input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, credits BIGINT NOT NULL, cost_micros BIGINT NOT NULL);
+             CREATE INDEX usage_by_account ON usage (account_id, id);",
+        )
+        .await
+        .unwrap();
+        for i in 0..=ACCOUNTS {
+            let a = if i == ACCOUNTS { "hot".to_string() } else { account(i).to_string() };
+            c.execute("INSERT INTO credits VALUES ($1, 0, 0, $2)", &[&a, &START_CREDITS]).await.unwrap();
+        }
+        Baseline { pool }
+    }
+
+    /// One spend, the plain way.
+    async fn spend(&self, a: &str, amount: i64) {
+        let mut c = self.pool.get().await.unwrap();
+        let tx = c.transaction().await.unwrap();
+        let r = tx.query_one("SELECT monthly, rollover, purchased FROM credits WHERE account_id = $1 FOR UPDATE", &[&a]).await.unwrap();
+        let (m, ro, p): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        assert!(m + ro + p >= amount, "baseline account ran dry");
+        let tm = amount.min(m);
+        let tr = (amount - tm).min(ro);
+        let tp = amount - tm - tr;
+        tx.execute("UPDATE credits SET monthly = $2, rollover = $3, purchased = $4 WHERE account_id = $1", &[&a, &(m - tm), &(ro - tr), &(p - tp)])
+            .await
+            .unwrap();
+        let now = chrono::Utc::now();
+        tx.execute(
+            "INSERT INTO transactions (account_id, at, kind, d_monthly, d_rollover, d_purchased, balance_after, reference) VALUES ($1, $2, 'spend', $3, $4, $5, $6, 'bench')",
+            &[&a, &now, &-tm, &-tr, &-tp, &(m + ro + p - amount)],
+        )
+        .await
+        .unwrap();
+        let u = usage();
+        tx.execute(
+            "INSERT INTO usage (account_id, at, model, input_tokens, output_tokens, credits, cost_micros) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[&a, &now, &u.model, &(u.tokens.input as i64), &(u.tokens.output as i64), &amount, &u.cost_micros],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Shape {
+    Single,
+    Spread,
+    Hot,
+}
+
+impl Shape {
+    const ALL: [Shape; 3] = [Shape::Single, Shape::Spread, Shape::Hot];
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Single => "single_caller",
+            Shape::Spread => "32_callers_1000_accounts",
+            Shape::Hot => "32_callers_one_hot_account",
+        }
+    }
+    fn callers(self) -> usize {
+        if self == Shape::Single { 1 } else { CALLERS }
+    }
+    fn account(self, c: usize, i: u64) -> String {
+        match self {
+            Shape::Hot => "hot".into(),
+            _ => account((c * 7919 + i as usize * 104_729) % ACCOUNTS).to_string(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Bench {
+    rt: Arc<tokio::runtime::Runtime>,
+    baseline: Arc<Baseline>,
+    store: Arc<dyn Store>,
+}
+
+impl Bench {
+    /// `n` spends in `shape`, by the baseline or by the store; (spends, wall time).
+    fn run(&self, ours: bool, shape: Shape, n: u64) -> (u64, Duration) {
+        let callers = shape.callers();
+        let per = n.div_ceil(callers as u64).max(1);
+        let this = self.clone();
+        self.rt.block_on(async move {
+            let t0 = Instant::now();
+            let tasks: Vec<_> = (0..callers)
+                .map(|c| {
+                    let this = this.clone();
+                    tokio::spawn(async move {
+                        for i in 0..per {
+                            let a = shape.account(c, i);
+                            if ours {
+                                let s =
+                                    Spend { account: acct(&a), amount: 1, usage: Some(usage()), reference: "bench".into(), key: IdempotencyKey::generate() };
+                                this.store.spend(s).await.unwrap().unwrap();
+                            } else {
+                                this.baseline.spend(&a, 1).await;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            (per * callers as u64, t0.elapsed())
+        })
+    }
+}
+
+fn main() {
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let cluster = match PgCluster::start() {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("SKIPPED the PostgreSQL bench: PostgreSQL is not installed here");
+            return;
+        }
+        Err(e) => panic!("cannot start a PostgreSQL cluster: {e}"),
+    };
+    let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+    let (baseline, store) = rt.block_on(async {
+        let baseline = Baseline::open(&cluster.create_database().await.unwrap()).await;
+        let store: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(cluster.create_database().await.unwrap()).pool_size(POOL)).await.unwrap());
+        let seed = (0..=ACCOUNTS).map(|i| {
+            let store = store.clone();
+            async move {
+                let a = if i == ACCOUNTS { acct("hot") } else { account(i) };
+                store.create_account(a.clone(), AccountKind::User, key(&format!("create-{i}"))).await.unwrap().unwrap();
+                store.set_cost_profile(a.clone(), false, Some("unlimited".into()), key(&format!("unlimited-{i}"))).await.unwrap().unwrap();
+                let g = Grant {
+                    account: a,
+                    bucket: Bucket::Purchased,
+                    amount: START_CREDITS,
+                    source: GrantSource::Admin,
+                    expires_at: None,
+                    reference: "bench".into(),
+                    key: key(&format!("grant-{i}")),
+                };
+                store.grant(g).await.unwrap().unwrap();
+            }
+        });
+        futures_util::future::join_all(seed).await;
+        (Arc::new(baseline), store)
+    });
+    let bench = Bench { rt: rt.clone(), baseline, store: store.clone() };
+
+    let mut c = Criterion::default().configure_from_args().sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    let mut g = c.benchmark_group("postgres_spend");
+    g.throughput(Throughput::Elements(1));
+    for shape in Shape::ALL {
+        for ours in [false, true] {
+            let name = format!("{}_{}", if ours { "ours" } else { "baseline" }, shape.name());
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let (ops, e) = bench.run(ours, shape, iters);
+                    e.mul_f64(iters as f64 / ops as f64)
+                })
+            });
+        }
+    }
+    g.finish();
+    c.final_summary();
+
+    // Interleaved rounds: the disk's drifting fsync latency weighs on both alike.
+    let rounds = if bench_mode { 8 } else { 1 };
+    let per_round: u64 = if bench_mode { 300 } else { 4 };
+    let mut totals: BTreeMap<(Shape, bool), (u64, Duration)> = BTreeMap::new();
+    for round in 0..rounds {
+        for k in 0..6 {
+            let k = (k + round) % 6;
+            let (shape, ours) = (Shape::ALL[k / 2], k % 2 == 1);
+            let n = if shape == Shape::Single { per_round } else { per_round * 8 };
+            let (ops, e) = bench.run(ours, shape, n);
+            let t = totals.entry((shape, ours)).or_default();
+            t.0 += ops;
+            t.1 += e;
+        }
+    }
+    let report = rt.block_on(store.verify()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.discrepancies);
+    let hot = rt.block_on(store.balance(&acct("hot"))).unwrap();
+    let spent_hot = totals.get(&(Shape::Hot, true)).map_or(0, |t| t.0) as i64;
+    assert!(hot.total <= START_CREDITS - spent_hot, "overspent the hot account");
+
+    let rate = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|(n, t)| *n as f64 / t.as_secs_f64()).unwrap_or(f64::NAN);
+    println!("\nPostgreSQL spend path (local cluster, fsync on, synchronous_commit on): spends per second over {rounds} interleaved rounds");
+    println!("{:<36} {:>12} {:>12} {:>8} {:>8}", "shape", "baseline/s", "ours/s", "ratio", "target");
+    for (shape, label, target) in [
+        (Shape::Single, "single caller", ">= 0.8"),
+        (Shape::Spread, "32 callers over 1,000 accounts", ">= 3"),
+        (Shape::Hot, "32 callers on one hot account", ">= 10"),
+    ] {
+        println!("{label:<36} {:>12.0} {:>12.0} {:>7.2}x {target:>8}", rate(shape, false), rate(shape, true), rate(shape, true) / rate(shape, false));
+    }
+    drop(cluster);
+}
