@@ -46,6 +46,12 @@ pub enum Error {
     #[error("storage backend: {0}")]
     Backend(String),
 
+    /// The connection to the database was lost in the middle of an operation. A keyed
+    /// command may or may not have been applied: retry it with the same key (the store does so
+    /// itself a few times). Same code as [`Error::Backend`].
+    #[error("storage backend: connection lost: {0}")]
+    ConnectionLost(String),
+
     /// The store was closed.
     #[error("store is closed")]
     Closed,
@@ -64,7 +70,7 @@ impl Error {
             Error::NotOurDatabase(_) => "not_our_database",
             Error::SchemaTooNew { .. } => "schema_too_new",
             Error::Invariant(_) => "invariant_violated",
-            Error::Backend(_) => "backend",
+            Error::Backend(_) | Error::ConnectionLost(_) => "backend",
             Error::Closed => "closed",
         }
     }

@@ -367,3 +367,56 @@ fn alerts_reach_the_sink_once() {
         assert_eq!(s.alerts(&store::AlertQuery { account: None, after: None, limit: 10 }).await.unwrap().len(), 2);
     });
 }
+
+/// Concurrent commands on one node commit in groups: 64 callers on one hot account and on
+/// many accounts, every caller with its own exact outcome, no group failing.
+#[test]
+fn concurrent_commands_commit_in_groups() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let store = Arc::new(PgStore::open(PgOptions::new(url).pool_size(8)).await.unwrap());
+        let s: Arc<dyn Store> = store.clone();
+        let hot = create_user(&*s, "hot").await;
+        grant(&*s, &hot, Bucket::Purchased, 995, None, "g").await; // 1,000
+        for i in 0..20 {
+            let a = create_user(&*s, &format!("a{i}")).await;
+            grant(&*s, &a, Bucket::Purchased, 95, None, &format!("g{i}")).await;
+        }
+        // 1,200 spends of 1 against 1,000 credits on the hot account, plus holds and settles
+        // on the others, all at once.
+        let spends = (0..1_200).map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.spend(spend_cmd(&acct("hot"), 1, &format!("s{i}"))).await.unwrap() })
+        });
+        let pairs = (0..200).map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let a = acct(&format!("a{}", i % 20));
+                let h = match s.hold(cost_hold(&a, 2, 100, &format!("h{i}"))).await.unwrap().unwrap().effect {
+                    Effect::Held { hold, .. } => hold,
+                    other => panic!("{other:?}"),
+                };
+                s.settle(Settle { hold: h, credits: 1, usage: None, key: conformance::key(&format!("st{i}")) }).await.unwrap().unwrap()
+            })
+        });
+        let (spent, _) = tokio::join!(futures_util::future::join_all(spends), futures_util::future::join_all(pairs));
+        let ok = spent.iter().filter(|r| r.as_ref().unwrap().is_ok()).count();
+        assert_eq!(ok, 1_000, "exactly the balance");
+        for r in &spent {
+            if let Err(rej) = r.as_ref().unwrap() {
+                assert!(matches!(rej, Rejection::InsufficientCredits { available: 0, .. }), "{rej:?}");
+            }
+        }
+        for i in 0..20 {
+            let b = s.balance(&acct(&format!("a{i}"))).await.unwrap();
+            assert_eq!((b.total, b.held), (90, 0));
+        }
+        let stats = store.batch_stats();
+        eprintln!("{stats:?}");
+        assert!(stats.batches > 0 && stats.batched_commands > stats.batches, "{stats:?}");
+        assert_eq!(stats.failed_batches, 0, "{stats:?}");
+        let report = s.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}

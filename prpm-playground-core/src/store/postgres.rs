@@ -11,12 +11,15 @@
 //! The schema lives in `migrations/postgres/`; [`PgStore::open`] applies what is pending under
 //! an advisory lock, so nodes starting at once migrate once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
@@ -38,10 +41,13 @@ const MAX_DISCREPANCIES: i64 = 10_000;
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
-        match e.as_db_error() {
-            Some(db) => Error::Backend(format!("postgres: {} ({})", db.message(), db.code().code())),
-            None => Error::Backend(format!("postgres: {e}")),
-        }
+        use tokio_postgres::error::SqlState;
+        let lost = e.is_closed() || matches!(e.code(), Some(c) if *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CRASH_SHUTDOWN);
+        let text = match e.as_db_error() {
+            Some(db) => format!("postgres: {} ({})", db.message(), db.code().code()),
+            None => format!("postgres: {e}"),
+        };
+        if lost { Error::ConnectionLost(text) } else { Error::Backend(text) }
     }
 }
 
@@ -92,6 +98,8 @@ pub struct PgOptions {
     pub ledger: LedgerConfig,
     pub clock: Arc<dyn Clock>,
     pub alert_sink: Option<Arc<dyn AlertSink>>,
+    /// Batchers on this node: concurrent commands on the accounts of one lane commit together.
+    pub lanes: usize,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -103,7 +111,7 @@ impl std::fmt::Debug for PgOptions {
 
 impl PgOptions {
     pub fn new(url: impl Into<String>) -> Self {
-        PgOptions { url: url.into(), pool_size: 16, ledger: LedgerConfig::default(), clock: Arc::new(SystemClock), alert_sink: None }
+        PgOptions { url: url.into(), pool_size: 16, ledger: LedgerConfig::default(), clock: Arc::new(SystemClock), alert_sink: None, lanes: 4 }
     }
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -125,10 +133,45 @@ impl PgOptions {
 
 /// The PostgreSQL store. Cheap to share behind an `Arc`.
 pub struct PgStore {
+    core: Arc<Core>,
+    /// Batchers of this node: concurrent commands are committed in groups (see [`Core::run_batch`]).
+    lanes: Vec<mpsc::UnboundedSender<Job>>,
+}
+
+/// What the store and its batchers share.
+struct Core {
     pool: Pool,
     clock: Arc<dyn Clock>,
     ledger: LedgerConfig,
     sink: Option<Arc<dyn AlertSink>>,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    batches: AtomicU64,
+    batched_commands: AtomicU64,
+    failed_batches: AtomicU64,
+    last_failure: std::sync::Mutex<Option<String>>,
+}
+
+/// How group commit has gone on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Batches of two or more commands committed.
+    pub batches: u64,
+    /// Commands committed in them.
+    pub batched_commands: u64,
+    /// Batches that failed and whose commands were retried one by one (lost races with other
+    /// nodes, lost connections).
+    pub failed_batches: u64,
+    pub last_failure: Option<String>,
+}
+
+struct Job {
+    cmd: Command,
+    fp: i64,
+    reply: oneshot::Sender<Result<Outcome>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -137,9 +180,14 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// Lost races, and lost connections: retrying is safe for every command, since keyed ones
+/// replay if their first try committed after all, and the others are idempotent by state.
 fn is_retryable(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
-    matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+    let code = e.code();
+    e.is_closed()
+        || matches!(code, Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CRASH_SHUTDOWN)
 }
 
 /// A command's failure inside its transaction: retry it, or give up with this error.
@@ -169,14 +217,68 @@ impl PgStore {
         let pg: tokio_postgres::Config = opts.url.parse().map_err(|e| Error::invalid("url", format!("{e}")))?;
         let mgr = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(mgr).max_size(opts.pool_size).build().map_err(|e| Error::Backend(format!("pool: {e}")))?;
-        let store = PgStore { pool, clock: opts.clock, ledger: opts.ledger, sink: opts.alert_sink };
-        let mut client = store.client().await?;
+        let core = Arc::new(Core { pool, clock: opts.clock, ledger: opts.ledger, sink: opts.alert_sink, stats: Stats::default() });
+        let mut client = core.client().await?;
         migrate(&mut client).await?;
-        Ok(store)
+        drop(client);
+        let lanes = (0..opts.lanes.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(lane(core.clone(), rx));
+                tx
+            })
+            .collect();
+        Ok(PgStore { core, lanes })
     }
 
+    /// How group commit has gone on this node so far.
+    pub fn batch_stats(&self) -> BatchStats {
+        let s = &self.core.stats;
+        BatchStats {
+            batches: s.batches.load(Ordering::Relaxed),
+            batched_commands: s.batched_commands.load(Ordering::Relaxed),
+            failed_batches: s.failed_batches.load(Ordering::Relaxed),
+            last_failure: s.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+}
+
+impl Core {
+    /// A pooled connection that is still open (a server restart or an administrator may have
+    /// ended pooled ones: those are dropped from the pool, not handed out).
     async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| Error::Backend(format!("postgres pool: {e}")))
+        for _ in 0..=self.pool.status().max_size {
+            let c = self.pool.get().await.map_err(|e| Error::Backend(format!("postgres pool: {e}")))?;
+            if !c.is_closed() {
+                return Ok(c);
+            }
+            drop(deadpool_postgres::Object::take(c));
+        }
+        Err(Error::Backend("postgres: no open connection".into()))
+    }
+
+    /// A command on its own transaction, retried while it loses races.
+    async fn execute_single(&self, cmd: &Command, fp: i64) -> Result<Outcome> {
+        let mut last = None;
+        for _ in 0..MAX_ATTEMPTS {
+            match self.attempt(cmd, fp).await {
+                Ok((outcome, alerts)) => {
+                    self.notify(&alerts);
+                    return Ok(outcome);
+                }
+                Err(TxError::Retry(e)) => last = Some(e),
+                Err(TxError::Fail(e)) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Backend("postgres: gave up".into())))
+    }
+
+    fn notify(&self, alerts: &[(AccountId, Alert)]) {
+        if let Some(sink) = &self.sink {
+            for (account, alert) in alerts {
+                sink.alert(account, alert);
+            }
+        }
     }
 
     /// One attempt of a command, in its own transaction.
@@ -587,31 +689,10 @@ fn day_start(d: NaiveDate) -> DateTime<Utc> {
     crate::cost::day_start(d)
 }
 
-#[async_trait]
-impl Store for PgStore {
-    async fn execute(&self, cmd: Command) -> Result<Outcome> {
-        cmd.validate()?;
-        let fp = fingerprint(&cmd);
-        let mut last = None;
-        for _ in 0..MAX_ATTEMPTS {
-            match self.attempt(&cmd, fp).await {
-                Ok((outcome, alerts)) => {
-                    if let Some(sink) = &self.sink {
-                        for (account, alert) in &alerts {
-                            sink.alert(account, alert);
-                        }
-                    }
-                    return Ok(outcome);
-                }
-                Err(TxError::Retry(e)) => last = Some(e),
-                Err(TxError::Fail(e)) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| Error::Backend("postgres: gave up".into())))
-    }
-
-    async fn balance(&self, account: &AccountId) -> Result<BalanceView> {
-        let mut client = self.client().await?;
+/// Reads, each retried (up to three times) when its connection turns out to be lost.
+impl PgStore {
+    async fn balance_once(&self, account: &AccountId) -> Result<BalanceView> {
+        let mut client = self.core.client().await?;
         let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
         let row = tx
             .query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE external_id = $1"), &[&account.as_str()])
@@ -620,13 +701,13 @@ impl Store for PgStore {
         let (id, _, state) = account_from_row(&row)?;
         let holds = load_open_holds(&tx, id).await.map_err(tx_err)?;
         tx.commit().await?;
-        let (state, holds) = rules::view_at(&state, &holds, to_millis(self.clock.now()));
+        let (state, holds) = rules::view_at(&state, &holds, to_millis(self.core.clock.now()));
         Ok(BalanceView::from_state(account.clone(), &state, holds.len() as u32))
     }
 
-    async fn history(&self, q: &HistoryQuery) -> Result<HistoryPage> {
+    async fn history_once(&self, q: &HistoryQuery) -> Result<HistoryPage> {
         q.validate()?;
-        let client = self.client().await?;
+        let client = self.core.client().await?;
         let id: i64 = client
             .query_opt("SELECT id FROM accounts WHERE external_id = $1", &[&q.account.as_str()])
             .await?
@@ -653,11 +734,11 @@ impl Store for PgStore {
         Ok(HistoryPage { entries, next })
     }
 
-    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+    async fn usage_once(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
         }
-        let client = self.client().await?;
+        let client = self.core.client().await?;
         let id: i64 = client
             .query_opt("SELECT id FROM accounts WHERE external_id = $1", &[&account.as_str()])
             .await?
@@ -693,16 +774,16 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
+    async fn due_once(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
         }
-        let now = to_millis(self.clock.now());
+        let now = to_millis(self.core.clock.now());
         let today = now.date_naive();
         let month = crate::cost::month_start(today);
         let after = after.map_or("", |a| a.as_str());
         let limit = i64::from(limit);
-        let client = self.client().await?;
+        let client = self.core.client().await?;
         let rows = match due {
             Due::Rollover => {
                 client
@@ -744,8 +825,8 @@ impl Store for PgStore {
         rows.iter().map(|r| AccountId::new(r.get::<_, String>(0))).collect()
     }
 
-    async fn verify(&self) -> Result<VerifyReport> {
-        let mut client = self.client().await?;
+    async fn verify_once(&self) -> Result<VerifyReport> {
+        let mut client = self.core.client().await?;
         let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
         let mut report = VerifyReport::default();
         let totals = tx.query_one("SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM ledger_entries)", &[]).await?;
@@ -788,27 +869,27 @@ impl Store for PgStore {
         Ok(report)
     }
 
-    async fn tiers(&self) -> Result<TierTable> {
-        let client = self.client().await?;
+    async fn tiers_once(&self) -> Result<TierTable> {
+        let client = self.core.client().await?;
         load_tiers(&client).await.map_err(tx_err)
     }
 
-    async fn cost(&self, account: &AccountId) -> Result<CostView> {
-        let client = self.client().await?;
+    async fn cost_once(&self, account: &AccountId) -> Result<CostView> {
+        let client = self.core.client().await?;
         let tiers = load_tiers(&client).await.map_err(tx_err)?;
         let row = client
             .query_opt(&format!("SELECT {COST_COLUMNS} FROM accounts WHERE external_id = $1"), &[&account.as_str()])
             .await?
             .ok_or_else(|| Error::UnknownAccount(account.to_string()))?;
-        cost_view_from_row(&row, &tiers, to_millis(self.clock.now()))
+        cost_view_from_row(&row, &tiers, to_millis(self.core.clock.now()))
     }
 
-    async fn cost_accounts(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>> {
+    async fn cost_accounts_once(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>> {
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
         }
-        let now = to_millis(self.clock.now());
-        let mut client = self.client().await?;
+        let now = to_millis(self.core.clock.now());
+        let mut client = self.core.client().await?;
         let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
         let tiers = load_tiers(&tx).await.map_err(tx_err)?;
         let mut out = Vec::new();
@@ -832,9 +913,9 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    async fn summary(&self) -> Result<crate::cost::Summary> {
-        let now = to_millis(self.clock.now());
-        let mut client = self.client().await?;
+    async fn summary_once(&self) -> Result<crate::cost::Summary> {
+        let now = to_millis(self.core.clock.now());
+        let mut client = self.core.client().await?;
         let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
         let tiers = load_tiers(&tx).await.map_err(tx_err)?;
         let rows = tx.query(&format!("SELECT {COST_COLUMNS} FROM accounts"), &[]).await?;
@@ -843,11 +924,11 @@ impl Store for PgStore {
         crate::cost::summarize(&tiers, &users)
     }
 
-    async fn alerts(&self, q: &AlertQuery) -> Result<Vec<StoredAlert>> {
+    async fn alerts_once(&self, q: &AlertQuery) -> Result<Vec<StoredAlert>> {
         if !(1..=MAX_PAGE).contains(&q.limit) {
             return Err(Error::invalid("limit", format!("{} is outside 1..={MAX_PAGE}", q.limit)));
         }
-        let client = self.client().await?;
+        let client = self.core.client().await?;
         let rows = client
             .query(
                 "SELECT c.id, a.external_id, c.kind, c.month, c.cost_micros, c.limit_micros, c.at
@@ -867,9 +948,9 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn daily_usage(&self, q: &DailyUsageQuery) -> Result<Vec<DailyUsage>> {
+    async fn daily_usage_once(&self, q: &DailyUsageQuery) -> Result<Vec<DailyUsage>> {
         q.validate()?;
-        let mut client = self.client().await?;
+        let mut client = self.core.client().await?;
         let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
         let account_id: Option<i64> = match &q.account {
             Some(a) => Some(
@@ -911,8 +992,8 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn refresh_analytics(&self) -> Result<AnalyticsReport> {
-        let client = self.client().await?;
+    async fn refresh_analytics_once(&self) -> Result<AnalyticsReport> {
+        let client = self.core.client().await?;
         // One statement: the records it marks are the ones it adds; a node running it at the
         // same moment waits on the row locks and then finds them marked.
         let row = client
@@ -937,12 +1018,546 @@ impl Store for PgStore {
             .await?;
         Ok(AnalyticsReport { usage_records: row.get::<_, i64>(0) as u64 })
     }
+}
+
+/// Runs `f` again while it fails because its connection was lost (a restarted server, an
+/// administrator ending connections), at most three times in all.
+async fn retrying<T, F, Fut>(f: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match f().await {
+            Err(Error::ConnectionLost(_)) if tries < 3 => continue,
+            r => return r,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn execute(&self, cmd: Command) -> Result<Outcome> {
+        cmd.validate()?;
+        let fp = fingerprint(&cmd);
+        // Commands on one account go to one lane, so they share its batches.
+        let lane = match (batchable(&cmd), cmd.account(), cmd.hold()) {
+            (true, Some(a), _) => Some(hash_of(a.as_str().as_bytes())),
+            (true, None, Some(h)) => Some(hash_of(&h.0.to_le_bytes())),
+            _ => None,
+        };
+        let Some(lane) = lane else { return self.core.execute_single(&cmd, fp).await };
+        let (reply, rx) = oneshot::channel();
+        self.lanes[(lane % self.lanes.len() as u64) as usize].send(Job { cmd, fp, reply }).map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    async fn balance(&self, account: &AccountId) -> Result<BalanceView> {
+        retrying(|| self.balance_once(account)).await
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> Result<HistoryPage> {
+        retrying(|| self.history_once(q)).await
+    }
+
+    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+        retrying(|| self.usage_once(account, limit)).await
+    }
+
+    async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
+        retrying(|| self.due_once(due, after, limit)).await
+    }
+
+    async fn verify(&self) -> Result<VerifyReport> {
+        retrying(|| self.verify_once()).await
+    }
+
+    async fn tiers(&self) -> Result<TierTable> {
+        retrying(|| self.tiers_once()).await
+    }
+
+    async fn cost(&self, account: &AccountId) -> Result<CostView> {
+        retrying(|| self.cost_once(account)).await
+    }
+
+    async fn cost_accounts(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>> {
+        retrying(|| self.cost_accounts_once(filter, after, limit)).await
+    }
+
+    async fn summary(&self) -> Result<crate::cost::Summary> {
+        retrying(|| self.summary_once()).await
+    }
+
+    async fn alerts(&self, q: &AlertQuery) -> Result<Vec<StoredAlert>> {
+        retrying(|| self.alerts_once(q)).await
+    }
+
+    async fn daily_usage(&self, q: &DailyUsageQuery) -> Result<Vec<DailyUsage>> {
+        retrying(|| self.daily_usage_once(q)).await
+    }
+
+    async fn refresh_analytics(&self) -> Result<AnalyticsReport> {
+        retrying(|| self.refresh_analytics_once()).await
+    }
 
     fn clock(&self) -> Arc<dyn Clock> {
-        self.clock.clone()
+        self.core.clock.clone()
     }
 
     fn config(&self) -> &LedgerConfig {
-        &self.ledger
+        &self.core.ledger
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit
+
+/// Most commands one batch commits.
+const MAX_BATCH: usize = 256;
+
+/// Commands that go through the batchers. Account creation, refunds (their charge's refunded
+/// amount is read from the table) and tier changes take the single path.
+fn batchable(cmd: &Command) -> bool {
+    !matches!(cmd, Command::CreateAccount(_) | Command::Refund(_) | Command::SetTier(_))
+}
+
+fn hash_of(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// A batcher: takes what is queued (up to [`MAX_BATCH`]) and commits it in one transaction; a
+/// lone command takes the single path. If a batch fails (a lost race with another node, a
+/// connection lost), each of its commands is retried alone, so one cannot fail the others.
+async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        if jobs.len() == 1 {
+            let j = jobs.pop().expect("one");
+            let r = core.execute_single(&j.cmd, j.fp).await;
+            let _ = j.reply.send(r);
+            continue;
+        }
+        match core.run_batch(&jobs).await {
+            Ok((results, alerts)) => {
+                core.stats.batches.fetch_add(1, Ordering::Relaxed);
+                core.stats.batched_commands.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                for (j, r) in jobs.into_iter().zip(results) {
+                    let _ = j.reply.send(r);
+                }
+                core.notify(&alerts);
+            }
+            Err(e) => {
+                core.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                *core.stats.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                for j in jobs {
+                    let r = core.execute_single(&j.cmd, j.fp).await;
+                    let _ = j.reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// An account inside a batch: its state as the batch's commands leave it.
+struct BatchAccount {
+    ext: AccountId,
+    state: AccountState,
+    holds: Vec<OpenHold>,
+    dirty: bool,
+}
+
+/// A log entry a batch appends, with the command it belongs to.
+struct PendingEntry {
+    job: usize,
+    account_id: i64,
+    entry: rules::NewEntry,
+}
+
+/// How a batched command ended.
+enum Slot {
+    Done(Result<Outcome>),
+    /// Applied: its effect is completed with ids once they are allocated.
+    Applied(Effect),
+    /// Its key was used by an earlier command of this batch (the index).
+    Replay(usize),
+}
+
+impl Core {
+    /// Applies `jobs` one after the other in one transaction, against the state the previous
+    /// ones left (loaded once, under the accounts' row locks taken in id order), and writes
+    /// everything with one statement per table. `Err`: nothing was committed.
+    async fn run_batch(&self, jobs: &[Job]) -> Result<(Vec<Result<Outcome>>, Vec<(AccountId, Alert)>)> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let now = to_millis(self.clock.now());
+
+        let keys: Vec<&str> = jobs.iter().filter_map(|j| j.cmd.key()).map(|k| k.as_str()).collect();
+        let exts: Vec<&str> = jobs.iter().filter(|j| j.cmd.hold().is_none()).filter_map(|j| j.cmd.account()).map(|a| a.as_str()).collect();
+        let hold_ids: Vec<i64> = jobs.iter().filter_map(|j| j.cmd.hold()).map(|h| h.0).collect();
+        let stored: HashMap<String, (i64, serde_json::Value)> = tx
+            .query("SELECT key, fingerprint, outcome FROM idempotency WHERE key = ANY($1)", &[&keys])
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        // Lock every account the batch touches, in id order (no deadlock with other batches).
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts
+                     WHERE external_id = ANY($1) OR id IN (SELECT account_id FROM holds WHERE id = ANY($2)) ORDER BY id FOR UPDATE"
+                ),
+                &[&exts, &hold_ids],
+            )
+            .await?;
+        let mut accounts: HashMap<i64, BatchAccount> = HashMap::new();
+        let mut by_ext: HashMap<AccountId, i64> = HashMap::new();
+        for r in &rows {
+            let (id, ext, state) = account_from_row(r)?;
+            by_ext.insert(ext.clone(), id);
+            accounts.insert(id, BatchAccount { ext, state, holds: Vec::new(), dirty: false });
+        }
+        let ids: Vec<i64> = accounts.keys().copied().collect();
+        for r in tx
+            .query("SELECT id, account_id, amount, deadline, cost_micros FROM holds WHERE account_id = ANY($1) AND status = 'open' ORDER BY id", &[&ids])
+            .await?
+        {
+            let account: i64 = r.get(1);
+            if let Some(a) = accounts.get_mut(&account) {
+                a.holds.push(OpenHold { id: HoldId(r.get(0)), amount: r.get(2), deadline: r.get(3), cost_micros: r.get(4) });
+            }
+        }
+        // Read after the locks: statuses as committed by anyone before us.
+        let mut named: HashMap<i64, (i64, HoldRecord)> = HashMap::new();
+        for r in tx.query("SELECT id, account_id, amount, deadline, status FROM holds WHERE id = ANY($1)", &[&hold_ids]).await? {
+            let id: i64 = r.get(0);
+            named.insert(id, (r.get(1), HoldRecord { id: HoldId(id), amount: r.get(2), deadline: r.get(3), status: HoldStatus::parse(r.get(4))? }));
+        }
+        let tiers = load_tiers(&tx).await.map_err(tx_err)?;
+
+        let mut slots: Vec<Slot> = Vec::with_capacity(jobs.len());
+        let mut batch_keys: HashMap<&str, (i64, usize)> = HashMap::new();
+        let mut entries: Vec<PendingEntry> = Vec::new();
+        let mut new_holds: Vec<(usize, i64, rules::NewHold)> = Vec::new();
+        let mut closed: Vec<(i64, &'static str)> = Vec::new();
+        let mut usages: Vec<(usize, i64, Usage)> = Vec::new();
+        let mut alerts: Vec<(i64, Alert)> = Vec::new();
+        let mut temp_hold = 0i64;
+        for (i, job) in jobs.iter().enumerate() {
+            let cmd = &job.cmd;
+            if let Some(key) = cmd.key() {
+                if let Some((fp, outcome)) = stored.get(key.as_str()) {
+                    let slot = if *fp != job.fp {
+                        Slot::Done(Err(Error::IdempotencyConflict { key: key.to_string() }))
+                    } else {
+                        match serde_json::from_value::<Effect>(outcome.clone()) {
+                            Ok(effect) => Slot::Done(Ok(Ok(Committed { effect, replayed: true }))),
+                            Err(e) => Slot::Done(Err(Error::Invariant(format!("stored outcome: {e}")))),
+                        }
+                    };
+                    slots.push(slot);
+                    continue;
+                }
+                if let Some((fp, first)) = batch_keys.get(key.as_str()) {
+                    slots.push(if *fp != job.fp { Slot::Done(Err(Error::IdempotencyConflict { key: key.to_string() })) } else { Slot::Replay(*first) });
+                    continue;
+                }
+            }
+            let mut snap = Snapshot::default();
+            let account_id = match (cmd.hold(), cmd.account()) {
+                (Some(h), _) => named.get(&h.0).map(|(a, rec)| {
+                    snap.hold = Some(*rec);
+                    *a
+                }),
+                (None, Some(ext)) => by_ext.get(ext).copied(),
+                (None, None) => None,
+            };
+            if let Some(id) = account_id {
+                let a = accounts.get(&id).ok_or_else(|| Error::Invariant(format!("account {id} not locked by the batch")))?;
+                snap.state = Some(a.state.clone());
+                snap.open_holds = a.holds.clone();
+            }
+            let t = match rules::apply(&self.ledger, &tiers, &snap, cmd, now) {
+                Err(e) => {
+                    slots.push(Slot::Done(Err(e)));
+                    continue;
+                }
+                Ok(Err(rejection)) => {
+                    slots.push(Slot::Done(Ok(Err(rejection))));
+                    continue;
+                }
+                Ok(Ok(t)) => t,
+            };
+            let id = account_id.ok_or_else(|| Error::Invariant("transition without an account".into()))?;
+            let a = accounts.get_mut(&id).expect("checked above");
+            for (hold, status) in &t.closed_holds {
+                a.holds.retain(|h| h.id != *hold);
+                closed.push((hold.0, status.as_str()));
+                if let Some((_, rec)) = named.get_mut(&hold.0) {
+                    rec.status = *status;
+                }
+            }
+            if let Some(h) = &t.new_hold {
+                // A placeholder until ids are allocated; nothing in the batch can name it.
+                temp_hold -= 1;
+                a.holds.push(OpenHold { id: HoldId(temp_hold), amount: h.amount, deadline: h.deadline, cost_micros: h.cost_micros });
+                new_holds.push((i, id, h.clone()));
+            }
+            a.state = t.state;
+            a.dirty = true;
+            entries.extend(t.entries.into_iter().map(|entry| PendingEntry { job: i, account_id: id, entry }));
+            if let Some(u) = t.usage {
+                usages.push((i, id, u));
+            }
+            alerts.extend(t.alerts.into_iter().map(|al| (id, al)));
+            if let Some(key) = cmd.key() {
+                batch_keys.insert(key.as_str(), (job.fp, i));
+            }
+            slots.push(Slot::Applied(t.effect));
+        }
+
+        // Ids, in command order (each account's entries stay in order: its row is locked).
+        let r = tx
+            .query_one(
+                "SELECT (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('holds_id_seq') AS n FROM generate_series(1, $1::bigint)) h),
+                        (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('ledger_entries_id_seq') AS n FROM generate_series(1, $2::bigint)) e)",
+                &[&(new_holds.len() as i64), &(entries.len() as i64)],
+            )
+            .await?;
+        let (hold_id_list, entry_id_list): (Vec<i64>, Vec<i64>) = (r.get(0), r.get(1));
+        let mut hold_of_job: HashMap<usize, HoldId> = HashMap::new();
+        for ((job, _, _), id) in new_holds.iter().zip(&hold_id_list) {
+            hold_of_job.insert(*job, HoldId(*id));
+        }
+        let mut main_of_job: HashMap<usize, (EntryId, BucketAmounts, Option<HoldId>)> = HashMap::new();
+        for (e, id) in entries.iter_mut().zip(&entry_id_list) {
+            if e.entry.hold == Some(NEW_HOLD) {
+                e.entry.hold = hold_of_job.get(&e.job).copied();
+            }
+            if e.entry.main {
+                main_of_job.insert(e.job, (EntryId(*id), e.entry.delta, e.entry.hold));
+            }
+        }
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if let Slot::Applied(effect) = slot {
+                if let Some(h) = hold_of_job.get(&i) {
+                    effect.set_hold(*h);
+                }
+                if let Some((entry, _, _)) = main_of_job.get(&i) {
+                    effect.set_entry(*entry);
+                }
+            }
+        }
+
+        // The writes: one statement per table, sent together (pipelined).
+        let holds_ins = {
+            let ids: Vec<i64> = hold_id_list.clone();
+            let acc: Vec<i64> = new_holds.iter().map(|h| h.1).collect();
+            let amount: Vec<i64> = new_holds.iter().map(|h| h.2.amount).collect();
+            let cost: Vec<i64> = new_holds.iter().map(|h| h.2.cost_micros).collect();
+            let deadline: Vec<DateTime<Utc>> = new_holds.iter().map(|h| h.2.deadline).collect();
+            let reference: Vec<String> = new_holds.iter().map(|h| h.2.reference.clone()).collect();
+            (ids, acc, amount, cost, deadline, reference)
+        };
+        let closed_ids: Vec<i64> = closed.iter().map(|c| c.0).collect();
+        let closed_status: Vec<&str> = closed.iter().map(|c| c.1).collect();
+        let e_id: Vec<i64> = entry_id_list.clone();
+        let e_acc: Vec<i64> = entries.iter().map(|e| e.account_id).collect();
+        let e_kind: Vec<&str> = entries.iter().map(|e| e.entry.kind.as_str()).collect();
+        let e_m: Vec<i64> = entries.iter().map(|e| e.entry.delta.monthly).collect();
+        let e_r: Vec<i64> = entries.iter().map(|e| e.entry.delta.rollover).collect();
+        let e_p: Vec<i64> = entries.iter().map(|e| e.entry.delta.purchased).collect();
+        let e_h: Vec<i64> = entries.iter().map(|e| e.entry.held_delta).collect();
+        let e_bal: Vec<i64> = entries.iter().map(|e| e.entry.balance_after).collect();
+        let e_held: Vec<i64> = entries.iter().map(|e| e.entry.held_after).collect();
+        let e_src: Vec<Option<&str>> = entries.iter().map(|e| e.entry.source.map(GrantSource::as_str)).collect();
+        let e_hold: Vec<Option<i64>> = entries.iter().map(|e| e.entry.hold.map(|h| h.0)).collect();
+        let e_ref: Vec<Option<i64>> = entries.iter().map(|e| e.entry.ref_entry.map(|r| r.0)).collect();
+        let e_reference: Vec<&str> = entries.iter().map(|e| e.entry.reference.as_str()).collect();
+        let e_exp: Vec<Option<DateTime<Utc>>> = entries.iter().map(|e| e.entry.rollover_expires_at).collect();
+        let mut u_entry = Vec::new();
+        let mut u_acc = Vec::new();
+        let mut u_hold: Vec<Option<i64>> = Vec::new();
+        let mut u_op = Vec::new();
+        let mut u_model = Vec::new();
+        let mut u_tok: [Vec<i64>; 4] = Default::default();
+        let mut u_credits = Vec::new();
+        let mut u_cost = Vec::new();
+        for (job, acc, u) in &usages {
+            let (entry, delta, hold) = main_of_job.get(job).ok_or_else(|| Error::Invariant("usage without a charge entry".into()))?;
+            u_entry.push(entry.0);
+            u_acc.push(*acc);
+            u_hold.push(hold.map(|h| h.0));
+            u_op.push(u.operation.as_str());
+            u_model.push(u.model.as_str());
+            for (k, v) in [u.tokens.input, u.tokens.output, u.tokens.cache_read, u.tokens.cache_write].into_iter().enumerate() {
+                u_tok[k].push(v as i64);
+            }
+            u_credits.push(-delta.total());
+            u_cost.push(u.cost_micros);
+        }
+        let a_acc: Vec<i64> = alerts.iter().map(|a| a.0).collect();
+        let a_kind: Vec<&str> = alerts.iter().map(|a| alert_kind_str(a.1.kind)).collect();
+        let a_month: Vec<NaiveDate> = alerts.iter().map(|a| a.1.month).collect();
+        let a_cost: Vec<i64> = alerts.iter().map(|a| a.1.cost_micros).collect();
+        let a_limit: Vec<i64> = alerts.iter().map(|a| a.1.limit_micros).collect();
+        let a_at: Vec<DateTime<Utc>> = alerts.iter().map(|a| a.1.at).collect();
+        let mut k_key = Vec::new();
+        let mut k_fp = Vec::new();
+        let mut k_outcome = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            if let (Slot::Applied(effect), Some(key)) = (slot, jobs[i].cmd.key()) {
+                k_key.push(key.as_str());
+                k_fp.push(jobs[i].fp);
+                k_outcome.push(serde_json::to_value(effect).expect("effects serialize"));
+            }
+        }
+        let dirty: Vec<(i64, &BatchAccount)> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| (*id, a)).collect();
+        let s_id: Vec<i64> = dirty.iter().map(|d| d.0).collect();
+        let s = |f: &dyn Fn(&AccountState) -> i64| -> Vec<i64> { dirty.iter().map(|d| f(&d.1.state)).collect() };
+        let (s_m, s_r, s_p, s_h) = (s(&|a| a.monthly), s(&|a| a.rollover_total()), s(&|a| a.purchased), s(&|a| a.held));
+        let (s_dc, s_mc, s_hc) = (s(&|a| a.cost.day_cost_micros), s(&|a| a.cost.month_cost_micros), s(&|a| a.cost.held_cost_micros));
+        let s_alerted: Vec<i32> = dirty.iter().map(|d| encode_alerted(&d.1.state.cost.alerted) as i32).collect();
+        let s_lots: Vec<serde_json::Value> = dirty.iter().map(|d| lots_value(&d.1.state.rollover)).collect();
+        let s_day: Vec<Option<NaiveDate>> = dirty.iter().map(|d| d.1.state.cost.day).collect();
+        let s_month: Vec<Option<NaiveDate>> = dirty.iter().map(|d| d.1.state.cost.month).collect();
+        let s_throttle: Vec<Option<serde_json::Value>> =
+            dirty.iter().map(|d| d.1.state.cost.throttle.as_ref().map(|t| serde_json::to_value(t).expect("throttles serialize"))).collect();
+        let s_lifts: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|d| d.1.state.cost.throttle.as_ref().and_then(crate::cost::Throttle::lifts_at)).collect();
+        let s_requests: Vec<serde_json::Value> = dirty.iter().map(|d| serde_json::json!(d.1.state.cost.requests_ms)).collect();
+        let s_org: Vec<bool> = dirty.iter().map(|d| d.1.state.org_member).collect();
+        let s_tier: Vec<Option<&str>> = dirty.iter().map(|d| d.1.state.tier.as_deref()).collect();
+        let s_next: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|d| d.1.state.next_expiry().map(|l| l.expires_at)).collect();
+        let s_pc: Vec<Option<i64>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.monthly_credits)).collect();
+        let s_pa: Vec<Option<bool>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.active)).collect();
+        let s_pe: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.period_end)).collect();
+        let s_anchor: Vec<Option<i32>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.anchor_day as i32)).collect();
+
+        let (hi, hacc, hamount, hcost, hdeadline, hreference) = &holds_ins;
+        let p_holds: Vec<&(dyn ToSql + Sync)> = vec![hi, hacc, hamount, hcost, hdeadline, hreference, &now];
+        let p_closed: Vec<&(dyn ToSql + Sync)> = vec![&closed_ids, &closed_status, &now];
+        let p_entries: Vec<&(dyn ToSql + Sync)> =
+            vec![&e_id, &e_acc, &e_kind, &e_m, &e_r, &e_p, &e_h, &e_bal, &e_held, &e_src, &e_hold, &e_ref, &e_reference, &e_exp, &now];
+        let p_usage: Vec<&(dyn ToSql + Sync)> =
+            vec![&u_entry, &u_acc, &u_hold, &u_op, &u_model, &u_tok[0], &u_tok[1], &u_tok[2], &u_tok[3], &u_credits, &u_cost, &now];
+        let p_alerts: Vec<&(dyn ToSql + Sync)> = vec![&a_acc, &a_kind, &a_month, &a_cost, &a_limit, &a_at];
+        let p_keys: Vec<&(dyn ToSql + Sync)> = vec![&k_key, &k_fp, &k_outcome, &now];
+        let p_accounts: Vec<&(dyn ToSql + Sync)> = vec![
+            &s_id,
+            &s_m,
+            &s_r,
+            &s_p,
+            &s_h,
+            &s_lots,
+            &s_day,
+            &s_dc,
+            &s_month,
+            &s_mc,
+            &s_hc,
+            &s_throttle,
+            &s_lifts,
+            &s_requests,
+            &s_alerted,
+            &s_org,
+            &s_tier,
+            &s_next,
+            &s_pc,
+            &s_pa,
+            &s_pe,
+            &s_anchor,
+            &now,
+        ];
+        let w_holds = tx.execute(
+            "INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
+             SELECT id, account_id, amount, cost_micros, deadline, 'open', reference, $7
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[]) AS u(id, account_id, amount, cost_micros, deadline, reference)",
+            &p_holds,
+        );
+        let w_closed = tx.execute(
+            "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
+             WHERE holds.id = u.id AND holds.status = 'open'",
+            &p_closed,
+        );
+        let w_entries = tx.execute(
+            "INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
+             SELECT id, account_id, $15, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp
+             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
+                         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::timestamptz[])
+                  AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp)",
+            &p_entries,
+        );
+        let w_usage = tx.execute(
+            "INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+             SELECT e, a, $12, h, op, model, i, o, cr, cw, c, cost
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
+                  AS u(e, a, h, op, model, i, o, cr, cw, c, cost)",
+            &p_usage,
+        );
+        let w_alerts = tx.query(
+            "INSERT INTO cost_alerts (account_id, kind, month, cost_micros, limit_micros, at)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6::timestamptz[])
+             ON CONFLICT (account_id, kind, month) DO NOTHING RETURNING account_id, kind, month",
+            &p_alerts,
+        );
+        let w_keys = tx.execute(
+            "INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)",
+            &p_keys,
+        );
+        let w_accounts = tx.execute(
+            "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
+                cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
+                throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
+                alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
+                period_end = u.pe, plan_anchor_day = u.anchor
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], $7::date[], $8::bigint[], $9::date[],
+                         $10::bigint[], $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::jsonb[], $15::int[], $16::bool[], $17::text[],
+                         $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
+                  AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
+             WHERE accounts.id = u.id",
+            &p_accounts,
+        );
+        let (n_holds, n_closed, n_entries, n_usage, new_alerts, n_keys, n_accounts) =
+            tokio::try_join!(w_holds, w_closed, w_entries, w_usage, w_alerts, w_keys, w_accounts)?;
+        let expect = |what: &str, got: u64, want: usize| -> Result<()> {
+            if got != want as u64 {
+                return Err(Error::Invariant(format!("batch wrote {got} {what}, not {want}")));
+            }
+            Ok(())
+        };
+        expect("holds", n_holds, new_holds.len())?;
+        expect("closed holds", n_closed, closed.len())?;
+        expect("entries", n_entries, entries.len())?;
+        expect("usage records", n_usage, usages.len())?;
+        expect("keys", n_keys, k_key.len())?;
+        expect("accounts", n_accounts, s_id.len())?;
+        tx.commit().await?;
+
+        let fresh: Vec<(i64, String, NaiveDate)> = new_alerts.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let sent = alerts
+            .into_iter()
+            .filter(|(acc, a)| fresh.iter().any(|(fa, fk, fm)| fa == acc && fk == alert_kind_str(a.kind) && *fm == a.month))
+            .filter_map(|(acc, a)| accounts.get(&acc).map(|x| (x.ext.clone(), a)))
+            .collect();
+        let mut results: Vec<Result<Outcome>> = Vec::with_capacity(slots.len());
+        let finals: Vec<Option<Effect>> = slots.iter().map(|s| if let Slot::Applied(e) = s { Some(e.clone()) } else { None }).collect();
+        for slot in slots {
+            results.push(match slot {
+                Slot::Done(r) => r,
+                Slot::Applied(effect) => Ok(Ok(Committed { effect, replayed: false })),
+                Slot::Replay(first) => match &finals[first] {
+                    Some(effect) => Ok(Ok(Committed { effect: effect.clone(), replayed: true })),
+                    None => Err(Error::Invariant("replay of a command that did not apply".into())),
+                },
+            });
+        }
+        Ok((results, sent))
     }
 }
