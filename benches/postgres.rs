@@ -71,29 +71,30 @@ impl Baseline {
     async fn spend(&self, a: &str, amount: i64) {
         let mut c = self.pool.get().await.unwrap();
         let tx = c.transaction().await.unwrap();
-        let r = tx.query_one("SELECT monthly, rollover, purchased FROM credits WHERE account_id = $1 FOR UPDATE", &[&a]).await.unwrap();
+        // Prepared once per connection (as a driver's statement cache does), one round trip each.
+        let select = tx.prepare_cached("SELECT monthly, rollover, purchased FROM credits WHERE account_id = $1 FOR UPDATE").await.unwrap();
+        let update = tx.prepare_cached("UPDATE credits SET monthly = $2, rollover = $3, purchased = $4 WHERE account_id = $1").await.unwrap();
+        let log = tx
+            .prepare_cached(
+                "INSERT INTO transactions (account_id, at, kind, d_monthly, d_rollover, d_purchased, balance_after, reference) VALUES ($1, $2, 'spend', $3, $4, $5, $6, 'bench')",
+            )
+            .await
+            .unwrap();
+        let use_row = tx
+            .prepare_cached("INSERT INTO usage (account_id, at, model, input_tokens, output_tokens, credits, cost_micros) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .await
+            .unwrap();
+        let r = tx.query_one(&select, &[&a]).await.unwrap();
         let (m, ro, p): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
         assert!(m + ro + p >= amount, "baseline account ran dry");
         let tm = amount.min(m);
         let tr = (amount - tm).min(ro);
         let tp = amount - tm - tr;
-        tx.execute("UPDATE credits SET monthly = $2, rollover = $3, purchased = $4 WHERE account_id = $1", &[&a, &(m - tm), &(ro - tr), &(p - tp)])
-            .await
-            .unwrap();
+        tx.execute(&update, &[&a, &(m - tm), &(ro - tr), &(p - tp)]).await.unwrap();
         let now = chrono::Utc::now();
-        tx.execute(
-            "INSERT INTO transactions (account_id, at, kind, d_monthly, d_rollover, d_purchased, balance_after, reference) VALUES ($1, $2, 'spend', $3, $4, $5, $6, 'bench')",
-            &[&a, &now, &-tm, &-tr, &-tp, &(m + ro + p - amount)],
-        )
-        .await
-        .unwrap();
+        tx.execute(&log, &[&a, &now, &-tm, &-tr, &-tp, &(m + ro + p - amount)]).await.unwrap();
         let u = usage();
-        tx.execute(
-            "INSERT INTO usage (account_id, at, model, input_tokens, output_tokens, credits, cost_micros) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[&a, &now, &u.model, &(u.tokens.input as i64), &(u.tokens.output as i64), &amount, &u.cost_micros],
-        )
-        .await
-        .unwrap();
+        tx.execute(&use_row, &[&a, &now, &u.model, &(u.tokens.input as i64), &(u.tokens.output as i64), &amount, &u.cost_micros]).await.unwrap();
         tx.commit().await.unwrap();
     }
 }

@@ -158,7 +158,7 @@ struct Stats {
 /// How group commit has gone on this node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchStats {
-    /// Batches of two or more commands committed.
+    /// Batches committed (a lone command is a batch of one).
     pub batches: u64,
     /// Commands committed in them.
     pub batched_commands: u64,
@@ -611,14 +611,15 @@ async fn load_charge(tx: &impl GenericClient, account_id: i64, entry: EntryId) -
     }))
 }
 
+const TIERS_SQL: &str = "SELECT name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit, alert_threshold_pct,
+    throttle_on_exceed FROM cost_tiers ORDER BY name";
+
 async fn load_tiers(c: &impl GenericClient) -> Result<TierTable, TxError> {
-    let rows = c
-        .query(
-            "SELECT name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit, alert_threshold_pct, throttle_on_exceed
-             FROM cost_tiers ORDER BY name",
-            &[],
-        )
-        .await?;
+    let rows = c.query(TIERS_SQL, &[]).await?;
+    Ok(tiers_from_rows(&rows)?)
+}
+
+fn tiers_from_rows(rows: &[Row]) -> Result<TierTable> {
     let tiers = rows.iter().map(|r| TierLimits {
         name: r.get(0),
         monthly_revenue_micros: r.get(1),
@@ -628,7 +629,7 @@ async fn load_tiers(c: &impl GenericClient) -> Result<TierTable, TxError> {
         alert_threshold_pct: r.get::<_, Option<i32>>(5).map(|v| v as u32),
         throttle_on_exceed: r.get(6),
     });
-    Ok(TierTable::from_tiers(tiers).map_err(|e| Error::Invariant(format!("cost_tiers: {e}")))?)
+    TierTable::from_tiers(tiers).map_err(|e| Error::Invariant(format!("cost_tiers: {e}")))
 }
 
 fn tx_err(e: TxError) -> Error {
@@ -1127,8 +1128,8 @@ fn hash_of(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// A batcher: takes what is queued (up to [`MAX_BATCH`]) and commits it in one transaction; a
-/// lone command takes the single path. If a batch fails (a lost race with another node, a
+/// A batcher: takes what is queued (up to [`MAX_BATCH`], at least one) and commits it in one
+/// transaction of a few round trips whatever its size. If a batch fails (a lost race with another node, a
 /// connection lost), each of its commands is retried alone, so one cannot fail the others.
 async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = rx.recv().await {
@@ -1138,12 +1139,6 @@ async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
-        }
-        if jobs.len() == 1 {
-            let j = jobs.pop().expect("one");
-            let r = core.execute_single(&j.cmd, j.fp).await;
-            let _ = j.reply.send(r);
-            continue;
         }
         match core.run_batch(&jobs).await {
             Ok((results, alerts)) => {
@@ -1202,22 +1197,31 @@ impl Core {
         let keys: Vec<&str> = jobs.iter().filter_map(|j| j.cmd.key()).map(|k| k.as_str()).collect();
         let exts: Vec<&str> = jobs.iter().filter(|j| j.cmd.hold().is_none()).filter_map(|j| j.cmd.account()).map(|a| a.as_str()).collect();
         let hold_ids: Vec<i64> = jobs.iter().filter_map(|j| j.cmd.hold()).map(|h| h.0).collect();
-        let stored: HashMap<String, (i64, serde_json::Value)> = tx
-            .query("SELECT key, fingerprint, outcome FROM idempotency WHERE key = ANY($1)", &[&keys])
-            .await?
-            .into_iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
-        // Lock every account the batch touches, in id order (no deadlock with other batches).
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT {ACCOUNT_COLUMNS} FROM accounts
-                     WHERE external_id = ANY($1) OR id IN (SELECT account_id FROM holds WHERE id = ANY($2)) ORDER BY id FOR UPDATE"
-                ),
-                &[&exts, &hold_ids],
-            )
-            .await?;
+        // Everything the batch reads, sent together (pipelined): the statements run in this
+        // order, so those after the lock see what was committed before it. The accounts are
+        // locked in id order (no deadlock with other batches, on any node).
+        let accounts_of = "SELECT id FROM accounts WHERE external_id = ANY($1) OR id IN (SELECT account_id FROM holds WHERE id = ANY($2))";
+        let lock_sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id IN ({accounts_of}) ORDER BY id FOR UPDATE");
+        let open_sql =
+            format!("SELECT id, account_id, amount, deadline, cost_micros FROM holds WHERE account_id IN ({accounts_of}) AND status = 'open' ORDER BY id");
+        let (st_keys, st_lock, st_open, st_named, st_tiers) = tokio::try_join!(
+            tx.prepare_cached("SELECT key, fingerprint, outcome FROM idempotency WHERE key = ANY($1)"),
+            tx.prepare_cached(&lock_sql),
+            tx.prepare_cached(&open_sql),
+            tx.prepare_cached("SELECT id, account_id, amount, deadline, status FROM holds WHERE id = ANY($1)"),
+            tx.prepare_cached(TIERS_SQL),
+        )?;
+        let p_keys: [&(dyn ToSql + Sync); 1] = [&keys];
+        let p_accounts: [&(dyn ToSql + Sync); 2] = [&exts, &hold_ids];
+        let p_named: [&(dyn ToSql + Sync); 1] = [&hold_ids];
+        let (key_rows, rows, open_rows, named_rows, tier_rows) = tokio::try_join!(
+            tx.query(&st_keys, &p_keys),
+            tx.query(&st_lock, &p_accounts),
+            tx.query(&st_open, &p_accounts),
+            tx.query(&st_named, &p_named),
+            tx.query(&st_tiers, &[]),
+        )?;
+        let stored: HashMap<String, (i64, serde_json::Value)> = key_rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
         let mut accounts: HashMap<i64, BatchAccount> = HashMap::new();
         let mut by_ext: HashMap<AccountId, i64> = HashMap::new();
         for r in &rows {
@@ -1225,23 +1229,18 @@ impl Core {
             by_ext.insert(ext.clone(), id);
             accounts.insert(id, BatchAccount { ext, state, holds: Vec::new(), dirty: false });
         }
-        let ids: Vec<i64> = accounts.keys().copied().collect();
-        for r in tx
-            .query("SELECT id, account_id, amount, deadline, cost_micros FROM holds WHERE account_id = ANY($1) AND status = 'open' ORDER BY id", &[&ids])
-            .await?
-        {
+        for r in open_rows {
             let account: i64 = r.get(1);
             if let Some(a) = accounts.get_mut(&account) {
                 a.holds.push(OpenHold { id: HoldId(r.get(0)), amount: r.get(2), deadline: r.get(3), cost_micros: r.get(4) });
             }
         }
-        // Read after the locks: statuses as committed by anyone before us.
         let mut named: HashMap<i64, (i64, HoldRecord)> = HashMap::new();
-        for r in tx.query("SELECT id, account_id, amount, deadline, status FROM holds WHERE id = ANY($1)", &[&hold_ids]).await? {
+        for r in named_rows {
             let id: i64 = r.get(0);
             named.insert(id, (r.get(1), HoldRecord { id: HoldId(id), amount: r.get(2), deadline: r.get(3), status: HoldStatus::parse(r.get(4))? }));
         }
-        let tiers = load_tiers(&tx).await.map_err(tx_err)?;
+        let tiers = tiers_from_rows(&tier_rows)?;
 
         let mut slots: Vec<Slot> = Vec::with_capacity(jobs.len());
         let mut batch_keys: HashMap<&str, (i64, usize)> = HashMap::new();
@@ -1475,44 +1474,45 @@ impl Core {
             &s_anchor,
             &now,
         ];
-        let w_holds = tx.execute(
-            "INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
+        let st_holds = tx.prepare_cached("INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
              SELECT id, account_id, amount, cost_micros, deadline, 'open', reference, $7
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[]) AS u(id, account_id, amount, cost_micros, deadline, reference)",
-            &p_holds,
-        );
-        let w_closed = tx.execute(
-            "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[]) AS u(id, account_id, amount, cost_micros, deadline, reference)").await?;
+        let w_holds = tx.execute(&st_holds, &p_holds);
+        let st_closed = tx
+            .prepare_cached(
+                "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
              WHERE holds.id = u.id AND holds.status = 'open'",
-            &p_closed,
-        );
-        let w_entries = tx.execute(
-            "INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
+            )
+            .await?;
+        let w_closed = tx.execute(&st_closed, &p_closed);
+        let st_entries = tx.prepare_cached("INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
              SELECT id, account_id, $15, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp
              FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
                          $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::timestamptz[])
-                  AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp)",
-            &p_entries,
-        );
-        let w_usage = tx.execute(
-            "INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+                  AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp)").await?;
+        let w_entries = tx.execute(&st_entries, &p_entries);
+        let st_usage = tx.prepare_cached("INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
              SELECT e, a, $12, h, op, model, i, o, cr, cw, c, cost
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
-                  AS u(e, a, h, op, model, i, o, cr, cw, c, cost)",
-            &p_usage,
-        );
-        let w_alerts = tx.query(
-            "INSERT INTO cost_alerts (account_id, kind, month, cost_micros, limit_micros, at)
+                  AS u(e, a, h, op, model, i, o, cr, cw, c, cost)").await?;
+        let w_usage = tx.execute(&st_usage, &p_usage);
+        let st_alerts = tx
+            .prepare_cached(
+                "INSERT INTO cost_alerts (account_id, kind, month, cost_micros, limit_micros, at)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6::timestamptz[])
              ON CONFLICT (account_id, kind, month) DO NOTHING RETURNING account_id, kind, month",
-            &p_alerts,
-        );
-        let w_keys = tx.execute(
-            "INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)",
-            &p_keys,
-        );
-        let w_accounts = tx.execute(
-            "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
+            )
+            .await?;
+        let w_alerts = tx.query(&st_alerts, &p_alerts);
+        let st_keys = tx
+            .prepare_cached(
+                "INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)",
+            )
+            .await?;
+        let w_keys = tx.execute(&st_keys, &p_keys);
+        let st_accounts = tx
+            .prepare_cached(
+                "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
                 cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
                 throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
                 alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
@@ -1522,8 +1522,9 @@ impl Core {
                          $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
                   AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
              WHERE accounts.id = u.id",
-            &p_accounts,
-        );
+            )
+            .await?;
+        let w_accounts = tx.execute(&st_accounts, &p_accounts);
         let (n_holds, n_closed, n_entries, n_usage, new_alerts, n_keys, n_accounts) =
             tokio::try_join!(w_holds, w_closed, w_entries, w_usage, w_alerts, w_keys, w_accounts)?;
         let expect = |what: &str, got: u64, want: usize| -> Result<()> {
