@@ -1200,7 +1200,8 @@ impl Core {
         // Everything the batch reads, sent together (pipelined): the statements run in this
         // order, so those after the lock see what was committed before it. The accounts are
         // locked in id order (no deadlock with other batches, on any node).
-        let accounts_of = "SELECT id FROM accounts WHERE external_id = ANY($1) OR id IN (SELECT account_id FROM holds WHERE id = ANY($2))";
+        // (A union, not an OR: each side uses its index.)
+        let accounts_of = "SELECT id FROM accounts WHERE external_id = ANY($1) UNION SELECT account_id FROM holds WHERE id = ANY($2)";
         let lock_sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id IN ({accounts_of}) ORDER BY id FOR UPDATE");
         let open_sql =
             format!("SELECT id, account_id, amount, deadline, cost_micros FROM holds WHERE account_id IN ({accounts_of}) AND status = 'open' ORDER BY id");
@@ -1332,6 +1333,7 @@ impl Core {
             )
             .await?;
         let (hold_id_list, entry_id_list): (Vec<i64>, Vec<i64>) = (r.get(0), r.get(1));
+
         let mut hold_of_job: HashMap<usize, HoldId> = HashMap::new();
         for ((job, _, _), id) in new_holds.iter().zip(&hold_id_list) {
             hold_of_job.insert(*job, HoldId(*id));
