@@ -1476,45 +1476,75 @@ impl Core {
             &s_anchor,
             &now,
         ];
-        let st_holds = tx.prepare_cached("INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
+        let w_holds = async {
+            if new_holds.is_empty() {
+                return Ok(0);
+            }
+            let st = tx.prepare_cached("INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
              SELECT id, account_id, amount, cost_micros, deadline, 'open', reference, $7
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[]) AS u(id, account_id, amount, cost_micros, deadline, reference)").await?;
-        let w_holds = tx.execute(&st_holds, &p_holds);
-        let st_closed = tx
-            .prepare_cached(
-                "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
+            tx.execute(&st, &p_holds).await
+        };
+        let w_closed = async {
+            if closed.is_empty() {
+                return Ok(0);
+            }
+            let st = tx
+                .prepare_cached(
+                    "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
              WHERE holds.id = u.id AND holds.status = 'open'",
-            )
-            .await?;
-        let w_closed = tx.execute(&st_closed, &p_closed);
-        let st_entries = tx.prepare_cached("INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
+                )
+                .await?;
+            tx.execute(&st, &p_closed).await
+        };
+        let w_entries = async {
+            if entries.is_empty() {
+                return Ok(0);
+            }
+            let st = tx.prepare_cached("INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
              SELECT id, account_id, $15, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp
              FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
                          $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::timestamptz[])
                   AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp)").await?;
-        let w_entries = tx.execute(&st_entries, &p_entries);
-        let st_usage = tx.prepare_cached("INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+            tx.execute(&st, &p_entries).await
+        };
+        let w_usage = async {
+            if usages.is_empty() {
+                return Ok(0);
+            }
+            let st = tx.prepare_cached("INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
              SELECT e, a, $12, h, op, model, i, o, cr, cw, c, cost
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
                   AS u(e, a, h, op, model, i, o, cr, cw, c, cost)").await?;
-        let w_usage = tx.execute(&st_usage, &p_usage);
-        let st_alerts = tx
-            .prepare_cached(
-                "INSERT INTO cost_alerts (account_id, kind, month, cost_micros, limit_micros, at)
+            tx.execute(&st, &p_usage).await
+        };
+        let w_alerts = async {
+            if alerts.is_empty() {
+                return Ok(Vec::new());
+            }
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO cost_alerts (account_id, kind, month, cost_micros, limit_micros, at)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6::timestamptz[])
              ON CONFLICT (account_id, kind, month) DO NOTHING RETURNING account_id, kind, month",
-            )
-            .await?;
-        let w_alerts = tx.query(&st_alerts, &p_alerts);
-        let st_keys = tx
-            .prepare_cached(
-                "INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)",
-            )
-            .await?;
-        let w_keys = tx.execute(&st_keys, &p_keys);
-        let st_accounts = tx
-            .prepare_cached(
-                "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
+                )
+                .await?;
+            tx.query(&st, &p_alerts).await
+        };
+        let w_keys = async {
+            if k_key.is_empty() {
+                return Ok(0);
+            }
+            let st = tx.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)").await?;
+            tx.execute(&st, &p_keys).await
+        };
+        let w_accounts = async {
+            if s_id.is_empty() {
+                return Ok(0);
+            }
+            let st = tx
+                .prepare_cached(
+                    "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
                 cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
                 throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
                 alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
@@ -1524,9 +1554,10 @@ impl Core {
                          $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
                   AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
              WHERE accounts.id = u.id",
-            )
-            .await?;
-        let w_accounts = tx.execute(&st_accounts, &p_accounts);
+                )
+                .await?;
+            tx.execute(&st, &p_accounts).await
+        };
         let (n_holds, n_closed, n_entries, n_usage, new_alerts, n_keys, n_accounts) =
             tokio::try_join!(w_holds, w_closed, w_entries, w_usage, w_alerts, w_keys, w_accounts)?;
         let expect = |what: &str, got: u64, want: usize| -> Result<()> {
