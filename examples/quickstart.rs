@@ -7,7 +7,8 @@
 //! cargo run --example quickstart [-- path/to/ledger.db]
 //! ```
 //!
-//! Environment: `PRPM_DATABASE` (the SQLite file, default `prpm-playground.db`),
+//! Environment: `PRPM_DATABASE` (the SQLite file, default `prpm-playground.db`), or
+//! `DATABASE_URL` (a PostgreSQL URL: the same job on PostgreSQL),
 //! `PRPM_PRICE_TABLE` (a TOML or JSON price table; default: the built-in one).
 //! Running it again is safe: the account and the pack are keyed, so only a new run is added.
 
@@ -25,8 +26,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(file) => Pricing::with_table(PriceTable::load(file)?),
         Err(_) => Pricing::default(),
     };
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path)?);
-    println!("database: {path} (SQLite, WAL)");
+    // `DATABASE_URL=postgres://...` (or `host=... dbname=...`) runs the same job on PostgreSQL.
+    let store: Arc<dyn Store> = match std::env::var("DATABASE_URL") {
+        Ok(url) if url.starts_with("postgres") || url.contains("dbname=") => {
+            println!("database: PostgreSQL");
+            Arc::new(prpm_playground_core::store::postgres::PgStore::open(prpm_playground_core::store::postgres::PgOptions::new(url)).await?)
+        }
+        _ => {
+            println!("database: {path} (SQLite, WAL)");
+            Arc::new(SqliteStore::open(&path)?)
+        }
+    };
 
     // 1. An account: 5 free credits on creation.
     let alice = AccountId::new("alice")?;
