@@ -7,7 +7,8 @@
 //! * [`pricing`]: pure token pricing (credits, USD, estimates, request cap).
 //! * [`cost`]: cost-control rules (tier limits, admission, throttles, alerts, risk, summary).
 //! * [`ledger`]: the ledger's vocabulary and its rules as a pure function.
-//! * [`store`]: the [`Store`] trait and the SQLite backend.
+//! * [`store`]: the [`Store`] trait, the SQLite backend and the PostgreSQL backend.
+//! * [`pg_cluster`]: a throw-away PostgreSQL cluster for tests and benches.
 //! * [`jobs`]: maintenance steps (hold expiry, rollover, rollover expiry) over any store.
 //! * [`history`]: CSV export of the transaction log.
 //! * [`conformance`]: the behaviour every backend must show, as library code.
