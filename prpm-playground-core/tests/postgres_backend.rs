@@ -15,14 +15,7 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 
 #[test]
 fn postgres_schema() {
-    let cluster = match PgCluster::start() {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            eprintln!("SKIPPED postgres tests: PostgreSQL is not installed here (CI installs it and sets PRPM_REQUIRE_POSTGRES=1)");
-            return;
-        }
-        Err(e) => panic!("cannot start a PostgreSQL cluster: {e}"),
-    };
+    let Some(cluster) = shared_cluster() else { return };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         // Four nodes start at once on a fresh database: one migrates, the others find it done.
@@ -418,5 +411,46 @@ fn concurrent_commands_commit_in_groups() {
         assert_eq!(stats.failed_batches, 0, "{stats:?}");
         let report = s.verify().await.unwrap();
         assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}
+
+/// `verify()` finds every figure edited behind the ledger's back and every forged log row.
+#[test]
+fn verify_reports_every_difference() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let s: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url.clone())).await.unwrap());
+        let u = create_user(&*s, "u").await;
+        create_user(&*s, "w").await;
+        grant(&*s, &u, Bucket::Monthly, 10, None, "g").await;
+        assert!(s.verify().await.unwrap().is_clean());
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.batch_execute(
+            "UPDATE accounts SET purchased = purchased + 7 WHERE external_id = 'u';
+             UPDATE accounts SET held = 3 WHERE external_id = 'w';
+             UPDATE accounts SET held_cost_micros = 40 WHERE external_id = 'u';
+             INSERT INTO ledger_entries (account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
+                 SELECT id, now(), 'grant', 1, 0, 0, 0, 999, 0, 'forged' FROM accounts WHERE external_id = 'w';",
+        )
+        .await
+        .unwrap();
+        let r = s.verify().await.unwrap();
+        let mut found: Vec<(String, String, i64, i64)> =
+            r.discrepancies.iter().map(|d| (d.account.to_string(), d.what.clone(), d.stored, d.from_log)).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                ("u".into(), "held cost (micro-USD) of open holds".into(), 40, 0),
+                ("u".into(), "purchased".into(), 12, 5),
+                ("w".into(), "entry balance_after".into(), 999, 6),
+                ("w".into(), "held".into(), 3, 0),
+                ("w".into(), "monthly".into(), 0, 1),
+                ("w".into(), "open holds".into(), 3, 0),
+            ]
+        );
+        assert_eq!(r.accounts, 2);
     });
 }
