@@ -611,6 +611,11 @@ async fn load_charge(tx: &impl GenericClient, account_id: i64, entry: EntryId) -
     }))
 }
 
+/// Allocates `$1` hold ids and `$2` entry ids, each list ascending.
+const IDS_SQL: &str =
+    "SELECT (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('holds_id_seq') AS n FROM generate_series(1, $1::bigint)) h),
+    (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('ledger_entries_id_seq') AS n FROM generate_series(1, $2::bigint)) e)";
+
 const TIERS_SQL: &str = "SELECT name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit, alert_threshold_pct,
     throttle_on_exceed FROM cost_tiers ORDER BY name";
 
@@ -1205,22 +1210,40 @@ impl Core {
         let lock_sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id IN ({accounts_of}) ORDER BY id FOR UPDATE");
         let open_sql =
             format!("SELECT id, account_id, amount, deadline, cost_micros FROM holds WHERE account_id IN ({accounts_of}) AND status = 'open' ORDER BY id");
-        let (st_keys, st_lock, st_open, st_named, st_tiers) = tokio::try_join!(
+        // Ids are allocated with the reads, after the lock (so each account's entries get
+        // increasing ids): a guess that covers most batches, topped up below if short. Unused
+        // ids leave gaps, which nothing minds.
+        let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64;
+        let entries_guess = 2 * jobs.len() as i64;
+        let (st_keys, st_lock, st_open, st_named, st_tiers, st_ids) = tokio::try_join!(
             tx.prepare_cached("SELECT key, fingerprint, outcome FROM idempotency WHERE key = ANY($1)"),
             tx.prepare_cached(&lock_sql),
             tx.prepare_cached(&open_sql),
             tx.prepare_cached("SELECT id, account_id, amount, deadline, status FROM holds WHERE id = ANY($1)"),
             tx.prepare_cached(TIERS_SQL),
+            tx.prepare_cached(IDS_SQL),
         )?;
         let p_keys: [&(dyn ToSql + Sync); 1] = [&keys];
         let p_accounts: [&(dyn ToSql + Sync); 2] = [&exts, &hold_ids];
         let p_named: [&(dyn ToSql + Sync); 1] = [&hold_ids];
-        let (key_rows, rows, open_rows, named_rows, tier_rows) = tokio::try_join!(
-            tx.query(&st_keys, &p_keys),
+        let p_ids: [&(dyn ToSql + Sync); 2] = [&holds_guess, &entries_guess];
+        let (key_rows, rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
+            async {
+                if keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                tx.query(&st_keys, &p_keys).await
+            },
             tx.query(&st_lock, &p_accounts),
             tx.query(&st_open, &p_accounts),
-            tx.query(&st_named, &p_named),
+            async {
+                if hold_ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                tx.query(&st_named, &p_named).await
+            },
             tx.query(&st_tiers, &[]),
+            tx.query_one(&st_ids, &p_ids),
         )?;
         let stored: HashMap<String, (i64, serde_json::Value)> = key_rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
         let mut accounts: HashMap<i64, BatchAccount> = HashMap::new();
@@ -1325,14 +1348,15 @@ impl Core {
         }
 
         // Ids, in command order (each account's entries stay in order: its row is locked).
-        let r = tx
-            .query_one(
-                "SELECT (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('holds_id_seq') AS n FROM generate_series(1, $1::bigint)) h),
-                        (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('ledger_entries_id_seq') AS n FROM generate_series(1, $2::bigint)) e)",
-                &[&(new_holds.len() as i64), &(entries.len() as i64)],
-            )
-            .await?;
-        let (hold_id_list, entry_id_list): (Vec<i64>, Vec<i64>) = (r.get(0), r.get(1));
+        let (mut hold_id_list, mut entry_id_list): (Vec<i64>, Vec<i64>) = (id_row.get(0), id_row.get(1));
+        let (more_holds, more_entries) = (new_holds.len().saturating_sub(hold_id_list.len()) as i64, entries.len().saturating_sub(entry_id_list.len()) as i64);
+        if more_holds > 0 || more_entries > 0 {
+            let r = tx.query_one(&st_ids, &[&more_holds, &more_entries]).await?;
+            hold_id_list.extend(r.get::<_, Vec<i64>>(0));
+            entry_id_list.extend(r.get::<_, Vec<i64>>(1));
+        }
+        hold_id_list.truncate(new_holds.len());
+        entry_id_list.truncate(entries.len());
 
         let mut hold_of_job: HashMap<usize, HoldId> = HashMap::new();
         for ((job, _, _), id) in new_holds.iter().zip(&hold_id_list) {
