@@ -65,10 +65,13 @@ impl PgCluster {
         let data = cluster.dir.join("data");
         cluster
             .run("initdb", &["-D".as_ref(), data.as_os_str(), "-U".as_ref(), "postgres".as_ref(), "--auth=trust".as_ref(), "-E".as_ref(), "UTF8".as_ref()])?;
+        // `PRPM_PG_SERVER_OPTS` adds server settings (e.g. `-c log_min_duration_statement=0` to
+        // see what each statement costs).
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c max_connections=200 {}",
             cluster.port,
-            cluster.dir.display()
+            cluster.dir.display(),
+            std::env::var("PRPM_PG_SERVER_OPTS").unwrap_or_default()
         );
         let log = cluster.dir.join("server.log");
         cluster

@@ -432,7 +432,9 @@ fn verify_reports_every_difference() {
              UPDATE accounts SET held = 3 WHERE external_id = 'w';
              UPDATE accounts SET held_cost_micros = 40 WHERE external_id = 'u';
              INSERT INTO ledger_entries (account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
-                 SELECT id, now(), 'grant', 1, 0, 0, 0, 999, 0, 'forged' FROM accounts WHERE external_id = 'w';",
+                 SELECT id, now(), 'grant', 1, 0, 0, 0, 999, 0, 'forged' FROM accounts WHERE external_id = 'w';
+             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+                 VALUES (424242, 999, now(), 'run', 'm', 1, 1, 0, 0, 1, 1);",
         )
         .await
         .unwrap();
@@ -443,6 +445,7 @@ fn verify_reports_every_difference() {
         assert_eq!(
             found,
             vec![
+                ("(no account with internal id 999)".into(), "usage records".into(), 1, 0),
                 ("u".into(), "held cost (micro-USD) of open holds".into(), 40, 0),
                 ("u".into(), "purchased".into(), 12, 5),
                 ("w".into(), "entry balance_after".into(), 999, 6),
