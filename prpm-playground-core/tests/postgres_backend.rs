@@ -457,3 +457,49 @@ fn verify_reports_every_difference() {
         assert_eq!(r.accounts, 2);
     });
 }
+
+/// A keyed command retried on another node while the first try waits on the account's row
+/// lock: once the first commits, the retry replays its result, it is not decided again on the
+/// state the first left (which would refuse a spend that succeeded). Both paths: a spend (the
+/// batchers) and a refund (the single path).
+#[test]
+fn a_retry_on_another_node_replays_after_the_lock() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let a: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url.clone())).await.unwrap());
+        let b: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url.clone())).await.unwrap());
+        let u = create_user(&*a, "u").await;
+        grant(&*a, &u, Bucket::Purchased, 5, None, "g").await; // 10 credits
+        let charge = match a.spend(spend_cmd(&u, 4, "first")).await.unwrap().unwrap().effect {
+            Effect::Spent { entry, .. } => entry,
+            other => panic!("{other:?}"),
+        };
+        let (mut blocker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        for cmd in [
+            Command::Spend(spend_cmd(&u, 6, "all-of-it")),
+            Command::Refund(Refund { account: u.clone(), entry: charge, amount: 4, reference: "r".into(), key: conformance::key("refund") }),
+        ] {
+            let tx = blocker.transaction().await.unwrap();
+            tx.execute("SELECT 1 FROM accounts WHERE external_id = 'u' FOR UPDATE", &[]).await.unwrap();
+            let first = tokio::spawn({
+                let (a, cmd) = (a.clone(), cmd.clone());
+                async move { a.execute(cmd).await.unwrap() }
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let retry = tokio::spawn({
+                let (b, cmd) = (b.clone(), cmd.clone());
+                async move { b.execute(cmd).await.unwrap() }
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tx.rollback().await.unwrap();
+            let (first, retry) = (first.await.unwrap().unwrap(), retry.await.unwrap().unwrap());
+            assert_eq!(first.effect, retry.effect, "{cmd:?}");
+            assert!(first.replayed != retry.replayed, "one applied, one replayed: {first:?} {retry:?}");
+        }
+        assert_eq!(a.balance(&u).await.unwrap().total, 4, "10 - 4 - 6 + 4");
+        let report = a.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}

@@ -289,18 +289,11 @@ impl Core {
     async fn attempt(&self, cmd: &Command, fp: i64) -> Result<(Outcome, Vec<(AccountId, Alert)>), TxError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let now = to_millis(self.clock.now());
-        if let Some(key) = cmd.key()
-            && let Some(row) = tx.query_opt("SELECT fingerprint, outcome FROM idempotency WHERE key = $1", &[&key.as_str()]).await?
-        {
-            let stored: i64 = row.get(0);
-            if stored != fp {
-                return Err(TxError::Fail(Error::IdempotencyConflict { key: key.to_string() }));
-            }
-            let effect: Effect = serde_json::from_value(row.get(1)).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
-            return Ok((Ok(Committed { effect, replayed: true }), Vec::new()));
-        }
         if let Command::SetTier(c) = cmd {
+            if let Some(replay) = stored_outcome(&tx, cmd, fp).await? {
+                return Ok((replay, Vec::new()));
+            }
+            let now = to_millis(self.clock.now());
             let warnings = c.limits.validate()?;
             write_tier(&tx, &c.limits).await?;
             let effect = Effect::TierSet { warnings };
@@ -330,11 +323,26 @@ impl Core {
                 snap.charge = load_charge(&tx, id, r.entry).await?;
             }
         }
+        // The key is read after the lock: a command with this key that committed while we
+        // waited is seen (a replay), not decided again on the state it left.
+        if let Some(replay) = stored_outcome(&tx, cmd, fp).await? {
+            return Ok((replay, Vec::new()));
+        }
         let tiers = load_tiers(&tx).await?;
+        // The time is read after the lock wait, too.
+        let now = to_millis(self.clock.now());
         let transition = match rules::apply(&self.ledger, &tiers, &snap, cmd, now)? {
             Ok(t) => t,
-            // A rejection writes nothing.
-            Err(rejection) => return Ok((Err(rejection), Vec::new())),
+            // A rejection writes nothing. Without a row to lock (a creation), a command with the
+            // same key may have committed since the key was read: read it again.
+            Err(rejection) => {
+                if account_id.is_none()
+                    && let Some(replay) = stored_outcome(&tx, cmd, fp).await?
+                {
+                    return Ok((replay, Vec::new()));
+                }
+                return Ok((Err(rejection), Vec::new()));
+            }
         };
         let mut t = transition;
         let id = match (account_id, cmd) {
@@ -450,6 +458,21 @@ impl Core {
         tx.commit().await?;
         Ok((Ok(Committed { effect: t.effect, replayed: false }), alerts))
     }
+}
+
+/// The first result of a keyed command, if its key was used: a replay, or a conflict if the key
+/// was used for a different command.
+async fn stored_outcome(tx: &impl GenericClient, cmd: &Command, fp: i64) -> Result<Option<Outcome>, TxError> {
+    let Some(key) = cmd.key() else { return Ok(None) };
+    let Some(row) = tx.query_opt("SELECT fingerprint, outcome FROM idempotency WHERE key = $1", &[&key.as_str()]).await? else {
+        return Ok(None);
+    };
+    let stored: i64 = row.get(0);
+    if stored != fp {
+        return Err(TxError::Fail(Error::IdempotencyConflict { key: key.to_string() }));
+    }
+    let effect: Effect = serde_json::from_value(row.get(1)).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
+    Ok(Some(Ok(Committed { effect, replayed: true })))
 }
 
 async fn remember(tx: &impl GenericClient, cmd: &Command, effect: &Effect, fp: i64, now: DateTime<Utc>) -> Result<(), TxError> {
@@ -1216,7 +1239,6 @@ impl Core {
     async fn run_batch(&self, jobs: &[Job]) -> Result<(Vec<Result<Outcome>>, Vec<(AccountId, Alert)>)> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let now = to_millis(self.clock.now());
 
         let keys: Vec<&str> = jobs.iter().filter_map(|j| j.cmd.key()).map(|k| k.as_str()).collect();
         let exts: Vec<&str> = jobs.iter().filter(|j| j.cmd.hold().is_none()).filter_map(|j| j.cmd.account()).map(|a| a.as_str()).collect();
@@ -1246,14 +1268,16 @@ impl Core {
         let p_accounts: [&(dyn ToSql + Sync); 2] = [&exts, &hold_ids];
         let p_named: [&(dyn ToSql + Sync); 1] = [&hold_ids];
         let p_ids: [&(dyn ToSql + Sync); 2] = [&holds_guess, &entries_guess];
-        let (key_rows, rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
+        // The keys are read after the lock, like everything else: a command with one of them
+        // that committed while we waited is seen (a replay), not decided again.
+        let (rows, key_rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
+            tx.query(&st_lock, &p_accounts),
             async {
                 if keys.is_empty() {
                     return Ok(Vec::new());
                 }
                 tx.query(&st_keys, &p_keys).await
             },
-            tx.query(&st_lock, &p_accounts),
             tx.query(&st_open, &p_accounts),
             async {
                 if hold_ids.is_empty() {
@@ -1284,6 +1308,8 @@ impl Core {
             named.insert(id, (r.get(1), HoldRecord { id: HoldId(id), amount: r.get(2), deadline: r.get(3), status: HoldStatus::parse(r.get(4))? }));
         }
         let tiers = tiers_from_rows(&tier_rows)?;
+        // The time is read after the lock wait.
+        let now = to_millis(self.clock.now());
 
         let mut slots: Vec<Slot> = Vec::with_capacity(jobs.len());
         let mut batch_keys: HashMap<&str, (i64, usize)> = HashMap::new();
