@@ -84,17 +84,11 @@ fn postgres_schema() {
 // ---------------------------------------------------------------------------------------------
 // Many nodes: processes, jobs, faults
 
-use std::process::Command as Process;
 use std::sync::Arc;
 
 use prpm_playground_core::conformance::{acct, cost_hold, create_free_user, create_user, grant, meter_cmd, spend_cmd};
 use prpm_playground_core::store::postgres::{PgOptions, PgStore};
 use prpm_playground_core::*;
-
-const PROCESSES: usize = 3;
-const TASKS: usize = 8;
-const SPENDS_PER_TASK: usize = 25;
-const ACCOUNTS: usize = 20;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -110,113 +104,6 @@ fn shared_cluster() -> Option<&'static PgCluster> {
         }
         Err(e) => panic!("cannot start a PostgreSQL cluster: {e}"),
     }
-}
-
-/// One node of the multi-process test (does nothing unless `PRPM_WORKER_PG` is set): spends from
-/// a hot account and from its own share of `ACCOUNTS` accounts, and tries holds on a free-tier
-/// account whose hourly limit is 10.
-#[test]
-fn pg_worker() {
-    let Ok(url) = std::env::var("PRPM_WORKER_PG") else {
-        return;
-    };
-    let id = std::env::var("PRPM_WORKER_ID").unwrap();
-    let (spent, admitted) = rt().block_on(async {
-        let store: Arc<dyn Store> = Arc::new(PgStore::open(PgOptions::new(url).pool_size(8)).await.unwrap());
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|t| {
-                let store = store.clone();
-                let id = id.clone();
-                tokio::spawn(async move {
-                    let (mut spent, mut admitted) = (0i64, 0u32);
-                    for i in 0..SPENDS_PER_TASK {
-                        let amount = 1 + (i % 3) as i64;
-                        let account = if i % 2 == 0 { acct("hot") } else { acct(&format!("a{}", (t * 7 + i) % ACCOUNTS)) };
-                        match store.spend(spend_cmd(&account, amount, &format!("p{id}-t{t}-{i}"))).await.unwrap() {
-                            Ok(_) if account.as_str() == "hot" => spent += amount,
-                            Ok(_) => {}
-                            Err(Rejection::InsufficientCredits { .. }) => {}
-                            Err(other) => panic!("{other:?}"),
-                        }
-                    }
-                    for i in 0..3 {
-                        match store.hold(cost_hold(&acct("limited"), 1, 0, &format!("l{id}-t{t}-{i}"))).await.unwrap() {
-                            Ok(_) => admitted += 1,
-                            Err(Rejection::RateLimited { limit: 10, .. }) => {}
-                            Err(other) => panic!("{other:?}"),
-                        }
-                    }
-                    (spent, admitted)
-                })
-            })
-            .collect();
-        let (mut spent, mut admitted) = (0, 0);
-        for t in tasks {
-            let (s, a) = t.await.unwrap();
-            spent += s;
-            admitted += a;
-        }
-        (spent, admitted)
-    });
-    println!("SPENT {spent} ADMITTED {admitted}");
-}
-
-/// Three OS processes, each its own node with its own pool, on one database: a hot account
-/// (as an organisation pool would be) is never overspent, the hourly limit of a free user is
-/// exact across processes (10 admitted of 72 tries), and `verify()` is clean.
-#[test]
-fn processes_share_one_database_without_overspending() {
-    let Some(cluster) = shared_cluster() else { return };
-    let rt = rt();
-    let url = rt.block_on(cluster.create_database()).unwrap();
-    let store: Arc<dyn Store> = Arc::new(rt.block_on(PgStore::open(PgOptions::new(url.clone()))).unwrap());
-    rt.block_on(async {
-        let hot = create_user(&*store, "hot").await;
-        grant(&*store, &hot, Bucket::Purchased, 295, None, "g").await; // 300 credits
-        for i in 0..ACCOUNTS {
-            create_user(&*store, &format!("a{i}")).await;
-        }
-        let limited = create_free_user(&*store, "limited").await;
-        grant(&*store, &limited, Bucket::Purchased, 100, None, "gl").await;
-    });
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..PROCESSES)
-        .map(|p| {
-            Process::new(&exe)
-                .args(["pg_worker", "--exact", "--nocapture", "--test-threads=1"])
-                .env("PRPM_WORKER_PG", &url)
-                .env("PRPM_WORKER_ID", p.to_string())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let (mut spent, mut admitted) = (0i64, 0u32);
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "worker failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        let field = |name: &str| {
-            stdout
-                .split(name)
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .unwrap_or_else(|| panic!("no {name} from the worker: {stdout}"))
-                .to_owned()
-        };
-        spent += field("SPENT ").parse::<i64>().unwrap();
-        admitted += field("ADMITTED ").parse::<u32>().unwrap();
-    }
-    rt.block_on(async {
-        let b = store.balance(&acct("hot")).await.unwrap();
-        assert_eq!(spent + b.total, 300, "spent {spent}, left {}", b.total);
-        assert!(b.total < 3, "credits left while callers were refused: {}", b.total);
-        assert_eq!(admitted, 10, "the hourly limit across processes");
-        assert_eq!(store.balance(&acct("limited")).await.unwrap().held, 10);
-        let report = store.verify().await.unwrap();
-        assert!(report.is_clean(), "{:?}", report.discrepancies);
-    });
 }
 
 /// Two nodes (two stores, two pools) running the same jobs at the same moment do the work once.
