@@ -1,9 +1,9 @@
-//! Several OS processes of the example binary `spend_node`, each its own app node with its own
+//! Several OS processes of the example binary `spend_node` (`examples/spend_node.rs`, also a
+//! binary target so that cargo builds it for this test), each its own app node with its own
 //! pool, on one PostgreSQL database: a hot account shared by all (as an organisation pool would
 //! be) is never overspent, the hourly limit of a free user is exact across processes, and
 //! `verify()` is clean. Skips with one line without PostgreSQL, unless `PRPM_REQUIRE_POSTGRES=1`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -13,15 +13,6 @@ use prpm_playground_core::store::postgres::{PgOptions, PgStore};
 use prpm_playground_core::*;
 
 const PROCESSES: usize = 3;
-
-/// `cargo test --all-targets` builds the examples next to the test binaries.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.is_file(), "{} is not built: run `cargo test --workspace --all-targets`", path.display());
-    path
-}
 
 #[test]
 fn example_nodes_share_one_database_without_overspending() {
@@ -47,7 +38,7 @@ fn example_nodes_share_one_database_without_overspending() {
     });
     let children: Vec<_> = (0..PROCESSES)
         .map(|p| {
-            Command::new(example("spend_node"))
+            Command::new(env!("CARGO_BIN_EXE_spend_node"))
                 .arg(p.to_string())
                 .env("DATABASE_URL", &url)
                 .stdout(std::process::Stdio::piped())
