@@ -28,7 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     // `DATABASE_URL=postgres://...` (or `host=... dbname=...`) runs the same job on PostgreSQL.
     let store: Arc<dyn Store> = match std::env::var("DATABASE_URL") {
-        Ok(url) if url.starts_with("postgres") || url.contains("dbname=") => {
+        Ok(url) if prpm_playground_core::store::postgres::is_postgres_url(&url) => {
             println!("database: PostgreSQL");
             Arc::new(prpm_playground_core::store::postgres::PgStore::open(prpm_playground_core::store::postgres::PgOptions::new(url)).await?)
         }

@@ -21,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tasks: usize = args.get(2).map_or(Ok(8), |s| s.parse())?;
     let spends: usize = args.get(3).map_or(Ok(25), |s| s.parse())?;
     let url = std::env::var("DATABASE_URL")?;
-    let store: Arc<dyn Store> = if url.starts_with("postgres") || url.contains("dbname=") {
+    let store: Arc<dyn Store> = if prpm_playground_core::store::postgres::is_postgres_url(&url) {
         Arc::new(PgStore::open(PgOptions::new(url).pool_size(8)).await?)
     } else {
         Arc::new(SqliteStore::open(&url)?)

@@ -7,7 +7,7 @@
 //! local runs can skip with one clear line; with `PRPM_REQUIRE_POSTGRES=1` (set by `.ci/run`)
 //! a missing PostgreSQL is an error, so CI can never skip these tests silently.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -126,15 +126,6 @@ impl PgCluster {
             return Err(format!("{tool} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
         }
         Ok(())
-    }
-
-    /// The unix socket directory.
-    pub fn socket_dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// A connection string for `database` over the unix socket.

@@ -3,7 +3,7 @@
 //! log, and refusing a newer schema. Skips with one line when PostgreSQL is not installed,
 //! unless `PRPM_REQUIRE_POSTGRES=1` (CI), where a missing PostgreSQL fails.
 
-use prpm_playground_core::cost::{TierLimits, TierTable};
+use prpm_playground_core::cost::TierTable;
 use prpm_playground_core::pg_cluster::PgCluster;
 use prpm_playground_core::store::postgres;
 
@@ -35,25 +35,8 @@ fn postgres_schema() {
         let mut c = connect(&url).await;
         assert!(postgres::migrate(&mut c).await.unwrap().is_empty(), "a second run applies nothing");
 
-        // The tiers are the spec's.
-        let rows = c
-            .query(
-                "SELECT name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit, alert_threshold_pct, throttle_on_exceed
-                 FROM cost_tiers ORDER BY name",
-                &[],
-            )
-            .await
-            .unwrap();
-        let tiers = TierTable::from_tiers(rows.iter().map(|r| TierLimits {
-            name: r.get(0),
-            monthly_revenue_micros: r.get(1),
-            monthly_cost_limit_micros: r.get(2),
-            daily_cost_limit_micros: r.get(3),
-            hourly_request_limit: r.get::<_, Option<i32>>(4).map(|v| v as u32),
-            alert_threshold_pct: r.get::<_, Option<i32>>(5).map(|v| v as u32),
-            throttle_on_exceed: r.get(6),
-        }))
-        .unwrap();
+        // The tiers are the spec's (read through the store, as every node reads them).
+        let tiers = PgStore::open(PgOptions::new(url.clone())).await.unwrap().tiers().await.unwrap();
         assert_eq!(tiers, TierTable::default());
 
         // The log is append-only.

@@ -87,6 +87,12 @@ async fn migrate_locked(client: &mut Client) -> Result<Vec<i64>> {
     Ok(report.applied_migrations().iter().map(|m| i64::from(m.version())).collect())
 }
 
+/// Whether `url` names a PostgreSQL database (a `postgres://` / `postgresql://` URL, or
+/// `key=value` pairs with a `dbname`) rather than a SQLite file path.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://") || url.split_whitespace().any(|kv| kv.starts_with("dbname="))
+}
+
 /// How to open a PostgreSQL store.
 #[derive(Clone)]
 pub struct PgOptions {
@@ -718,10 +724,6 @@ fn cost_view_from_row(r: &Row, tiers: &TierTable, now: DateTime<Utc>) -> Result<
     )
 }
 
-fn day_start(d: NaiveDate) -> DateTime<Utc> {
-    crate::cost::day_start(d)
-}
-
 /// Reads, each retried (up to three times) when its connection turns out to be lost.
 impl PgStore {
     async fn balance_once(&self, account: &AccountId) -> Result<BalanceView> {
@@ -1019,7 +1021,7 @@ impl PgStore {
                      SELECT (at AT TIME ZONE 'UTC')::date, 1, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros
                      FROM usage_records WHERE NOT rolled_up AND at >= $4 AND at < $5 AND ($3::bigint IS NULL OR account_id = $3)
                  ) u GROUP BY day ORDER BY day",
-                &[&q.from, &q.until, &account_id, &day_start(q.from), &day_start(q.until)],
+                &[&q.from, &q.until, &account_id, &crate::cost::day_start(q.from), &crate::cost::day_start(q.until)],
             )
             .await?;
         tx.commit().await?;
@@ -1429,17 +1431,15 @@ impl Core {
 
         // The writes: one statement per table, sent together (pipelined).
         let holds_ins = {
-            let ids: Vec<i64> = hold_id_list.clone();
             let acc: Vec<i64> = new_holds.iter().map(|h| h.1).collect();
             let amount: Vec<i64> = new_holds.iter().map(|h| h.2.amount).collect();
             let cost: Vec<i64> = new_holds.iter().map(|h| h.2.cost_micros).collect();
             let deadline: Vec<DateTime<Utc>> = new_holds.iter().map(|h| h.2.deadline).collect();
             let reference: Vec<String> = new_holds.iter().map(|h| h.2.reference.clone()).collect();
-            (ids, acc, amount, cost, deadline, reference)
+            (acc, amount, cost, deadline, reference)
         };
         let closed_ids: Vec<i64> = closed.iter().map(|c| c.0).collect();
         let closed_status: Vec<&str> = closed.iter().map(|c| c.1).collect();
-        let e_id: Vec<i64> = entry_id_list.clone();
         let e_acc: Vec<i64> = entries.iter().map(|e| e.account_id).collect();
         let e_kind: Vec<&str> = entries.iter().map(|e| e.entry.kind.as_str()).collect();
         let e_m: Vec<i64> = entries.iter().map(|e| e.entry.delta.monthly).collect();
@@ -1511,11 +1511,11 @@ impl Core {
         let s_pe: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.period_end)).collect();
         let s_anchor: Vec<Option<i32>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.anchor_day as i32)).collect();
 
-        let (hi, hacc, hamount, hcost, hdeadline, hreference) = &holds_ins;
-        let p_holds: Vec<&(dyn ToSql + Sync)> = vec![hi, hacc, hamount, hcost, hdeadline, hreference, &now];
+        let (hacc, hamount, hcost, hdeadline, hreference) = &holds_ins;
+        let p_holds: Vec<&(dyn ToSql + Sync)> = vec![&hold_id_list, hacc, hamount, hcost, hdeadline, hreference, &now];
         let p_closed: Vec<&(dyn ToSql + Sync)> = vec![&closed_ids, &closed_status, &now];
         let p_entries: Vec<&(dyn ToSql + Sync)> =
-            vec![&e_id, &e_acc, &e_kind, &e_m, &e_r, &e_p, &e_h, &e_bal, &e_held, &e_src, &e_hold, &e_ref, &e_reference, &e_exp, &now];
+            vec![&entry_id_list, &e_acc, &e_kind, &e_m, &e_r, &e_p, &e_h, &e_bal, &e_held, &e_src, &e_hold, &e_ref, &e_reference, &e_exp, &now];
         let p_usage: Vec<&(dyn ToSql + Sync)> =
             vec![&u_entry, &u_acc, &u_hold, &u_op, &u_model, &u_tok[0], &u_tok[1], &u_tok[2], &u_tok[3], &u_credits, &u_cost, &now];
         let p_alerts: Vec<&(dyn ToSql + Sync)> = vec![&a_acc, &a_kind, &a_month, &a_cost, &a_limit, &a_at];
