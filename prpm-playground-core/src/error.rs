@@ -52,6 +52,16 @@ pub enum Error {
     #[error("storage backend: connection lost: {0}")]
     ConnectionLost(String),
 
+    /// The thing does not exist, or belongs to someone else (a session of another user is
+    /// reported exactly like a missing one).
+    #[error("{what} not found")]
+    NotFound { what: &'static str },
+
+    /// The model provider failed (see [`crate::provider::ProviderError`]). Nothing was charged.
+    #[cfg(feature = "provider")]
+    #[error("provider: {0}")]
+    Provider(#[from] crate::provider::ProviderError),
+
     /// The store was closed.
     #[error("store is closed")]
     Closed,
@@ -71,6 +81,9 @@ impl Error {
             Error::SchemaTooNew { .. } => "schema_too_new",
             Error::Invariant(_) => "invariant_violated",
             Error::Backend(_) | Error::ConnectionLost(_) => "backend",
+            Error::NotFound { .. } => "not_found",
+            #[cfg(feature = "provider")]
+            Error::Provider(e) => e.code(),
             Error::Closed => "closed",
         }
     }

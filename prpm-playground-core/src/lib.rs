@@ -22,11 +22,15 @@ pub mod jobs;
 pub mod ledger;
 pub mod pg_cluster;
 pub mod pricing;
+#[cfg(feature = "provider")]
+pub mod provider;
+pub mod session;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use ledger::*;
+pub use session::{NewSession, NewTurn, Package, Role, RunId, RunOutcome, RunRecord, Session, SessionId, SessionPage, SessionSummary, ShareToken, SharedSession};
 pub use pricing::{Estimate, EstimateRequest, PriceTable, Pricing, Quote, TokenUsage};
 pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 pub use store::{
