@@ -21,6 +21,8 @@ pub mod history;
 pub mod jobs;
 pub mod ledger;
 pub mod pg_cluster;
+#[cfg(feature = "provider")]
+pub mod playground;
 pub mod pricing;
 #[cfg(feature = "provider")]
 pub mod provider;
@@ -30,8 +32,10 @@ pub mod store;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use ledger::*;
-pub use session::{NewSession, NewTurn, Package, Role, RunId, RunOutcome, RunRecord, Session, SessionId, SessionPage, SessionSummary, ShareToken, SharedSession};
 pub use pricing::{Estimate, EstimateRequest, PriceTable, Pricing, Quote, TokenUsage};
+pub use session::{
+    NewSession, NewTurn, Package, Role, RunId, RunOutcome, RunRecord, Session, SessionId, SessionPage, SessionSummary, ShareToken, SharedSession,
+};
 pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 pub use store::{
     AlertQuery, AnalyticsReport, BalanceView, CostFilter, CostView, DailyUsage, DailyUsageQuery, Due, Entry, HistoryPage, HistoryQuery, Store, StoredAlert,

@@ -25,7 +25,7 @@ const MAX_RATE_USD_PER_MTOK: Decimal = Decimal::from_parts(10_000, 0, 0, false, 
 /// The built-in price table (see `data/prices.toml`).
 pub const DEFAULT_PRICES_TOML: &str = include_str!("../data/prices.toml");
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Provider {
     Anthropic,

@@ -32,3 +32,12 @@ impl ProviderError {
         }
     }
 }
+
+mod client;
+pub mod fake;
+mod sse;
+pub mod tokens;
+mod wire;
+
+pub use client::{ApiKey, ChatMessage, ChatRequest, ChatResponse, ChatStream, ClientConfig, ProviderClient, StreamEvent};
+pub use wire::ReportedUsage;

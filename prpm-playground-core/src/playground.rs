@@ -1,0 +1,582 @@
+//! Playground runs: a package's prompt (and the session's history) plus the user's input, sent
+//! to a model, paid for with credits.
+//!
+//! A run is: count the input tokens (refused over the request cap before anything is held),
+//! estimate the worst case (input + max output), **hold** it (admission: credits, rate limit,
+//! throttle, cost limits), call the provider, **settle** with the provider's reported usage,
+//! record the run and append the turns to the session. A failed call releases the hold and
+//! charges nothing. A stream that breaks, or whose caller goes away, is settled for what was
+//! consumed (input plus the output produced), never more than the hold; the hold is never left
+//! open (and if the process dies, `expire_holds` returns it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::ledger::*;
+use crate::pricing::{Estimate, EstimateRequest, Pricing, Provider, TokenUsage};
+use crate::provider::tokens::Counter;
+use crate::provider::{ChatMessage, ChatRequest, ChatResponse, ProviderClient, ProviderError, StreamEvent};
+use crate::session::*;
+use crate::store::Store;
+
+/// Where package prompts come from: the embedding registry implements this; self-hosters use
+/// [`StorePackages`] (the store's `packages` table).
+#[async_trait]
+pub trait PackageSource: Send + Sync {
+    async fn package(&self, id: &str) -> Result<Option<Package>>;
+}
+
+/// The store's own packages table.
+pub struct StorePackages(pub Arc<dyn Store>);
+
+#[async_trait]
+impl PackageSource for StorePackages {
+    async fn package(&self, id: &str) -> Result<Option<Package>> {
+        self.0.package(id).await
+    }
+}
+
+/// The `operation` of a run's usage record.
+pub const RUN_OPERATION: &str = "playground_run";
+/// Longest title derived from a first input, in characters.
+const TITLE_CHARS: usize = 60;
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRequest {
+    pub account: AccountId,
+    /// The package whose prompt is the system prompt; `None` runs without one.
+    pub package_id: Option<String>,
+    /// The session to continue; `None` starts a new one.
+    pub session: Option<SessionId>,
+    pub input: String,
+    pub model: String,
+    pub temperature: Option<f32>,
+    /// The run's `max_tokens`; defaults to the pricing's default, capped by the model's limit.
+    pub max_tokens: Option<u32>,
+    /// The run's id, also the idempotency key of its hold. A run id runs once: repeating it is
+    /// an idempotency conflict (list the runs for its result). Generated when `None`.
+    pub run_id: Option<RunId>,
+}
+
+/// A run's estimate before anything is held.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunEstimate {
+    /// System prompt + history + input, with framing.
+    pub input_tokens: u64,
+    pub estimate: Estimate,
+}
+
+/// A finished (or interrupted) run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunResult {
+    pub run_id: RunId,
+    pub session: Option<SessionId>,
+    pub text: String,
+    pub model: String,
+    pub usage: TokenUsage,
+    /// Credits charged (at most the hold).
+    pub credits: Credits,
+    pub cost_micros: i64,
+    pub latency_ms: u64,
+    pub outcome: RunOutcome,
+    /// Usage was worth more credits than the hold: the hold was charged.
+    pub capped: bool,
+    pub estimate: Estimate,
+}
+
+/// A no-prompt comparison: the same input with and without the package prompt.
+#[derive(Debug)]
+pub struct Comparison {
+    pub with_prompt: Result<Result<RunResult, Rejection>>,
+    pub without_prompt: Result<Result<RunResult, Rejection>>,
+}
+
+/// What a streamed run sends its caller.
+#[derive(Debug)]
+pub enum RunEvent {
+    Delta(String),
+    /// The run completed; nothing follows.
+    Done(RunResult),
+    /// The provider failed. `result` is the interrupted run's settlement when the stream had
+    /// started (what was consumed was charged), `None` when nothing was (the hold was released).
+    Failed {
+        error: Error,
+        result: Option<RunResult>,
+    },
+}
+
+/// A streamed run, as its caller reads it. Dropping it stops the run: what was consumed so far
+/// is settled and the rest released.
+#[derive(Debug)]
+pub struct RunStream {
+    pub run_id: RunId,
+    pub session: Option<SessionId>,
+    pub estimate: Estimate,
+    rx: mpsc::Receiver<RunEvent>,
+}
+
+impl RunStream {
+    pub async fn next(&mut self) -> Option<RunEvent> {
+        self.rx.recv().await
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PlaygroundConfig {
+    /// Extra life of a hold beyond the longest the provider call may take with its retries.
+    pub hold_margin_secs: u32,
+    /// Events buffered between a streamed run and its caller.
+    pub stream_buffer: usize,
+}
+
+impl Default for PlaygroundConfig {
+    fn default() -> Self {
+        PlaygroundConfig { hold_margin_secs: 120, stream_buffer: 64 }
+    }
+}
+
+/// Runs and sessions over a store, a price table, a package source and provider clients.
+pub struct Playground {
+    store: Arc<dyn Store>,
+    pricing: Arc<Pricing>,
+    packages: Arc<dyn PackageSource>,
+    clients: HashMap<Provider, ProviderClient>,
+    cfg: PlaygroundConfig,
+}
+
+/// Everything decided before the provider is called.
+struct Prepared {
+    run_id: RunId,
+    account: AccountId,
+    package_id: Option<String>,
+    session: Option<SessionId>,
+    chat: ChatRequest,
+    client: ProviderClient,
+    input_tokens: u64,
+    estimate: Estimate,
+    with_prompt: bool,
+    input: String,
+    hold: HoldId,
+}
+
+impl Playground {
+    pub fn new(store: Arc<dyn Store>, pricing: Pricing, packages: Arc<dyn PackageSource>) -> Self {
+        Playground { store, pricing: Arc::new(pricing), packages, clients: HashMap::new(), cfg: PlaygroundConfig::default() }
+    }
+
+    /// Adds (or replaces) the client of its provider.
+    pub fn with_client(mut self, client: ProviderClient) -> Self {
+        self.clients.insert(client.provider(), client);
+        self
+    }
+
+    pub fn with_config(mut self, cfg: PlaygroundConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn pricing(&self) -> &Pricing {
+        &self.pricing
+    }
+
+    /// Counts the input (system prompt + history + input) and prices the worst and expected
+    /// cases. Over the request cap: [`Error::RequestTooLarge`].
+    pub async fn estimate(&self, req: &RunRequest) -> Result<RunEstimate> {
+        let (_, input_tokens, estimate, ..) = self.plan(req, true).await?;
+        Ok(RunEstimate { input_tokens, estimate })
+    }
+
+    /// Runs to completion.
+    pub async fn run(&self, req: RunRequest) -> Result<Result<RunResult, Rejection>> {
+        let p = match self.prepare(&req, true, true).await? {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+        Ok(Ok(self.driver().complete(p).await?))
+    }
+
+    /// The same input with and without the package prompt, concurrently; both are charged and
+    /// recorded (outside any session) and returned side by side.
+    pub async fn compare(&self, req: RunRequest) -> Result<Comparison> {
+        if req.package_id.is_none() {
+            return Err(Error::invalid("package_id", "a comparison needs a package"));
+        }
+        if req.session.is_some() {
+            return Err(Error::invalid("session", "a comparison runs outside sessions"));
+        }
+        if req.run_id.is_some() {
+            return Err(Error::invalid("run_id", "a comparison generates its two run ids"));
+        }
+        let half = |with_prompt: bool| {
+            let req = req.clone();
+            async move {
+                let p = match self.prepare(&req, with_prompt, false).await? {
+                    Ok(p) => p,
+                    Err(r) => return Ok(Err(r)),
+                };
+                Ok(Ok(self.driver().complete(p).await?))
+            }
+        };
+        let (with_prompt, without_prompt) = tokio::join!(half(true), half(false));
+        Ok(Comparison { with_prompt, without_prompt })
+    }
+
+    /// Starts a streamed run. Text arrives as [`RunEvent::Delta`]s, then one `Done` or
+    /// `Failed`. The run is driven by its own task, so it settles whatever the caller does.
+    pub async fn run_stream(&self, req: RunRequest) -> Result<Result<RunStream, Rejection>> {
+        let p = match self.prepare(&req, true, true).await? {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+        let (tx, rx) = mpsc::channel(self.cfg.stream_buffer.max(1));
+        let stream = RunStream { run_id: p.run_id.clone(), session: p.session.clone(), estimate: p.estimate.clone(), rx };
+        let driver = self.driver();
+        tokio::spawn(async move { driver.stream(p, tx).await });
+        Ok(Ok(stream))
+    }
+
+    // ---- sessions -------------------------------------------------------------------------
+
+    pub async fn session(&self, owner: &AccountId, id: &SessionId) -> Result<Session> {
+        self.store.session(owner, id).await?.ok_or(Error::NotFound { what: "session" })
+    }
+
+    pub async fn sessions(&self, owner: &AccountId, cursor: Option<&str>, limit: u32) -> Result<SessionPage> {
+        self.store.sessions(owner, cursor, limit).await
+    }
+
+    pub async fn delete_session(&self, owner: &AccountId, id: &SessionId) -> Result<()> {
+        if self.store.delete_session(owner, id).await? { Ok(()) } else { Err(Error::NotFound { what: "session" }) }
+    }
+
+    /// Shares the session under a fresh token (256 bits from the CSPRNG), replacing any
+    /// earlier one.
+    pub async fn share(&self, owner: &AccountId, id: &SessionId) -> Result<ShareToken> {
+        let token = ShareToken::generate();
+        if self.store.share_session(owner, id, &token).await? { Ok(token) } else { Err(Error::NotFound { what: "session" }) }
+    }
+
+    pub async fn revoke_share(&self, owner: &AccountId, id: &SessionId) -> Result<()> {
+        if self.store.revoke_share(owner, id).await? { Ok(()) } else { Err(Error::NotFound { what: "session" }) }
+    }
+
+    /// The public view of a shared session: the conversation only.
+    pub async fn shared(&self, token: &str) -> Result<SharedSession> {
+        let token = ShareToken::parse(token).map_err(|_| Error::NotFound { what: "shared session" })?;
+        self.store.shared_session(&token).await?.ok_or(Error::NotFound { what: "shared session" })
+    }
+
+    // ---- the run --------------------------------------------------------------------------
+
+    /// Validates the request and builds the chat request and its estimate. No writes.
+    async fn plan(&self, req: &RunRequest, with_prompt: bool) -> Result<(ChatRequest, u64, Estimate, ProviderClient, Option<Session>)> {
+        NewTurn { role: Role::User, content: req.input.clone() }.validate()?;
+        if req.input.trim().is_empty() {
+            return Err(Error::invalid("input", "must not be empty"));
+        }
+        let price = self.pricing.table.get(&req.model)?;
+        let client = self
+            .clients
+            .get(&price.provider)
+            .cloned()
+            .ok_or_else(|| Error::Provider(ProviderError::Unavailable(format!("no client is configured for {:?} models", price.provider))))?;
+        if let Some(t) = req.temperature {
+            let max = if price.provider == Provider::Anthropic { 1.0 } else { 2.0 };
+            if !(t.is_finite() && (0.0..=max).contains(&t)) {
+                return Err(Error::invalid("temperature", format!("must be between 0 and {max} for this model")));
+            }
+        }
+        let system = match (&req.package_id, with_prompt) {
+            (Some(id), true) => Some(self.packages.package(id).await?.ok_or(Error::NotFound { what: "package" })?.prompt),
+            (Some(id), false) => {
+                // The package must exist even when its prompt is left out.
+                self.packages.package(id).await?.ok_or(Error::NotFound { what: "package" })?;
+                None
+            }
+            (None, _) => None,
+        };
+        let session = match &req.session {
+            Some(id) => Some(self.store.session(&req.account, id).await?.ok_or(Error::NotFound { what: "session" })?),
+            None => None,
+        };
+        let mut messages: Vec<ChatMessage> =
+            session.iter().flat_map(|s| s.turns.iter()).map(|t| ChatMessage { role: t.role, content: t.content.clone() }).collect();
+        if session.as_ref().is_some_and(|s| s.summary.turns + 2 > MAX_TURNS_PER_SESSION) {
+            return Err(Error::invalid("session", format!("a session holds at most {MAX_TURNS_PER_SESSION} turns")));
+        }
+        messages.push(ChatMessage { role: Role::User, content: req.input.clone() });
+        let counter = Counter::for_model(price.provider, &price.id);
+        let input_tokens = counter.count_chat(system.as_deref(), messages.iter().map(|m| (m.role, m.content.as_str())));
+        let estimate = self.pricing.estimate(&EstimateRequest {
+            model: price.id.clone(),
+            input_tokens,
+            max_output_tokens: req.max_tokens,
+            expected_output_tokens: None,
+        })?;
+        let max_tokens = req.max_tokens.unwrap_or(self.pricing.default_max_output_tokens.min(price.max_output_tokens));
+        let chat = ChatRequest { model: price.id.clone(), system, messages, max_tokens, temperature: req.temperature };
+        Ok((chat, input_tokens, estimate, client, session))
+    }
+
+    /// Plans the run and holds its worst case. A rejection holds nothing. `in_session`: the
+    /// run continues its session or starts one (a comparison's halves stay outside).
+    async fn prepare(&self, req: &RunRequest, with_prompt: bool, in_session: bool) -> Result<Result<Prepared, Rejection>> {
+        let (chat, input_tokens, estimate, client, session) = self.plan(req, with_prompt).await?;
+        let run_id = req.run_id.clone().unwrap_or_else(RunId::generate);
+        let key = format!("run:{run_id}:hold");
+        let hold = Hold {
+            account: req.account.clone(),
+            amount: estimate.worst_case.credits as Credits,
+            ttl_secs: hold_ttl_secs(&client, self.cfg.hold_margin_secs),
+            cost_micros: estimate.worst_case.cost_micros,
+            reference: format!("run {run_id}"),
+            key: IdempotencyKey::new(key.clone())?,
+        };
+        let committed = match self.store.hold(hold).await? {
+            Ok(c) => c,
+            Err(r) => return Ok(Err(r)),
+        };
+        if committed.replayed {
+            return Err(Error::IdempotencyConflict { key });
+        }
+        let Effect::Held { hold, .. } = committed.effect else {
+            return Err(Error::Invariant("a hold that did not hold".into()));
+        };
+        let driver = self.driver();
+        let session = match (session, in_session) {
+            (Some(s), _) => Some(s.summary.id),
+            (None, true) => {
+                let title: String = req.input.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(TITLE_CHARS).collect();
+                let ns =
+                    NewSession { id: SessionId::generate(), owner: req.account.clone(), package_id: req.package_id.clone(), model: chat.model.clone(), title };
+                match self.store.create_session(&ns).await {
+                    Ok(s) => Some(s.id),
+                    Err(e) => {
+                        driver.release(&req.account, &run_id, hold).await;
+                        return Err(e);
+                    }
+                }
+            }
+            (None, false) => None,
+        };
+        Ok(Ok(Prepared {
+            run_id,
+            account: req.account.clone(),
+            package_id: req.package_id.clone(),
+            session,
+            chat,
+            client,
+            input_tokens,
+            estimate,
+            with_prompt,
+            input: req.input.clone(),
+            hold,
+        }))
+    }
+
+    fn driver(&self) -> Driver {
+        Driver { store: self.store.clone(), pricing: self.pricing.clone() }
+    }
+}
+
+/// A hold outlives the longest provider call (every attempt, every wait) by a margin.
+fn hold_ttl_secs(client: &ProviderClient, margin_secs: u32) -> u32 {
+    let c = client.config();
+    let attempts = u64::from(c.max_retries) + 1;
+    let worst = attempts * c.total_timeout.as_secs() + u64::from(c.max_retries) * c.backoff_max.max(c.max_retry_after).as_secs();
+    (worst + u64::from(margin_secs)).min(u64::from(MAX_HOLD_TTL_SECS)) as u32
+}
+
+/// Settles, releases and records runs. Holds only shared handles, so a spawned stream task
+/// carries its own.
+struct Driver {
+    store: Arc<dyn Store>,
+    pricing: Arc<Pricing>,
+}
+
+enum StreamStep {
+    Event(Option<std::result::Result<StreamEvent, ProviderError>>),
+    CallerGone,
+}
+
+fn run_key(run_id: &RunId, step: &str) -> Result<IdempotencyKey> {
+    IdempotencyKey::new(format!("run:{run_id}:{step}"))
+}
+
+impl Driver {
+    async fn complete(&self, p: Prepared) -> Result<RunResult> {
+        let started = Instant::now();
+        match p.client.complete(&p.chat).await {
+            Ok(ChatResponse { usage, text, .. }) => self.finish(&p, usage, text, RunOutcome::Completed, None, started).await,
+            Err(e) => {
+                self.fail(&p, &e, started).await;
+                Err(Error::Provider(e))
+            }
+        }
+    }
+
+    async fn stream(&self, p: Prepared, tx: mpsc::Sender<RunEvent>) {
+        let started = Instant::now();
+        let mut s = match p.client.stream(&p.chat).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(&p, &e, started).await;
+                let _ = tx.send(RunEvent::Failed { error: Error::Provider(e), result: None }).await;
+                return;
+            }
+        };
+        loop {
+            let step = tokio::select! {
+                ev = s.next() => StreamStep::Event(ev),
+                _ = tx.closed() => StreamStep::CallerGone,
+            };
+            let error = match step {
+                StreamStep::Event(Some(Ok(StreamEvent::Delta(t)))) => {
+                    if tx.send(RunEvent::Delta(t)).await.is_ok() {
+                        continue;
+                    }
+                    None
+                }
+                StreamStep::Event(Some(Ok(StreamEvent::Done(resp)))) => {
+                    let event = match self.finish(&p, resp.usage, resp.text, RunOutcome::Completed, None, started).await {
+                        Ok(r) => RunEvent::Done(r),
+                        Err(error) => RunEvent::Failed { error, result: None },
+                    };
+                    let _ = tx.send(event).await;
+                    return;
+                }
+                StreamStep::Event(Some(Err(e))) => Some(e),
+                StreamStep::Event(None) => Some(ProviderError::Unavailable("the stream ended early".into())),
+                StreamStep::CallerGone => None,
+            };
+            // Interrupted: charge what was consumed, never more than the hold.
+            let usage = consumed(&p, s.reported_usage(), s.text());
+            let code = error.as_ref().map_or("caller_gone", ProviderError::code);
+            let result = self.finish(&p, usage, s.text().to_owned(), RunOutcome::Interrupted, Some(code), started).await;
+            if let Some(e) = error {
+                let event = match result {
+                    Ok(r) => RunEvent::Failed { error: Error::Provider(e), result: Some(r) },
+                    Err(error) => RunEvent::Failed { error, result: None },
+                };
+                let _ = tx.send(event).await;
+            }
+            return;
+        }
+    }
+
+    /// Settles the hold with `usage`, records the run and appends its turns.
+    async fn finish(&self, p: &Prepared, usage: TokenUsage, text: String, outcome: RunOutcome, error: Option<&str>, started: Instant) -> Result<RunResult> {
+        let latency_ms = started.elapsed().as_millis() as u64;
+        let quote = match self.pricing.price_usage(&p.chat.model, &usage) {
+            Ok(q) => q,
+            Err(e) => {
+                // Usage no price can be put on (absurd token counts): a malformed answer.
+                let pe = ProviderError::Malformed(format!("reported usage: {e}"));
+                self.fail(p, &pe, started).await;
+                return Err(Error::Provider(pe));
+            }
+        };
+        let record = Usage { operation: RUN_OPERATION.into(), model: p.chat.model.clone(), tokens: usage, cost_micros: quote.cost_micros };
+        let settle = Settle { hold: p.hold, credits: quote.credits as Credits, usage: Some(record.clone()), key: run_key(&p.run_id, "settle")? };
+        let (credits, capped) = match self.store.settle(settle).await? {
+            Ok(Committed { effect: Effect::Settled { charged, capped, .. }, .. }) => (charged.total(), capped),
+            Ok(other) => return Err(Error::Invariant(format!("settle of run {} gave {other:?}", p.run_id))),
+            Err(Rejection::HoldExpired(_)) => {
+                // The sweep returned the hold before the provider answered (a call longer than
+                // the hold's life): no credits, but the cost still counts toward the limits.
+                let meter = Meter { account: p.account.clone(), usage: record, reference: format!("run {}", p.run_id), key: run_key(&p.run_id, "meter")? };
+                self.store.meter(meter).await?.map_err(|r| Error::Invariant(format!("meter of run {}: {r}", p.run_id)))?;
+                (0, false)
+            }
+            Err(r) => return Err(Error::Invariant(format!("settle of run {}: {r}", p.run_id))),
+        };
+        let run = RunRecord {
+            id: p.run_id.clone(),
+            account: p.account.clone(),
+            session: p.session.clone(),
+            package_id: p.package_id.clone(),
+            model: p.chat.model.clone(),
+            with_prompt: p.with_prompt,
+            tokens: usage,
+            credits,
+            cost_micros: quote.cost_micros,
+            latency_ms,
+            outcome,
+            error: error.map(str::to_owned),
+            hold: Some(p.hold),
+            at: self.store.clock().now(),
+        };
+        let turns = match &p.session {
+            Some(_) if outcome == RunOutcome::Completed || !text.is_empty() => {
+                vec![NewTurn { role: Role::User, content: p.input.clone() }, NewTurn { role: Role::Assistant, content: text.clone() }]
+            }
+            _ => Vec::new(),
+        };
+        self.store.record_run(&run, &turns).await?;
+        Ok(RunResult {
+            run_id: p.run_id.clone(),
+            session: p.session.clone(),
+            text,
+            model: p.chat.model.clone(),
+            usage,
+            credits,
+            cost_micros: quote.cost_micros,
+            latency_ms,
+            outcome,
+            capped,
+            estimate: p.estimate.clone(),
+        })
+    }
+
+    /// The provider failed: release the hold (nothing is charged) and record the failure.
+    async fn fail(&self, p: &Prepared, e: &ProviderError, started: Instant) {
+        self.release(&p.account, &p.run_id, p.hold).await;
+        let run = RunRecord {
+            id: p.run_id.clone(),
+            account: p.account.clone(),
+            session: p.session.clone(),
+            package_id: p.package_id.clone(),
+            model: p.chat.model.clone(),
+            with_prompt: p.with_prompt,
+            tokens: TokenUsage::default(),
+            credits: 0,
+            cost_micros: 0,
+            latency_ms: started.elapsed().as_millis() as u64,
+            outcome: RunOutcome::Failed,
+            error: Some(e.code().to_owned()),
+            hold: Some(p.hold),
+            at: self.store.clock().now(),
+        };
+        // Best effort: the failure is what the caller hears about; a store that cannot record
+        // it now leaves the hold to `expire_holds`.
+        let _ = self.store.record_run(&run, &[]).await;
+    }
+
+    async fn release(&self, _account: &AccountId, run_id: &RunId, hold: HoldId) {
+        if let Ok(key) = run_key(run_id, "release") {
+            let _ = self.store.release(hold, key).await;
+        }
+    }
+}
+
+/// What an interrupted stream consumed: the input (as reported, else as counted) and the
+/// output produced (as reported, or as counted from the text received, whichever is more).
+fn consumed(p: &Prepared, reported: crate::provider::ReportedUsage, text: &str) -> TokenUsage {
+    let produced = Counter::for_model(p.client.provider(), &p.chat.model).count(text);
+    TokenUsage {
+        input: reported.input.unwrap_or(p.input_tokens),
+        output: reported.output.unwrap_or(0).max(produced),
+        cache_read: reported.cache_read.unwrap_or(0),
+        cache_write: reported.cache_write.unwrap_or(0),
+    }
+}
