@@ -18,6 +18,10 @@ use crate::jobs;
 use crate::ledger::rules::add_month;
 use crate::ledger::*;
 use crate::pricing::TokenUsage;
+use crate::session::{
+    MAX_TURNS_PER_SESSION, NewSession, NewTurn, Package, Role, RunId, RunOutcome, RunRecord, Session, SessionId, SessionSummary, ShareToken, SharedSession,
+    SharedTurn, Turn,
+};
 use crate::store::{AlertQuery, BalanceView, CostFilter, CostView, DailyUsageQuery, Entry, HistoryQuery, Store};
 
 /// The time every conformance store starts at.
@@ -55,7 +59,9 @@ macro_rules! conformance_suite {
             rate_limit_is_exact_under_concurrency, cost_limits_hold_under_concurrency, throttles_and_alerts,
             admin_throttles_and_lists, tiers_are_data_and_follow_plans, cost_periods_across_boundaries,
             metering_counts_toward_limits, reference_scenario_summary, cost_jobs_run_twice_at_once_do_the_work_once,
-            monthly_limit_outranks_a_daily_throttle, a_clock_that_steps_back_never_restarts_a_period);
+            monthly_limit_outranks_a_daily_throttle, a_clock_that_steps_back_never_restarts_a_period,
+            packages_round_trip_and_bad_input, sessions_belong_to_their_owner, sessions_list_newest_first_paginated,
+            runs_append_turns_in_order, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense);
         $crate::conformance_suite!(@ $mode $open; rollover_first; rollover_first_spend_order);
     };
     (@skippable $open:path; $cfg:ident; $($name:ident),*) => {
@@ -1422,4 +1428,411 @@ pub async fn a_clock_that_steps_back_never_restarts_a_period(store: &dyn Store, 
     let alerts = store.alerts(&AlertQuery { account: Some(u.clone()), after: None, limit: 10 }).await.unwrap();
     let months: Vec<_> = alerts.iter().map(|a| (a.alert.kind, a.alert.month)).collect();
     assert_eq!(months, vec![(crate::cost::AlertKind::AtRisk, date(2026, 1, 1)), (crate::cost::AlertKind::AtRisk, date(2026, 2, 1))]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The playground: packages, sessions, runs, sharing
+
+pub fn package(id: &str, prompt: &str) -> Package {
+    Package { id: id.into(), name: format!("@prpm/{id}"), version: "1.0.0".into(), prompt: prompt.into() }
+}
+
+pub fn new_session(owner: &AccountId, title: &str) -> NewSession {
+    NewSession { id: SessionId::generate(), owner: owner.clone(), package_id: Some("pkg".into()), model: "claude-sonnet-4".into(), title: title.into() }
+}
+
+/// A completed run of `account` at `at`, in `session`.
+pub fn run_record(account: &AccountId, session: Option<&SessionId>, at: DateTime<Utc>) -> RunRecord {
+    RunRecord {
+        id: RunId::generate(),
+        account: account.clone(),
+        session: session.cloned(),
+        package_id: Some("pkg".into()),
+        model: "claude-sonnet-4".into(),
+        with_prompt: true,
+        tokens: TokenUsage { input: 1_200, output: 340, cache_read: 0, cache_write: 0 },
+        credits: 1,
+        cost_micros: 8_700,
+        latency_ms: 1_234,
+        outcome: RunOutcome::Completed,
+        error: None,
+        hold: Some(HoldId(7)),
+        at,
+    }
+}
+
+/// A user's question and the model's answer.
+pub fn exchange(question: &str, answer: &str) -> Vec<NewTurn> {
+    vec![NewTurn { role: Role::User, content: question.into() }, NewTurn { role: Role::Assistant, content: answer.into() }]
+}
+
+#[track_caller]
+fn invalid_field<T: std::fmt::Debug>(r: crate::Result<T>) -> &'static str {
+    match r {
+        Err(Error::InvalidInput { field, .. }) => field,
+        other => panic!("expected invalid input, got {other:?}"),
+    }
+}
+
+async fn session_of(store: &dyn Store, owner: &AccountId, id: &SessionId) -> Session {
+    store.session(owner, id).await.expect("session").expect("the session exists")
+}
+
+/// Packages are stored, replaced and read back exactly; bad ones change nothing.
+pub async fn packages_round_trip_and_bad_input(store: &dyn Store, _clock: &ManualClock) {
+    let p = package("code-review", "You review code.\nBe precise.\t(tabs and newlines are fine)");
+    store.put_package(&p).await.unwrap();
+    assert_eq!(store.package("code-review").await.unwrap(), Some(p.clone()));
+    let v2 = Package { version: "1.1.0".into(), prompt: "You review code, kindly. ✓".into(), ..p.clone() };
+    store.put_package(&v2).await.unwrap();
+    assert_eq!(store.package("code-review").await.unwrap(), Some(v2.clone()));
+    let empty_prompt = package("empty", "");
+    store.put_package(&empty_prompt).await.unwrap();
+    assert_eq!(store.package("empty").await.unwrap(), Some(empty_prompt));
+
+    assert_eq!(invalid_field(store.put_package(&Package { id: String::new(), ..p.clone() }).await), "package_id");
+    assert_eq!(invalid_field(store.put_package(&Package { prompt: "x".repeat(crate::session::MAX_PROMPT_BYTES + 1), ..p.clone() }).await), "prompt");
+    assert_eq!(invalid_field(store.put_package(&Package { name: "a\u{0}b".into(), ..p.clone() }).await), "package_name");
+    assert_eq!(store.package("code-review").await.unwrap(), Some(v2), "bad input changed nothing");
+    assert_eq!(store.package("").await.unwrap(), None);
+    assert_eq!(store.package("unknown").await.unwrap(), None);
+    let big = package("big", &"y".repeat(crate::session::MAX_PROMPT_BYTES));
+    store.put_package(&big).await.unwrap();
+    assert_eq!(store.package("big").await.unwrap(), Some(big));
+}
+
+/// A session is its owner's: to anyone else it does not exist, and nothing they do changes it.
+pub async fn sessions_belong_to_their_owner(store: &dyn Store, clock: &ManualClock) {
+    let (alice, bob) = (acct("alice"), acct("bob"));
+    let ns = new_session(&alice, "Refactoring help");
+    let summary = store.create_session(&ns).await.unwrap();
+    let now = clock.now();
+    assert_eq!(
+        summary,
+        SessionSummary {
+            id: ns.id.clone(),
+            owner: alice.clone(),
+            package_id: Some("pkg".into()),
+            model: "claude-sonnet-4".into(),
+            title: "Refactoring help".into(),
+            turns: 0,
+            shared: false,
+            created_at: now,
+            updated_at: now,
+        }
+    );
+    let s = session_of(store, &alice, &ns.id).await;
+    assert_eq!(s, Session { summary: summary.clone(), share_token: None, turns: Vec::new() });
+
+    // A duplicate id (whoever asks) and bad input are refused.
+    clock.advance(Duration::seconds(1));
+    assert_eq!(invalid_field(store.create_session(&ns).await), "session_id");
+    assert_eq!(invalid_field(store.create_session(&NewSession { owner: bob.clone(), ..ns.clone() }).await), "session_id");
+    let bad = NewSession { model: String::new(), ..new_session(&alice, "x") };
+    assert_eq!(invalid_field(store.create_session(&bad).await), "model");
+    assert_eq!(store.session(&alice, &bad.id).await.unwrap(), None, "a refused session is not stored");
+    assert_eq!(invalid_field(store.create_session(&NewSession { title: "a\nb".into(), ..new_session(&alice, "") }).await), "title");
+    let untitled = NewSession { package_id: None, ..new_session(&alice, "") };
+    store.create_session(&untitled).await.unwrap();
+    assert_eq!(session_of(store, &alice, &untitled.id).await.summary.package_id, None);
+
+    // Bob sees nothing and changes nothing.
+    assert_eq!(store.session(&bob, &ns.id).await.unwrap(), None);
+    assert!(!store.delete_session(&bob, &ns.id).await.unwrap());
+    assert!(!store.share_session(&bob, &ns.id, &ShareToken::generate()).await.unwrap());
+    assert!(!store.revoke_share(&bob, &ns.id).await.unwrap());
+    assert!(store.sessions(&bob, None, 10).await.unwrap().sessions.is_empty());
+    let run = run_record(&bob, Some(&ns.id), clock.now());
+    match store.record_run(&run, &exchange("hi", "hello")).await {
+        Err(Error::NotFound { what: "session" }) => {}
+        other => panic!("expected the session not found, got {other:?}"),
+    }
+    match store.record_run(&RunRecord { id: RunId::generate(), ..run.clone() }, &[]).await {
+        Err(Error::NotFound { what: "session" }) => {}
+        other => panic!("expected the session not found, got {other:?}"),
+    }
+    assert!(store.runs(&bob, 10).await.unwrap().is_empty(), "a refused run is not stored");
+    assert_eq!(session_of(store, &alice, &ns.id).await, s, "unchanged");
+
+    // Alice shares it; Bob cannot revoke it.
+    let token = ShareToken::generate();
+    assert!(store.share_session(&alice, &ns.id, &token).await.unwrap());
+    assert!(!store.revoke_share(&bob, &ns.id).await.unwrap());
+    assert_eq!(session_of(store, &alice, &ns.id).await.share_token, Some(token.clone()));
+    assert!(store.shared_session(&token).await.unwrap().is_some());
+
+    // Unknown sessions, and deletion by the owner.
+    assert_eq!(store.session(&alice, &SessionId::generate()).await.unwrap(), None);
+    assert!(!store.delete_session(&alice, &SessionId::generate()).await.unwrap());
+    assert!(store.delete_session(&alice, &ns.id).await.unwrap());
+    assert_eq!(store.session(&alice, &ns.id).await.unwrap(), None);
+    assert!(!store.delete_session(&alice, &ns.id).await.unwrap());
+    assert_eq!(store.shared_session(&token).await.unwrap(), None);
+    let ids: Vec<_> = store.sessions(&alice, None, 10).await.unwrap().sessions.into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![untitled.id]);
+}
+
+/// An owner's sessions come newest first (ties by id, descending), in pages that neither skip
+/// nor repeat; other owners' sessions never show.
+pub async fn sessions_list_newest_first_paginated(store: &dyn Store, clock: &ManualClock) {
+    let (alice, bob) = (acct("alice"), acct("bob"));
+    let mut expected = Vec::new();
+    for i in 0..7 {
+        // The last two share a creation time.
+        if i != 6 {
+            clock.advance(Duration::seconds(1));
+        }
+        let s = store.create_session(&new_session(&alice, &format!("session {i}"))).await.unwrap();
+        expected.push((s.created_at, s.id.clone()));
+        if i % 3 == 0 {
+            store.create_session(&new_session(&bob, "bob's")).await.unwrap();
+        }
+    }
+    expected.sort_by(|a, b| b.cmp(a));
+    let expected: Vec<SessionId> = expected.into_iter().map(|(_, id)| id).collect();
+
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.sessions(&alice, cursor.as_deref(), 3).await.unwrap();
+        sizes.push(page.sessions.len());
+        for s in &page.sessions {
+            assert_eq!(s.owner, alice);
+        }
+        seen.extend(page.sessions.into_iter().map(|s| s.id));
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+        assert!(sizes.len() < 10, "pagination does not end");
+    }
+    assert_eq!(sizes, vec![3, 3, 1]);
+    assert_eq!(seen, expected, "newest first, no duplicates, nothing skipped");
+    let all = store.sessions(&alice, None, crate::session::MAX_PAGE).await.unwrap();
+    assert_eq!(all.sessions.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), expected);
+    assert_eq!(all.next, None);
+    // A page that ends exactly at the last session says so.
+    let page = store.sessions(&alice, None, 7).await.unwrap();
+    assert_eq!((page.sessions.len(), page.next), (7, None));
+    assert_eq!(store.sessions(&bob, None, 10).await.unwrap().sessions.len(), 3);
+    assert!(store.sessions(&acct("carol"), None, 10).await.unwrap().sessions.is_empty());
+
+    assert_eq!(invalid_field(store.sessions(&alice, None, 0).await), "limit");
+    assert_eq!(invalid_field(store.sessions(&alice, None, crate::session::MAX_PAGE + 1).await), "limit");
+    for bad in ["", "garbage", "12", "x.0123456789abcdef0123456789abcdef", "1.not-a-session-id", "99999999999999999999.0123456789abcdef0123456789abcdef"] {
+        assert_eq!(invalid_field(store.sessions(&alice, Some(bad), 3).await), "cursor", "cursor {bad:?}");
+    }
+}
+
+/// Runs append their turns in order, once; every field of a run reads back exactly; a
+/// session holds at most [`MAX_TURNS_PER_SESSION`] turns.
+pub async fn runs_append_turns_in_order(store: &dyn Store, clock: &ManualClock) {
+    let alice = acct("alice");
+    let ns = new_session(&alice, "chat");
+    let created = store.create_session(&ns).await.unwrap();
+
+    clock.advance(Duration::seconds(5));
+    let t1 = clock.now();
+    let r1 = run_record(&alice, Some(&ns.id), t1 - Duration::milliseconds(1500));
+    assert!(store.record_run(&r1, &exchange("What is a monad?", "A monoid in the category of endofunctors.")).await.unwrap());
+    let s = session_of(store, &alice, &ns.id).await;
+    assert_eq!((s.summary.turns, s.summary.created_at, s.summary.updated_at), (2, created.created_at, t1));
+    assert_eq!(
+        s.turns,
+        vec![
+            Turn { seq: 1, role: Role::User, content: "What is a monad?".into(), run_id: Some(r1.id.clone()), at: t1 },
+            Turn { seq: 2, role: Role::Assistant, content: "A monoid in the category of endofunctors.".into(), run_id: Some(r1.id.clone()), at: t1 },
+        ]
+    );
+
+    clock.advance(Duration::seconds(5));
+    let t2 = clock.now();
+    let r2 = RunRecord {
+        tokens: TokenUsage { input: 99_000_000, output: 12_345_678, cache_read: 1, cache_write: 100_000_000 },
+        credits: 9_000_000_000_000,
+        cost_micros: 4_000_000_000_000_000,
+        latency_ms: 86_400_000,
+        outcome: RunOutcome::Interrupted,
+        error: Some("stream_interrupted".into()),
+        ..run_record(&alice, Some(&ns.id), t2)
+    };
+    assert!(store.record_run(&r2, &exchange("Explain.\nSlowly.", "")).await.unwrap());
+    // The same run again (a retry): nothing more.
+    clock.advance(Duration::seconds(5));
+    assert!(!store.record_run(&r2, &exchange("Explain.\nSlowly.", "")).await.unwrap());
+    assert!(!store.record_run(&r2, &[]).await.unwrap());
+    let s = session_of(store, &alice, &ns.id).await;
+    assert_eq!((s.summary.turns, s.summary.updated_at), (4, t2));
+    let seqs: Vec<_> = s.turns.iter().map(|t| (t.seq, t.role, t.run_id.clone(), t.at)).collect();
+    assert_eq!(
+        seqs,
+        vec![
+            (1, Role::User, Some(r1.id.clone()), t1),
+            (2, Role::Assistant, Some(r1.id.clone()), t1),
+            (3, Role::User, Some(r2.id.clone()), t2),
+            (4, Role::Assistant, Some(r2.id.clone()), t2),
+        ]
+    );
+    assert_eq!((s.turns[2].content.as_str(), s.turns[3].content.as_str()), ("Explain.\nSlowly.", ""));
+
+    // Runs without a session (the no-prompt half of a comparison, a failure): stored, their
+    // turns (if any) ignored. One shares r2's time: the later id comes first.
+    let r3 = RunRecord {
+        session: None,
+        package_id: None,
+        with_prompt: false,
+        tokens: TokenUsage::default(),
+        credits: 0,
+        cost_micros: 0,
+        latency_ms: 0,
+        outcome: RunOutcome::Failed,
+        error: Some("provider_unavailable".into()),
+        hold: None,
+        ..run_record(&alice, None, t2 + Duration::microseconds(999))
+    };
+    assert!(store.record_run(&r3, &exchange("ignored", "ignored")).await.unwrap());
+    let r4 = run_record(&alice, None, t2 + Duration::seconds(60));
+    assert!(store.record_run(&r4, &[]).await.unwrap());
+    assert_eq!(session_of(store, &alice, &ns.id).await.summary.turns, 4);
+    let mut newest_first = vec![r1.clone(), r2.clone(), RunRecord { at: t2, ..r3.clone() }, r4.clone()];
+    newest_first.sort_by(|a, b| (b.at, &b.id).cmp(&(a.at, &a.id)));
+    assert_eq!(newest_first[0], r4);
+    assert_eq!(store.runs(&alice, 10).await.unwrap(), newest_first, "every field round-trips; at is kept to the millisecond");
+    assert_eq!(store.runs(&alice, 2).await.unwrap(), newest_first[..2].to_vec());
+    assert!(store.runs(&acct("bob"), 10).await.unwrap().is_empty());
+    assert_eq!(invalid_field(store.runs(&alice, 0).await), "limit");
+    assert_eq!(invalid_field(store.runs(&alice, crate::session::MAX_PAGE + 1).await), "limit");
+
+    // Bad runs and bad turns write nothing.
+    let bad = RunRecord { credits: -1, ..run_record(&alice, Some(&ns.id), t2) };
+    assert_eq!(invalid_field(store.record_run(&bad, &exchange("q", "a")).await), "credits");
+    let bad = RunRecord { tokens: TokenUsage { input: u64::MAX, ..TokenUsage::default() }, ..run_record(&alice, Some(&ns.id), t2) };
+    assert_eq!(invalid_field(store.record_run(&bad, &[]).await), "input_tokens");
+    let bad = RunRecord { latency_ms: u64::MAX, ..run_record(&alice, Some(&ns.id), t2) };
+    assert_eq!(invalid_field(store.record_run(&bad, &[]).await), "latency_ms");
+    let bad_turn = vec![NewTurn { role: Role::User, content: "nul \u{0}".into() }];
+    assert_eq!(invalid_field(store.record_run(&run_record(&alice, Some(&ns.id), t2), &bad_turn).await), "content");
+    let missing = run_record(&alice, Some(&SessionId::generate()), t2);
+    assert!(matches!(store.record_run(&missing, &exchange("q", "a")).await, Err(Error::NotFound { what: "session" })));
+    assert_eq!(store.runs(&alice, 100).await.unwrap().len(), 4, "refused runs are not stored");
+    assert_eq!(session_of(store, &alice, &ns.id).await.summary.turns, 4);
+
+    // The turn limit: fill a session in big batches, then one more turn is refused whole.
+    let full = new_session(&alice, "long");
+    store.create_session(&full).await.unwrap();
+    let max = MAX_TURNS_PER_SESSION as usize;
+    let too_many: Vec<NewTurn> = (0..=max).map(|i| NewTurn { role: Role::User, content: format!("t{i}") }).collect();
+    assert_eq!(invalid_field(store.record_run(&run_record(&alice, Some(&full.id), t2), &too_many).await), "turns");
+    let batch = max / 4;
+    for b in 0..4 {
+        let turns: Vec<NewTurn> = (0..batch)
+            .map(|i| NewTurn { role: if i % 2 == 0 { Role::User } else { Role::Assistant }, content: format!("turn {}", b * batch + i + 1) })
+            .collect();
+        assert!(store.record_run(&run_record(&alice, Some(&full.id), t2), &turns).await.unwrap());
+    }
+    let over = run_record(&alice, Some(&full.id), t2);
+    assert_eq!(invalid_field(store.record_run(&over, &exchange("one", "more")).await), "turns");
+    assert!(!store.runs(&alice, 100).await.unwrap().iter().any(|r| r.id == over.id), "the refused run is not stored");
+    let s = session_of(store, &alice, &full.id).await;
+    assert_eq!(s.summary.turns as usize, max);
+    assert_eq!(s.turns.len(), max);
+    for (i, t) in s.turns.iter().enumerate() {
+        assert_eq!((t.seq as usize, t.content.clone()), (i + 1, format!("turn {}", i + 1)));
+    }
+    // A run without turns still goes into the full session.
+    assert!(store.record_run(&run_record(&alice, Some(&full.id), t2), &[]).await.unwrap());
+}
+
+/// A share token shows the conversation and nothing else, until it is replaced, revoked or
+/// the session deleted.
+pub async fn sharing_shows_the_conversation_only(store: &dyn Store, clock: &ManualClock) {
+    let alice = acct("alice");
+    let ns = new_session(&alice, "Prompt tuning");
+    store.create_session(&ns).await.unwrap();
+    let run = run_record(&alice, Some(&ns.id), clock.now());
+    store.record_run(&run, &exchange("Rewrite this.", "Here it is.")).await.unwrap();
+    store.record_run(&run_record(&alice, Some(&ns.id), clock.now()), &exchange("Shorter?", "Sure.")).await.unwrap();
+    let expected = SharedSession {
+        title: "Prompt tuning".into(),
+        package_id: Some("pkg".into()),
+        model: "claude-sonnet-4".into(),
+        turns: [("Rewrite this.", Role::User), ("Here it is.", Role::Assistant), ("Shorter?", Role::User), ("Sure.", Role::Assistant)]
+            .into_iter()
+            .map(|(c, role)| SharedTurn { role, content: c.into() })
+            .collect(),
+    };
+
+    let t1 = ShareToken::generate();
+    assert!(store.share_session(&alice, &ns.id, &t1).await.unwrap());
+    assert_eq!(store.shared_session(&t1).await.unwrap(), Some(expected.clone()));
+    let s = session_of(store, &alice, &ns.id).await;
+    assert_eq!((s.summary.shared, s.share_token), (true, Some(t1.clone())));
+    let listed = store.sessions(&alice, None, 10).await.unwrap().sessions;
+    assert!(listed[0].shared);
+    // Sharing again with the same token is a no-op; another session cannot take it.
+    assert!(store.share_session(&alice, &ns.id, &t1).await.unwrap());
+    let other = new_session(&alice, "other");
+    store.create_session(&other).await.unwrap();
+    assert_eq!(invalid_field(store.share_session(&alice, &other.id, &t1).await), "share_token");
+    assert!(!session_of(store, &alice, &other.id).await.summary.shared);
+
+    // A new token replaces the old one.
+    let t2 = ShareToken::generate();
+    assert!(store.share_session(&alice, &ns.id, &t2).await.unwrap());
+    assert_eq!(store.shared_session(&t1).await.unwrap(), None);
+    assert_eq!(store.shared_session(&t2).await.unwrap(), Some(expected.clone()));
+    // The shared view follows the conversation.
+    store.record_run(&run_record(&alice, Some(&ns.id), clock.now()), &exchange("Thanks", "Welcome")).await.unwrap();
+    assert_eq!(store.shared_session(&t2).await.unwrap().unwrap().turns.len(), 6);
+
+    // Revoked: gone; a second revoke finds nothing to do.
+    assert!(store.revoke_share(&alice, &ns.id).await.unwrap());
+    assert_eq!(store.shared_session(&t2).await.unwrap(), None);
+    assert!(!store.revoke_share(&alice, &ns.id).await.unwrap());
+    let s = session_of(store, &alice, &ns.id).await;
+    assert_eq!((s.summary.shared, s.share_token), (false, None));
+    // The old token is free again after a revoke.
+    assert!(store.share_session(&alice, &other.id, &t1).await.unwrap());
+    assert_eq!(store.shared_session(&t1).await.unwrap().unwrap().title, "other");
+
+    // Deleting the session ends its share; its runs stay.
+    let t3 = ShareToken::generate();
+    assert!(store.share_session(&alice, &ns.id, &t3).await.unwrap());
+    assert!(store.shared_session(&t3).await.unwrap().is_some());
+    assert!(store.delete_session(&alice, &ns.id).await.unwrap());
+    assert_eq!(store.shared_session(&t3).await.unwrap(), None);
+    assert_eq!(store.runs(&alice, 10).await.unwrap().len(), 3, "runs are the billing record");
+    assert!(store.runs(&alice, 10).await.unwrap().iter().all(|r| r.session.as_ref() == Some(&ns.id)));
+
+    assert_eq!(store.shared_session(&ShareToken::generate()).await.unwrap(), None);
+}
+
+/// Concurrent runs on one session number their turns densely, each run's turns together;
+/// concurrent replays append nothing.
+pub async fn concurrent_appends_keep_seq_dense(store: &dyn Store, clock: &ManualClock) {
+    let alice = acct("alice");
+    let ns = new_session(&alice, "busy");
+    store.create_session(&ns).await.unwrap();
+    let runs: Vec<RunRecord> = (0..20).map(|_| run_record(&alice, Some(&ns.id), clock.now())).collect();
+    let turns: Vec<Vec<NewTurn>> = (0..20).map(|i| exchange(&format!("q{i}"), &format!("a{i}"))).collect();
+    let results = join_all(runs.iter().zip(&turns).map(|(r, t)| store.record_run(r, t))).await;
+    assert!(results.into_iter().all(|r| r.unwrap()), "every run is new");
+    // Replays, concurrently and doubled: nothing more.
+    let replays = join_all(runs.iter().chain(&runs).zip(turns.iter().chain(&turns)).map(|(r, t)| store.record_run(r, t))).await;
+    assert!(replays.into_iter().all(|r| !r.unwrap()), "every replay writes nothing");
+
+    let s = session_of(store, &alice, &ns.id).await;
+    assert_eq!(s.summary.turns, 40);
+    assert_eq!(s.turns.iter().map(|t| t.seq).collect::<Vec<_>>(), (1..=40).collect::<Vec<u32>>());
+    let mut seen = std::collections::HashSet::new();
+    for pair in s.turns.chunks(2) {
+        let (q, a) = (&pair[0], &pair[1]);
+        assert_eq!((q.role, a.role), (Role::User, Role::Assistant));
+        assert_eq!(q.run_id, a.run_id, "a run's turns are adjacent");
+        let i = runs.iter().position(|r| Some(&r.id) == q.run_id.as_ref()).expect("a run of ours");
+        assert_eq!((q.content.clone(), a.content.clone()), (format!("q{i}"), format!("a{i}")));
+        assert!(seen.insert(i), "each run appended once");
+    }
+    assert_eq!(store.runs(&alice, 100).await.unwrap().len(), 20);
 }

@@ -20,6 +20,9 @@ use crate::cost::{Alert, CostState, RiskLevel, Summary, Throttle, TierLimits, Ti
 use crate::error::{Error, Result};
 use crate::ledger::*;
 use crate::pricing::TokenUsage;
+use crate::session::{
+    MAX_TURNS_PER_SESSION, NewSession, NewTurn, Package, RunRecord, Session, SessionId, SessionPage, SessionSummary, ShareToken, SharedSession,
+};
 
 /// Largest page of history.
 pub const MAX_PAGE: u32 = 1_000;
@@ -368,6 +371,60 @@ pub(crate) fn parse_kind(s: &str) -> Result<AccountKind> {
     }
 }
 
+/// Checks a page size of sessions or runs.
+pub(crate) fn check_session_page(limit: u32) -> Result<()> {
+    let max = crate::session::MAX_PAGE;
+    if !(1..=max).contains(&limit) {
+        return Err(Error::invalid("limit", format!("{limit} is outside 1..={max}")));
+    }
+    Ok(())
+}
+
+/// The cursor that follows a session in its owner's list: `<created ms>.<id>`.
+pub(crate) fn session_cursor(s: &SessionSummary) -> String {
+    format!("{}.{}", s.created_at.timestamp_millis(), s.id)
+}
+
+/// Reads a [`session_cursor`]: the created time and id the next page starts below.
+pub(crate) fn parse_session_cursor(cursor: &str) -> Result<(DateTime<Utc>, SessionId)> {
+    let bad = || Error::invalid("cursor", "not a cursor of this list");
+    let (ms, id) = cursor.split_once('.').ok_or_else(bad)?;
+    let ms: i64 = ms.parse().map_err(|_| bad())?;
+    let created = DateTime::from_timestamp_millis(ms).ok_or_else(bad)?;
+    Ok((created, SessionId::parse(id).map_err(|_| bad())?))
+}
+
+/// Validates a run and the turns it would append (the turns only when there is a session to
+/// append them to).
+pub(crate) fn check_run(run: &RunRecord, turns: &[NewTurn]) -> Result<()> {
+    run.validate()?;
+    if i64::try_from(run.latency_ms).is_err() {
+        return Err(Error::invalid("latency_ms", format!("{} is too large", run.latency_ms)));
+    }
+    if run.session.is_some() {
+        if turns.len() > MAX_TURNS_PER_SESSION as usize {
+            return Err(Error::invalid("turns", format!("{} turns; a session holds at most {MAX_TURNS_PER_SESSION}", turns.len())));
+        }
+        for t in turns {
+            t.validate()?;
+        }
+    }
+    Ok(())
+}
+
+/// The error of an append that would take a session past [`MAX_TURNS_PER_SESSION`], if it does.
+pub(crate) fn check_turn_limit(stored: u32, appending: usize) -> Result<()> {
+    if stored as usize + appending > MAX_TURNS_PER_SESSION as usize {
+        return Err(Error::invalid("turns", format!("the session has {stored} turns; {appending} more would pass {MAX_TURNS_PER_SESSION}")));
+    }
+    Ok(())
+}
+
+/// A stored id that does not parse: a broken row, not bad input.
+pub(crate) fn stored<T>(what: &str, r: Result<T>) -> Result<T> {
+    r.map_err(|e| Error::Invariant(format!("stored {what}: {e}")))
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Applies one command atomically. A command with a key that was used before returns the
@@ -412,6 +469,57 @@ pub trait Store: Send + Sync {
 
     /// Rolls every usage record not rolled up yet into the daily rollups.
     async fn refresh_analytics(&self) -> Result<AnalyticsReport>;
+
+    /// Adds or replaces a package (validated first; bad input changes nothing).
+    async fn put_package(&self, p: &Package) -> Result<()>;
+
+    async fn package(&self, id: &str) -> Result<Option<Package>>;
+
+    /// Creates a session (validated) with no turns, not shared, created and updated at the
+    /// store's time. A duplicate id is [`Error::InvalidInput`] on `session_id`.
+    async fn create_session(&self, s: &NewSession) -> Result<SessionSummary>;
+
+    /// The session with its turns (ordered by seq) if it exists and belongs to `owner`;
+    /// otherwise `None`.
+    async fn session(&self, owner: &AccountId, id: &SessionId) -> Result<Option<Session>>;
+
+    /// The owner's sessions, newest first (created_at desc, then id desc), `limit` in
+    /// 1..=[`crate::session::MAX_PAGE`]; `cursor` is the `next` of the previous page (opaque; a
+    /// malformed one is [`Error::InvalidInput`]).
+    async fn sessions(&self, owner: &AccountId, cursor: Option<&str>, limit: u32) -> Result<SessionPage>;
+
+    /// Deletes the session and its turns (its runs stay: they are the billing record). `false`
+    /// if there is no such session of `owner`.
+    async fn delete_session(&self, owner: &AccountId, id: &SessionId) -> Result<bool>;
+
+    /// Records a run (validated) and, in the same transaction, appends `turns` to `run.session`
+    /// (when it is `Some` and `turns` is not empty; without a session the turns are ignored):
+    /// seq continues from the session's last turn, each appended turn has `run_id =
+    /// Some(run.id)` and the store's time, and the session's `updated_at` and turn count move.
+    ///
+    /// A session that does not exist or does not belong to `run.account` is
+    /// [`Error::NotFound`] (`"session"`); appending past [`MAX_TURNS_PER_SESSION`] is
+    /// [`Error::InvalidInput`]; both write nothing. Idempotent by run id: a run whose id is
+    /// stored already writes nothing and returns `Ok(false)` (whatever its session has become);
+    /// a new run returns `Ok(true)`. `run.at` is kept to the millisecond.
+    async fn record_run(&self, run: &RunRecord, turns: &[NewTurn]) -> Result<bool>;
+
+    /// The account's runs, newest first (at desc, then id desc), `limit` in
+    /// 1..=[`crate::session::MAX_PAGE`].
+    async fn runs(&self, account: &AccountId, limit: u32) -> Result<Vec<RunRecord>>;
+
+    /// Sets the session's share token, replacing any earlier one (which then reads nothing).
+    /// `false` if there is no such session of `owner`. A token another session has is
+    /// [`Error::InvalidInput`] on `share_token`.
+    async fn share_session(&self, owner: &AccountId, id: &SessionId, token: &ShareToken) -> Result<bool>;
+
+    /// Removes the share token. `false` if there is no such session of `owner`, or it is not
+    /// shared.
+    async fn revoke_share(&self, owner: &AccountId, id: &SessionId) -> Result<bool>;
+
+    /// The shared view (the conversation only) of the session with this token; `None` if no
+    /// session has it.
+    async fn shared_session(&self, token: &ShareToken) -> Result<Option<SharedSession>>;
 
     /// The store's clock.
     fn clock(&self) -> Arc<dyn Clock>;

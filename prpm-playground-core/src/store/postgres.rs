@@ -27,6 +27,7 @@ use super::*;
 use crate::clock::{SystemClock, to_millis};
 use crate::cost::{Alert, AlertSink, CostState, TierLimits, TierTable};
 use crate::ledger::rules::{self, ChargeRecord, HoldRecord, HoldStatus, NEW_HOLD, OpenHold, Snapshot};
+use crate::session::{Role, RunId, RunOutcome, SharedTurn, Turn};
 
 mod embedded {
     refinery::embed_migrations!("../migrations/postgres");
@@ -1070,6 +1071,293 @@ impl PgStore {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The playground: packages, sessions and their turns, runs
+
+const SESSION_COLUMNS: &str = "id, owner, package_id, model, title, turn_count, share_token, created_at, updated_at";
+
+/// Reads a row of [`SESSION_COLUMNS`]: the summary and the share token.
+fn session_from_row(r: &Row) -> Result<(SessionSummary, Option<ShareToken>)> {
+    let token: Option<String> = r.get("share_token");
+    let turns: i32 = r.get("turn_count");
+    let summary = SessionSummary {
+        id: stored("session id", SessionId::parse(r.get("id")))?,
+        owner: stored("session owner", AccountId::new(r.get::<_, String>("owner")))?,
+        package_id: r.get("package_id"),
+        model: r.get("model"),
+        title: r.get("title"),
+        turns: u32::try_from(turns).map_err(|_| Error::Invariant(format!("sessions: turn_count {turns}")))?,
+        shared: token.is_some(),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    };
+    let token = token.map(|t| stored("share token", ShareToken::parse(&t))).transpose()?;
+    Ok((summary, token))
+}
+
+async fn load_turns(c: &impl GenericClient, session: &str) -> Result<Vec<Turn>> {
+    let rows = c.query("SELECT seq, role, content, run_id, at FROM session_turns WHERE session_id = $1 ORDER BY seq", &[&session]).await?;
+    rows.iter()
+        .map(|r| {
+            let seq: i32 = r.get(0);
+            Ok(Turn {
+                seq: u32::try_from(seq).map_err(|_| Error::Invariant(format!("session_turns: seq {seq}")))?,
+                role: Role::parse(r.get(1))?,
+                content: r.get(2),
+                run_id: r.get::<_, Option<&str>>(3).map(|id| stored("run id", RunId::parse(id))).transpose()?,
+                at: r.get(4),
+            })
+        })
+        .collect()
+}
+
+fn run_from_row(r: &Row, account: &AccountId) -> Result<RunRecord> {
+    let count = |name: &str| -> Result<u64> {
+        let v: i64 = r.get(name);
+        u64::try_from(v).map_err(|_| Error::Invariant(format!("runs: negative {name} {v}")))
+    };
+    Ok(RunRecord {
+        id: stored("run id", RunId::parse(r.get("id")))?,
+        account: account.clone(),
+        session: r.get::<_, Option<&str>>("session_id").map(|id| stored("session id", SessionId::parse(id))).transpose()?,
+        package_id: r.get("package_id"),
+        model: r.get("model"),
+        with_prompt: r.get("with_prompt"),
+        tokens: TokenUsage {
+            input: count("input_tokens")?,
+            output: count("output_tokens")?,
+            cache_read: count("cache_read_tokens")?,
+            cache_write: count("cache_write_tokens")?,
+        },
+        credits: r.get("credits"),
+        cost_micros: r.get("cost_micros"),
+        latency_ms: count("latency_ms")?,
+        outcome: RunOutcome::parse(r.get("outcome"))?,
+        error: r.get("error"),
+        hold: r.get::<_, Option<i64>>("hold_id").map(HoldId),
+        at: r.get("at"),
+    })
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+impl PgStore {
+    async fn put_package_once(&self, p: &Package) -> Result<()> {
+        let now = to_millis(self.core.clock.now());
+        let client = self.core.client().await?;
+        client
+            .execute(
+                "INSERT INTO packages (id, name, version, prompt, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, version = excluded.version, prompt = excluded.prompt, updated_at = excluded.updated_at",
+                &[&p.id, &p.name, &p.version, &p.prompt, &now],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn package_once(&self, id: &str) -> Result<Option<Package>> {
+        let client = self.core.client().await?;
+        let row = client.query_opt("SELECT id, name, version, prompt FROM packages WHERE id = $1", &[&id]).await?;
+        Ok(row.map(|r| Package { id: r.get(0), name: r.get(1), version: r.get(2), prompt: r.get(3) }))
+    }
+
+    async fn create_session_once(&self, s: &NewSession) -> Result<SessionSummary> {
+        let now = to_millis(self.core.clock.now());
+        let client = self.core.client().await?;
+        let n = client
+            .execute(
+                "INSERT INTO sessions (id, owner, package_id, model, title, turn_count, share_token, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, 0, NULL, $6, $6) ON CONFLICT (id) DO NOTHING",
+                &[&s.id.as_str(), &s.owner.as_str(), &s.package_id, &s.model, &s.title, &now],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::invalid("session_id", "a session with this id exists"));
+        }
+        Ok(SessionSummary {
+            id: s.id.clone(),
+            owner: s.owner.clone(),
+            package_id: s.package_id.clone(),
+            model: s.model.clone(),
+            title: s.title.clone(),
+            turns: 0,
+            shared: false,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    async fn session_once(&self, owner: &AccountId, id: &SessionId) -> Result<Option<Session>> {
+        let mut client = self.core.client().await?;
+        let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
+        let row = tx.query_opt(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 AND owner = $2"), &[&id.as_str(), &owner.as_str()]).await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (summary, share_token) = session_from_row(&row)?;
+        let turns = load_turns(&tx, id.as_str()).await?;
+        tx.commit().await?;
+        Ok(Some(Session { summary, share_token, turns }))
+    }
+
+    async fn sessions_once(&self, owner: &AccountId, cursor: Option<&(DateTime<Utc>, SessionId)>, limit: u32) -> Result<SessionPage> {
+        let client = self.core.client().await?;
+        let fetch = i64::from(limit) + 1;
+        let rows = match cursor {
+            None => {
+                client
+                    .query(
+                        &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE owner = $1 ORDER BY created_at DESC, id DESC LIMIT $2"),
+                        &[&owner.as_str(), &fetch],
+                    )
+                    .await?
+            }
+            Some((created, id)) => {
+                client
+                    .query(
+                        &format!(
+                            "SELECT {SESSION_COLUMNS} FROM sessions WHERE owner = $1 AND (created_at, id) < ($2, $3)
+                             ORDER BY created_at DESC, id DESC LIMIT $4"
+                        ),
+                        &[&owner.as_str(), created, &id.as_str(), &fetch],
+                    )
+                    .await?
+            }
+        };
+        let mut sessions = rows.iter().map(|r| session_from_row(r).map(|(s, _)| s)).collect::<Result<Vec<_>>>()?;
+        let next = if sessions.len() > limit as usize {
+            sessions.truncate(limit as usize);
+            sessions.last().map(session_cursor)
+        } else {
+            None
+        };
+        Ok(SessionPage { sessions, next })
+    }
+
+    async fn delete_session_once(&self, owner: &AccountId, id: &SessionId) -> Result<bool> {
+        let mut client = self.core.client().await?;
+        let tx = client.transaction().await?;
+        // The session's row lock: an append waiting on it then finds the session gone.
+        if tx.query_opt("SELECT 1 FROM sessions WHERE id = $1 AND owner = $2 FOR UPDATE", &[&id.as_str(), &owner.as_str()]).await?.is_none() {
+            return Ok(false);
+        }
+        tx.execute("DELETE FROM session_turns WHERE session_id = $1", &[&id.as_str()]).await?;
+        tx.execute("DELETE FROM sessions WHERE id = $1", &[&id.as_str()]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn record_run_once(&self, run: &RunRecord, turns: &[NewTurn]) -> Result<bool> {
+        let latency = i64::try_from(run.latency_ms).map_err(|_| Error::invalid("latency_ms", "too large"))?;
+        let t = &run.tokens;
+        let (input, output, cache_read, cache_write) = (t.input as i64, t.output as i64, t.cache_read as i64, t.cache_write as i64);
+        let at = to_millis(run.at);
+        let mut client = self.core.client().await?;
+        let tx = client.transaction().await?;
+        // First the run: a run stored already (or being stored by a transaction this one then
+        // waits for) is a replay, whatever its session has become since.
+        let inserted = tx
+            .execute(
+                "INSERT INTO runs (id, account, session_id, package_id, model, with_prompt, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                                   credits, cost_micros, latency_ms, outcome, error, hold_id, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                 ON CONFLICT (id) DO NOTHING",
+                &[
+                    &run.id.as_str(),
+                    &run.account.as_str(),
+                    &run.session.as_ref().map(SessionId::as_str),
+                    &run.package_id,
+                    &run.model,
+                    &run.with_prompt,
+                    &input,
+                    &output,
+                    &cache_read,
+                    &cache_write,
+                    &run.credits,
+                    &run.cost_micros,
+                    &latency,
+                    &run.outcome.as_str(),
+                    &run.error,
+                    &run.hold.map(|h| h.0),
+                    &at,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        if let Some(session) = &run.session {
+            // The session's row lock serializes appends: each numbers its turns after the
+            // previous one's.
+            let row =
+                tx.query_opt("SELECT turn_count FROM sessions WHERE id = $1 AND owner = $2 FOR UPDATE", &[&session.as_str(), &run.account.as_str()]).await?;
+            let Some(row) = row else {
+                return Err(Error::NotFound { what: "session" });
+            };
+            let stored_turns: i32 = row.get(0);
+            let stored_turns = u32::try_from(stored_turns).map_err(|_| Error::Invariant(format!("sessions: turn_count {stored_turns}")))?;
+            if !turns.is_empty() {
+                check_turn_limit(stored_turns, turns.len())?;
+                // The time is read after the lock wait.
+                let now = to_millis(self.core.clock.now());
+                let first = stored_turns as i32 + 1;
+                let seqs: Vec<i32> = (0..turns.len() as i32).map(|i| first + i).collect();
+                let roles: Vec<&str> = turns.iter().map(|t| t.role.as_str()).collect();
+                let contents: Vec<&str> = turns.iter().map(|t| t.content.as_str()).collect();
+                tx.execute(
+                    "INSERT INTO session_turns (session_id, seq, role, content, run_id, at)
+                     SELECT $1, t.seq, t.role, t.content, $5, $6 FROM unnest($2::int[], $3::text[], $4::text[]) AS t (seq, role, content)",
+                    &[&session.as_str(), &seqs, &roles, &contents, &run.id.as_str(), &now],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE sessions SET turn_count = turn_count + $2, updated_at = $3 WHERE id = $1",
+                    &[&session.as_str(), &(turns.len() as i32), &now],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn runs_once(&self, account: &AccountId, limit: u32) -> Result<Vec<RunRecord>> {
+        let client = self.core.client().await?;
+        let rows = client.query("SELECT * FROM runs WHERE account = $1 ORDER BY at DESC, id DESC LIMIT $2", &[&account.as_str(), &i64::from(limit)]).await?;
+        rows.iter().map(|r| run_from_row(r, account)).collect()
+    }
+
+    async fn share_session_once(&self, owner: &AccountId, id: &SessionId, token: &ShareToken) -> Result<bool> {
+        let client = self.core.client().await?;
+        let n = client
+            .execute("UPDATE sessions SET share_token = $3 WHERE id = $1 AND owner = $2", &[&id.as_str(), &owner.as_str(), &token.as_str()])
+            .await
+            .map_err(|e| if is_unique_violation(&e) { Error::invalid("share_token", "another session has this token") } else { e.into() })?;
+        Ok(n == 1)
+    }
+
+    async fn revoke_share_once(&self, owner: &AccountId, id: &SessionId) -> Result<bool> {
+        let client = self.core.client().await?;
+        let n = client
+            .execute("UPDATE sessions SET share_token = NULL WHERE id = $1 AND owner = $2 AND share_token IS NOT NULL", &[&id.as_str(), &owner.as_str()])
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn shared_session_once(&self, token: &ShareToken) -> Result<Option<SharedSession>> {
+        let mut client = self.core.client().await?;
+        let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
+        let Some(row) = tx.query_opt("SELECT id, title, package_id, model FROM sessions WHERE share_token = $1", &[&token.as_str()]).await? else {
+            return Ok(None);
+        };
+        let turns = load_turns(&tx, row.get(0)).await?.into_iter().map(|t| SharedTurn { role: t.role, content: t.content }).collect();
+        tx.commit().await?;
+        Ok(Some(SharedSession { title: row.get(1), package_id: row.get(2), model: row.get(3), turns }))
+    }
+}
+
 /// Runs `f` again while it fails because its connection was lost (a restarted server, an
 /// administrator ending connections), at most three times in all.
 async fn retrying<T, F, Fut>(f: F) -> Result<T>
@@ -1150,6 +1438,63 @@ impl Store for PgStore {
 
     async fn refresh_analytics(&self) -> Result<AnalyticsReport> {
         retrying(|| self.refresh_analytics_once()).await
+    }
+
+    async fn put_package(&self, p: &Package) -> Result<()> {
+        p.validate()?;
+        // An upsert: trying again is harmless.
+        retrying(|| self.put_package_once(p)).await
+    }
+
+    async fn package(&self, id: &str) -> Result<Option<Package>> {
+        retrying(|| self.package_once(id)).await
+    }
+
+    /// Not retried on a lost connection (a retry of a creation that did commit would report
+    /// the id as taken): the caller gets [`Error::ConnectionLost`].
+    async fn create_session(&self, s: &NewSession) -> Result<SessionSummary> {
+        s.validate()?;
+        self.create_session_once(s).await
+    }
+
+    async fn session(&self, owner: &AccountId, id: &SessionId) -> Result<Option<Session>> {
+        retrying(|| self.session_once(owner, id)).await
+    }
+
+    async fn sessions(&self, owner: &AccountId, cursor: Option<&str>, limit: u32) -> Result<SessionPage> {
+        check_session_page(limit)?;
+        let cursor = cursor.map(parse_session_cursor).transpose()?;
+        retrying(|| self.sessions_once(owner, cursor.as_ref(), limit)).await
+    }
+
+    /// Not retried on a lost connection (a retry of a deletion that did commit would answer
+    /// `false`): the caller gets [`Error::ConnectionLost`].
+    async fn delete_session(&self, owner: &AccountId, id: &SessionId) -> Result<bool> {
+        self.delete_session_once(owner, id).await
+    }
+
+    async fn record_run(&self, run: &RunRecord, turns: &[NewTurn]) -> Result<bool> {
+        check_run(run, turns)?;
+        // Idempotent by run id: a retry after a lost commit answers `false` (stored already).
+        retrying(|| self.record_run_once(run, turns)).await
+    }
+
+    async fn runs(&self, account: &AccountId, limit: u32) -> Result<Vec<RunRecord>> {
+        check_session_page(limit)?;
+        retrying(|| self.runs_once(account, limit)).await
+    }
+
+    async fn share_session(&self, owner: &AccountId, id: &SessionId, token: &ShareToken) -> Result<bool> {
+        retrying(|| self.share_session_once(owner, id, token)).await
+    }
+
+    /// Not retried on a lost connection (see [`Store::delete_session`]).
+    async fn revoke_share(&self, owner: &AccountId, id: &SessionId) -> Result<bool> {
+        self.revoke_share_once(owner, id).await
+    }
+
+    async fn shared_session(&self, token: &ShareToken) -> Result<Option<SharedSession>> {
+        retrying(|| self.shared_session_once(token)).await
     }
 
     fn clock(&self) -> Arc<dyn Clock> {

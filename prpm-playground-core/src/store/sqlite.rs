@@ -9,6 +9,10 @@
 //! one. The writer caches committed account state and drops the cache whenever another
 //! connection (another process) has committed (`PRAGMA data_version`, read inside the write
 //! lock) and after any failure.
+//!
+//! The playground's writes (packages, sessions, runs) go through the same writer, each in its
+//! own `BEGIN IMMEDIATE` transaction after the group it arrived with; they touch no table the
+//! writer caches.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,7 @@ use super::*;
 use crate::clock::{SystemClock, to_millis};
 use crate::cost::{Alert, AlertSink, CostState, LimitWarning, TierLimits, TierTable};
 use crate::ledger::rules::{self, ChargeRecord, HoldRecord, NEW_HOLD, OpenHold, Snapshot, Transition};
+use crate::session::{Role, RunId, RunOutcome, SharedTurn, Turn};
 
 mod embedded {
     refinery::embed_migrations!("../migrations/sqlite");
@@ -127,6 +132,58 @@ type ReadFn = Box<dyn FnOnce(&Connection) + Send>;
 enum Job {
     Exec(Box<Prepared>, Reply),
     Read(ReadFn),
+    /// A write outside the ledger (the playground's tables), in its own transaction.
+    Write(Box<dyn WriteJob>),
+}
+
+/// A write the writer runs in its own transaction (`BEGIN IMMEDIATE`), between groups of
+/// commands: `apply` writes, then the writer commits (or rolls back if `apply` or the commit
+/// failed) and hands the result to `finish`, so the caller hears of a success only once it is
+/// committed. These writes touch no table the writer caches.
+trait WriteJob: Send {
+    fn apply(&mut self, conn: &Connection) -> Result<()>;
+    fn finish(self: Box<Self>, result: Result<()>);
+}
+
+struct WriteOp<T, F> {
+    f: Option<F>,
+    value: Option<T>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> WriteJob for WriteOp<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+{
+    fn apply(&mut self, conn: &Connection) -> Result<()> {
+        let f = self.f.take().ok_or_else(|| Error::Invariant("write applied twice".into()))?;
+        self.value = Some(f(conn)?);
+        Ok(())
+    }
+    fn finish(self: Box<Self>, result: Result<()>) {
+        let WriteOp { value, reply, .. } = *self;
+        let r = result.and_then(|()| value.ok_or_else(|| Error::Invariant("write without a result".into())));
+        let _ = reply.send(r);
+    }
+}
+
+/// Runs a [`WriteJob`] in its own write transaction on the writer's connection.
+fn run_write(conn: &Connection, mut job: Box<dyn WriteJob>) {
+    let r = (|| {
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        job.apply(conn)?;
+        if conn.is_autocommit() {
+            return Err(Error::Backend("the transaction was rolled back by SQLite".into()));
+        }
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(())
+    })();
+    // Whatever failed (the write or the commit itself), leave no transaction open.
+    if r.is_err() && !conn.is_autocommit() {
+        let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+    }
+    job.finish(r);
 }
 
 struct ReadPool {
@@ -275,6 +332,18 @@ impl SqliteStore {
         }
     }
 
+    /// Runs `f` on the writer's connection in its own write transaction (see [`WriteJob`]):
+    /// committed if it returns `Ok`, rolled back otherwise.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Write(Box::new(WriteOp { f: Some(f), value: None, reply: tx })))?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
     /// Stops the writer after the queued commands and waits for it.
     pub fn close(&self) {
         self.jobs.lock().unwrap().take();
@@ -406,6 +475,12 @@ struct Writer {
     alerts: Vec<(AccountId, Alert)>,
 }
 
+/// A job the writer runs after the group it arrived with.
+enum Other {
+    Read(ReadFn),
+    Write(Box<dyn WriteJob>),
+}
+
 fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Job>,
@@ -417,13 +492,15 @@ fn writer_loop(
 ) {
     let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch, sink, alerts: Vec::new() };
     let mut group = Vec::with_capacity(max_batch);
-    let mut reads: Vec<ReadFn> = Vec::new();
+    // Reads and playground writes, in arrival order, after the group.
+    let mut others: Vec<Other> = Vec::new();
     while let Some(first) = next_job(&rx) {
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
                 Job::Exec(p, reply) => group.push((*p, reply)),
-                Job::Read(f) => reads.push(f),
+                Job::Read(f) => others.push(Other::Read(f)),
+                Job::Write(job) => others.push(Other::Write(job)),
             }
             if group.len() < max_batch {
                 next = rx.try_recv().ok();
@@ -433,8 +510,11 @@ fn writer_loop(
             let now = to_millis(clock.now());
             w.commit_group(std::mem::take(&mut group), now);
         }
-        for f in reads.drain(..) {
-            f(&w.conn);
+        for job in others.drain(..) {
+            match job {
+                Other::Read(f) => f(&w.conn),
+                Other::Write(job) => run_write(&w.conn, job),
+            }
         }
     }
 }
@@ -1480,6 +1560,188 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
     Ok(report)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The playground: packages, sessions and their turns, runs
+
+const SESSION_COLUMNS: &str = "id, owner, package_id, model, title, turn_count, share_token, created_ms, updated_ms";
+
+/// Reads a row of [`SESSION_COLUMNS`]: the summary and the share token.
+fn session_from_row(r: &rusqlite::Row<'_>) -> Result<(SessionSummary, Option<ShareToken>)> {
+    let token: Option<String> = r.get(6)?;
+    let summary = SessionSummary {
+        id: stored("session id", SessionId::parse(&r.get::<_, String>(0)?))?,
+        owner: stored("session owner", AccountId::new(r.get::<_, String>(1)?))?,
+        package_id: r.get(2)?,
+        model: r.get(3)?,
+        title: r.get(4)?,
+        turns: r.get(5)?,
+        shared: token.is_some(),
+        created_at: at(r.get(7)?)?,
+        updated_at: at(r.get(8)?)?,
+    };
+    let token = token.map(|t| stored("share token", ShareToken::parse(&t))).transpose()?;
+    Ok((summary, token))
+}
+
+fn load_turns(conn: &Connection, session: &str) -> Result<Vec<Turn>> {
+    let mut stmt = conn.prepare_cached("SELECT seq, role, content, run_id, at_ms FROM session_turns WHERE session_id = ?1 ORDER BY seq")?;
+    let mut rows = stmt.query([session])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(Turn {
+            seq: r.get(0)?,
+            role: Role::parse(&r.get::<_, String>(1)?)?,
+            content: r.get(2)?,
+            run_id: r.get::<_, Option<String>>(3)?.map(|id| stored("run id", RunId::parse(&id))).transpose()?,
+            at: at(r.get(4)?)?,
+        });
+    }
+    Ok(out)
+}
+
+fn query_session(conn: &Connection, owner: &AccountId, id: &SessionId) -> Result<Option<Session>> {
+    let row = {
+        let mut stmt = conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1 AND owner = ?2"))?;
+        let mut rows = stmt.query([id.as_str(), owner.as_str()])?;
+        rows.next()?.map(session_from_row).transpose()?
+    };
+    let Some((summary, share_token)) = row else {
+        return Ok(None);
+    };
+    let turns = load_turns(conn, id.as_str())?;
+    Ok(Some(Session { summary, share_token, turns }))
+}
+
+fn query_sessions(conn: &Connection, owner: &AccountId, cursor: Option<(DateTime<Utc>, SessionId)>, limit: u32) -> Result<SessionPage> {
+    // Below the cursor in (created_ms desc, id desc) order; without one, everything.
+    let (below_ms, below_id) = cursor.map_or((i64::MAX, String::new()), |(t, id)| (ms(t), id.to_string()));
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {SESSION_COLUMNS} FROM sessions WHERE owner = ?1 AND created_ms <= ?2 AND (created_ms < ?2 OR id < ?3)
+         ORDER BY created_ms DESC, id DESC LIMIT ?4"
+    ))?;
+    let mut rows = stmt.query(params![owner.as_str(), below_ms, below_id, i64::from(limit) + 1])?;
+    let mut sessions = Vec::new();
+    while let Some(r) = rows.next()? {
+        sessions.push(session_from_row(r)?.0);
+    }
+    let next = if sessions.len() > limit as usize {
+        sessions.truncate(limit as usize);
+        sessions.last().map(session_cursor)
+    } else {
+        None
+    };
+    Ok(SessionPage { sessions, next })
+}
+
+fn query_runs(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec<RunRecord>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, session_id, package_id, model, with_prompt, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros,
+                latency_ms, outcome, error, hold_id, at_ms
+         FROM runs WHERE account = ?1 ORDER BY at_ms DESC, id DESC LIMIT ?2",
+    )?;
+    let mut rows = stmt.query(params![account.as_str(), limit])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let count = |i| -> Result<u64> {
+            let v: i64 = r.get(i)?;
+            u64::try_from(v).map_err(|_| Error::Invariant(format!("runs: negative count {v}")))
+        };
+        out.push(RunRecord {
+            id: stored("run id", RunId::parse(&r.get::<_, String>(0)?))?,
+            account: account.clone(),
+            session: r.get::<_, Option<String>>(1)?.map(|id| stored("session id", SessionId::parse(&id))).transpose()?,
+            package_id: r.get(2)?,
+            model: r.get(3)?,
+            with_prompt: r.get(4)?,
+            tokens: crate::pricing::TokenUsage { input: count(5)?, output: count(6)?, cache_read: count(7)?, cache_write: count(8)? },
+            credits: r.get(9)?,
+            cost_micros: r.get(10)?,
+            latency_ms: count(11)?,
+            outcome: RunOutcome::parse(&r.get::<_, String>(12)?)?,
+            error: r.get(13)?,
+            hold: r.get::<_, Option<i64>>(14)?.map(HoldId),
+            at: at(r.get(15)?)?,
+        });
+    }
+    Ok(out)
+}
+
+fn query_shared(conn: &Connection, token: &ShareToken) -> Result<Option<SharedSession>> {
+    let row = conn
+        .prepare_cached("SELECT id, title, package_id, model FROM sessions WHERE share_token = ?1")?
+        .query_row([token.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, String>(3)?)))
+        .optional()?;
+    let Some((id, title, package_id, model)) = row else {
+        return Ok(None);
+    };
+    let turns = load_turns(conn, &id)?.into_iter().map(|t| SharedTurn { role: t.role, content: t.content }).collect();
+    Ok(Some(SharedSession { title, package_id, model, turns }))
+}
+
+/// Records a run and appends its turns (see [`Store::record_run`]). Call inside a write
+/// transaction: an error leaves it to be rolled back.
+fn write_run(conn: &Connection, run: &RunRecord, turns: &[NewTurn], now: DateTime<Utc>) -> Result<bool> {
+    let latency = i64::try_from(run.latency_ms).map_err(|_| Error::invalid("latency_ms", "too large"))?;
+    let t = &run.tokens;
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO runs (id, account, session_id, package_id, model, with_prompt, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                               credits, cost_micros, latency_ms, outcome, error, hold_id, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+             ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            run.id.as_str(),
+            run.account.as_str(),
+            run.session.as_ref().map(SessionId::as_str),
+            run.package_id,
+            run.model,
+            run.with_prompt,
+            t.input as i64,
+            t.output as i64,
+            t.cache_read as i64,
+            t.cache_write as i64,
+            run.credits,
+            run.cost_micros,
+            latency,
+            run.outcome.as_str(),
+            run.error,
+            run.hold.map(|h| h.0),
+            ms(run.at),
+        ])?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let Some(session) = &run.session else {
+        return Ok(true);
+    };
+    let stored_turns: Option<u32> = conn
+        .prepare_cached("SELECT turn_count FROM sessions WHERE id = ?1 AND owner = ?2")?
+        .query_row([session.as_str(), run.account.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(stored_turns) = stored_turns else {
+        return Err(Error::NotFound { what: "session" });
+    };
+    if turns.is_empty() {
+        return Ok(true);
+    }
+    check_turn_limit(stored_turns, turns.len())?;
+    let mut ins = conn.prepare_cached("INSERT INTO session_turns (session_id, seq, role, content, run_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+    for (i, turn) in turns.iter().enumerate() {
+        ins.execute(params![session.as_str(), i64::from(stored_turns) + 1 + i as i64, turn.role.as_str(), turn.content, run.id.as_str(), ms(now)])?;
+    }
+    conn.prepare_cached("UPDATE sessions SET turn_count = turn_count + ?2, updated_ms = ?3 WHERE id = ?1")?.execute(params![
+        session.as_str(),
+        turns.len() as i64,
+        ms(now)
+    ])?;
+    Ok(true)
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn execute(&self, cmd: Command) -> Result<Outcome> {
@@ -1595,6 +1857,128 @@ impl Store for SqliteStore {
             let _ = tx.send(r);
         })))?;
         rx.await.map_err(|_| Error::Closed)?
+    }
+
+    async fn put_package(&self, p: &Package) -> Result<()> {
+        p.validate()?;
+        let p = p.clone();
+        let clock = self.clock.clone();
+        self.write(move |c| {
+            let now = ms(to_millis(clock.now()));
+            c.prepare_cached(
+                "INSERT INTO packages (id, name, version, prompt, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, version = excluded.version, prompt = excluded.prompt, updated_ms = excluded.updated_ms",
+            )?
+            .execute(params![p.id, p.name, p.version, p.prompt, now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn package(&self, id: &str) -> Result<Option<Package>> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            Ok(c.prepare_cached("SELECT id, name, version, prompt FROM packages WHERE id = ?1")?
+                .query_row([&id], |r| Ok(Package { id: r.get(0)?, name: r.get(1)?, version: r.get(2)?, prompt: r.get(3)? }))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn create_session(&self, s: &NewSession) -> Result<SessionSummary> {
+        s.validate()?;
+        let s = s.clone();
+        let clock = self.clock.clone();
+        self.write(move |c| {
+            let now = to_millis(clock.now());
+            let n = c
+                .prepare_cached(
+                    "INSERT INTO sessions (id, owner, package_id, model, title, turn_count, share_token, created_ms, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0, NULL, ?6, ?6) ON CONFLICT (id) DO NOTHING",
+                )?
+                .execute(params![s.id.as_str(), s.owner.as_str(), s.package_id, s.model, s.title, ms(now)])?;
+            if n == 0 {
+                return Err(Error::invalid("session_id", "a session with this id exists"));
+            }
+            Ok(SessionSummary {
+                id: s.id,
+                owner: s.owner,
+                package_id: s.package_id,
+                model: s.model,
+                title: s.title,
+                turns: 0,
+                shared: false,
+                created_at: now,
+                updated_at: now,
+            })
+        })
+        .await
+    }
+
+    async fn session(&self, owner: &AccountId, id: &SessionId) -> Result<Option<Session>> {
+        let (owner, id) = (owner.clone(), id.clone());
+        self.read(move |c| in_snapshot(c, |c| query_session(c, &owner, &id))).await
+    }
+
+    async fn sessions(&self, owner: &AccountId, cursor: Option<&str>, limit: u32) -> Result<SessionPage> {
+        check_session_page(limit)?;
+        let cursor = cursor.map(parse_session_cursor).transpose()?;
+        let owner = owner.clone();
+        self.read(move |c| query_sessions(c, &owner, cursor, limit)).await
+    }
+
+    async fn delete_session(&self, owner: &AccountId, id: &SessionId) -> Result<bool> {
+        let (owner, id) = (owner.clone(), id.clone());
+        self.write(move |c| {
+            c.prepare_cached("DELETE FROM session_turns WHERE session_id = ?1 AND EXISTS (SELECT 1 FROM sessions WHERE id = ?1 AND owner = ?2)")?
+                .execute([id.as_str(), owner.as_str()])?;
+            let n = c.prepare_cached("DELETE FROM sessions WHERE id = ?1 AND owner = ?2")?.execute([id.as_str(), owner.as_str()])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn record_run(&self, run: &RunRecord, turns: &[NewTurn]) -> Result<bool> {
+        check_run(run, turns)?;
+        let mut run = run.clone();
+        run.at = to_millis(run.at);
+        let turns = turns.to_vec();
+        let clock = self.clock.clone();
+        self.write(move |c| write_run(c, &run, &turns, to_millis(clock.now()))).await
+    }
+
+    async fn runs(&self, account: &AccountId, limit: u32) -> Result<Vec<RunRecord>> {
+        check_session_page(limit)?;
+        let account = account.clone();
+        self.read(move |c| query_runs(c, &account, limit)).await
+    }
+
+    async fn share_session(&self, owner: &AccountId, id: &SessionId, token: &ShareToken) -> Result<bool> {
+        let (owner, id, token) = (owner.clone(), id.clone(), token.clone());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("UPDATE sessions SET share_token = ?3 WHERE id = ?1 AND owner = ?2")?
+                .execute([id.as_str(), owner.as_str(), token.as_str()])
+                .map_err(|e| if is_unique_violation(&e) { Error::invalid("share_token", "another session has this token") } else { e.into() })?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn revoke_share(&self, owner: &AccountId, id: &SessionId) -> Result<bool> {
+        let (owner, id) = (owner.clone(), id.clone());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("UPDATE sessions SET share_token = NULL WHERE id = ?1 AND owner = ?2 AND share_token IS NOT NULL")?
+                .execute([id.as_str(), owner.as_str()])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn shared_session(&self, token: &ShareToken) -> Result<Option<SharedSession>> {
+        let token = token.clone();
+        self.read(move |c| in_snapshot(c, |c| query_shared(c, &token))).await
     }
 
     fn clock(&self) -> Arc<dyn Clock> {
