@@ -133,20 +133,25 @@ pub struct PlaygroundConfig {
     pub hold_margin_secs: u32,
     /// Events buffered between a streamed run and its caller.
     pub stream_buffer: usize,
+    /// A streamed run whose caller takes no event for this long is treated as abandoned:
+    /// settled for what was consumed (so a stalled reader cannot keep a hold open).
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Default for PlaygroundConfig {
     fn default() -> Self {
-        PlaygroundConfig { hold_margin_secs: 120, stream_buffer: 64 }
+        PlaygroundConfig { hold_margin_secs: 120, stream_buffer: 64, stall_timeout: std::time::Duration::from_secs(60) }
     }
 }
 
 /// Runs and sessions over a store, a price table, a package source and provider clients.
+/// Cheap to clone.
+#[derive(Clone)]
 pub struct Playground {
     store: Arc<dyn Store>,
     pricing: Arc<Pricing>,
     packages: Arc<dyn PackageSource>,
-    clients: HashMap<Provider, ProviderClient>,
+    clients: Arc<HashMap<Provider, ProviderClient>>,
     cfg: PlaygroundConfig,
 }
 
@@ -163,16 +168,18 @@ struct Prepared {
     with_prompt: bool,
     input: String,
     hold: HoldId,
+    /// The session was started by this run (a failed first run removes it again).
+    new_session: bool,
 }
 
 impl Playground {
     pub fn new(store: Arc<dyn Store>, pricing: Pricing, packages: Arc<dyn PackageSource>) -> Self {
-        Playground { store, pricing: Arc::new(pricing), packages, clients: HashMap::new(), cfg: PlaygroundConfig::default() }
+        Playground { store, pricing: Arc::new(pricing), packages, clients: Arc::new(HashMap::new()), cfg: PlaygroundConfig::default() }
     }
 
     /// Adds (or replaces) the client of its provider.
     pub fn with_client(mut self, client: ProviderClient) -> Self {
-        self.clients.insert(client.provider(), client);
+        Arc::make_mut(&mut self.clients).insert(client.provider(), client);
         self
     }
 
@@ -196,9 +203,15 @@ impl Playground {
         Ok(RunEstimate { input_tokens, estimate })
     }
 
-    /// Runs to completion.
+    /// Runs to completion. The run is driven by its own task: if the caller's future is
+    /// dropped, the run still finishes, settles and is recorded (a hold is never left open).
     pub async fn run(&self, req: RunRequest) -> Result<Result<RunResult, Rejection>> {
-        let p = match self.prepare(&req, true, true).await? {
+        let me = self.clone();
+        detached(async move { me.run_here(req, true, true).await }).await
+    }
+
+    async fn run_here(&self, req: RunRequest, with_prompt: bool, in_session: bool) -> Result<Result<RunResult, Rejection>> {
+        let p = match self.prepare(&req, with_prompt, in_session).await? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
         };
@@ -218,14 +231,8 @@ impl Playground {
             return Err(Error::invalid("run_id", "a comparison generates its two run ids"));
         }
         let half = |with_prompt: bool| {
-            let req = req.clone();
-            async move {
-                let p = match self.prepare(&req, with_prompt, false).await? {
-                    Ok(p) => p,
-                    Err(r) => return Ok(Err(r)),
-                };
-                Ok(Ok(self.driver().complete(p).await?))
-            }
+            let (me, req) = (self.clone(), req.clone());
+            detached(async move { me.run_here(req, with_prompt, false).await })
         };
         let (with_prompt, without_prompt) = tokio::join!(half(true), half(false));
         Ok(Comparison { with_prompt, without_prompt })
@@ -241,7 +248,8 @@ impl Playground {
         let (tx, rx) = mpsc::channel(self.cfg.stream_buffer.max(1));
         let stream = RunStream { run_id: p.run_id.clone(), session: p.session.clone(), estimate: p.estimate.clone(), rx };
         let driver = self.driver();
-        tokio::spawn(async move { driver.stream(p, tx).await });
+        let stall = self.cfg.stall_timeout;
+        tokio::spawn(async move { driver.stream(p, tx, stall).await });
         Ok(Ok(stream))
     }
 
@@ -353,6 +361,7 @@ impl Playground {
             return Err(Error::Invariant("a hold that did not hold".into()));
         };
         let driver = self.driver();
+        let new_session = session.is_none() && in_session;
         let session = match (session, in_session) {
             (Some(s), _) => Some(s.summary.id),
             (None, true) => {
@@ -381,6 +390,7 @@ impl Playground {
             with_prompt,
             input: req.input.clone(),
             hold,
+            new_session,
         }))
     }
 
@@ -389,11 +399,17 @@ impl Playground {
     }
 }
 
+/// Runs `f` on its own task, so that it completes even if the caller's future is dropped.
+async fn detached<T: Send + 'static>(f: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    tokio::spawn(f).await.map_err(|e| Error::Invariant(format!("a run's task failed: {e}")))?
+}
+
 /// A hold outlives the longest provider call (every attempt, every wait) by a margin.
 fn hold_ttl_secs(client: &ProviderClient, margin_secs: u32) -> u32 {
     let c = client.config();
     let attempts = u64::from(c.max_retries) + 1;
-    let worst = attempts * c.total_timeout.as_secs() + u64::from(c.max_retries) * c.backoff_max.max(c.max_retry_after).as_secs();
+    let secs = |d: std::time::Duration| d.as_millis().div_ceil(1_000) as u64;
+    let worst = attempts * secs(c.total_timeout) + u64::from(c.max_retries) * secs(c.backoff_max.max(c.max_retry_after));
     (worst + u64::from(margin_secs)).min(u64::from(MAX_HOLD_TTL_SECS)) as u32
 }
 
@@ -417,7 +433,11 @@ impl Driver {
     async fn complete(&self, p: Prepared) -> Result<RunResult> {
         let started = Instant::now();
         match p.client.complete(&p.chat).await {
-            Ok(ChatResponse { usage, text, .. }) => self.finish(&p, usage, text, RunOutcome::Completed, None, started).await,
+            Ok(ChatResponse { usage, usage_reported, text, .. }) => {
+                // A compatible server that reports no usage: our own count of input and output.
+                let usage = if usage_reported { usage } else { consumed(&p, Default::default(), &text) };
+                self.finish(&p, usage, text, RunOutcome::Completed, None, started).await
+            }
             Err(e) => {
                 self.fail(&p, &e, started).await;
                 Err(Error::Provider(e))
@@ -425,7 +445,7 @@ impl Driver {
         }
     }
 
-    async fn stream(&self, p: Prepared, tx: mpsc::Sender<RunEvent>) {
+    async fn stream(&self, p: Prepared, tx: mpsc::Sender<RunEvent>, stall: std::time::Duration) {
         let started = Instant::now();
         let mut s = match p.client.stream(&p.chat).await {
             Ok(s) => s,
@@ -442,13 +462,16 @@ impl Driver {
             };
             let error = match step {
                 StreamStep::Event(Some(Ok(StreamEvent::Delta(t)))) => {
-                    if tx.send(RunEvent::Delta(t)).await.is_ok() {
+                    // A caller that stops reading is a caller gone (bounded: a stalled reader
+                    // must not keep the hold open).
+                    if let Ok(Ok(())) = tokio::time::timeout(stall, tx.send(RunEvent::Delta(t))).await {
                         continue;
                     }
                     None
                 }
                 StreamStep::Event(Some(Ok(StreamEvent::Done(resp)))) => {
-                    let event = match self.finish(&p, resp.usage, resp.text, RunOutcome::Completed, None, started).await {
+                    let usage = if resp.usage_reported { resp.usage } else { consumed(&p, Default::default(), &resp.text) };
+                    let event = match self.finish(&p, usage, resp.text, RunOutcome::Completed, None, started).await {
                         Ok(r) => RunEvent::Done(r),
                         Err(error) => RunEvent::Failed { error, result: None },
                     };
@@ -488,7 +511,12 @@ impl Driver {
         };
         let record = Usage { operation: RUN_OPERATION.into(), model: p.chat.model.clone(), tokens: usage, cost_micros: quote.cost_micros };
         let settle = Settle { hold: p.hold, credits: quote.credits as Credits, usage: Some(record.clone()), key: run_key(&p.run_id, "settle")? };
-        let (credits, capped) = match self.store.settle(settle).await? {
+        // Keyed, so a retry after a store error cannot settle twice.
+        let settled = match self.store.settle(settle.clone()).await {
+            Err(_) => self.store.settle(settle).await?,
+            r => r?,
+        };
+        let (credits, capped) = match settled {
             Ok(Committed { effect: Effect::Settled { charged, capped, .. }, .. }) => (charged.total(), capped),
             Ok(other) => return Err(Error::Invariant(format!("settle of run {} gave {other:?}", p.run_id))),
             Err(Rejection::HoldExpired(_)) => {
@@ -518,14 +546,20 @@ impl Driver {
         };
         let turns = match &p.session {
             Some(_) if outcome == RunOutcome::Completed || !text.is_empty() => {
-                vec![NewTurn { role: Role::User, content: p.input.clone() }, NewTurn { role: Role::Assistant, content: text.clone() }]
+                vec![NewTurn { role: Role::User, content: p.input.clone() }, NewTurn { role: Role::Assistant, content: NewTurn::storable(&text) }]
             }
             _ => Vec::new(),
         };
-        self.store.record_run(&run, &turns).await?;
+        // The credits are settled: whatever happens to the session (deleted meanwhile, full),
+        // the run is recorded and its result returned.
+        let mut session = p.session.clone();
+        if self.store.record_run(&run, &turns).await.is_err() {
+            session = None;
+            let _ = self.store.record_run(&RunRecord { session: None, ..run }, &[]).await;
+        }
         Ok(RunResult {
             run_id: p.run_id.clone(),
-            session: p.session.clone(),
+            session,
             text,
             model: p.chat.model.clone(),
             usage,
@@ -558,7 +592,16 @@ impl Driver {
             at: self.store.clock().now(),
         };
         // Best effort: the failure is what the caller hears about; a store that cannot record
-        // it now leaves the hold to `expire_holds`.
+        // it now leaves the hold to `expire_holds`. A session this run started stays empty:
+        // it goes, and the record does not point at it.
+        let run = if p.new_session {
+            if let Some(id) = &p.session {
+                let _ = self.store.delete_session(&p.account, id).await;
+            }
+            RunRecord { session: None, ..run }
+        } else {
+            run
+        };
         let _ = self.store.record_run(&run, &[]).await;
     }
 

@@ -152,8 +152,30 @@ pub struct NewTurn {
 }
 
 impl NewTurn {
+    /// Any text up to [`MAX_TURN_BYTES`] without NUL characters (a model's answer may carry
+    /// other control characters, terminal escapes included; they are kept as they came).
     pub fn validate(&self) -> Result<()> {
-        check_text("content", &self.content, MAX_TURN_BYTES, true, true)
+        if self.content.len() > MAX_TURN_BYTES {
+            return Err(Error::invalid("content", format!("longer than {MAX_TURN_BYTES} bytes")));
+        }
+        if self.content.contains('\0') {
+            return Err(Error::invalid("content", "contains a NUL character"));
+        }
+        Ok(())
+    }
+
+    /// `text` made storable: NUL characters removed, cut to [`MAX_TURN_BYTES`] on a character
+    /// boundary.
+    pub fn storable(text: &str) -> String {
+        let mut s: String = text.chars().filter(|c| *c != '\0').collect();
+        if s.len() > MAX_TURN_BYTES {
+            let mut end = MAX_TURN_BYTES;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+        }
+        s
     }
 }
 
@@ -329,5 +351,11 @@ mod tests {
         assert!(Package { prompt: "x".repeat(MAX_PROMPT_BYTES + 1), ..p.clone() }.validate().is_err());
         assert!(Package { id: "a\nb".into(), ..p }.validate().is_err());
         assert!(NewTurn { role: Role::User, content: "x".repeat(MAX_TURN_BYTES + 1) }.validate().is_err());
+        assert!(NewTurn { role: Role::Assistant, content: "\u{1b}[31mred\u{1b}[0m\n".into() }.validate().is_ok());
+        assert!(NewTurn { role: Role::User, content: "a\0b".into() }.validate().is_err());
+        let long = "é".repeat(MAX_TURN_BYTES);
+        let cut = NewTurn::storable(&long);
+        assert!(cut.len() <= MAX_TURN_BYTES && cut.chars().all(|c| c == 'é'));
+        assert_eq!(NewTurn::storable("a\0b"), "ab");
     }
 }

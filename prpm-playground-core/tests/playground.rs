@@ -176,7 +176,9 @@ async fn rate_limited_then_success_is_retried_and_charged_once() {
         body: r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#.into(),
     });
     w.fake.push(Reply::ok(fake::anthropic_message(SONNET, "ok", usage(100, 10, 0, 0))));
+    let t0 = std::time::Instant::now();
     let r = w.play.run(req(&a, SONNET, "x")).await.unwrap().unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(50), "the retry waited the provider's retry-after, not the shorter backoff");
     assert_eq!(w.fake.requests().len(), 2);
     assert_eq!(r.credits, 1);
     assert_eq!(settled_total(&w, &a).await, 104);
@@ -535,4 +537,109 @@ async fn concurrent_runs_never_overspend() {
     }
     assert_eq!(done, 5, "exactly as many runs as credits");
     assert_eq!(settled_total(&w, &a).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_cannot_keep_a_hold_open() {
+    let w = world().await;
+    let a = funded(&w, "stall", 100).await;
+    let play = w.play.clone().with_config(playground::PlaygroundConfig { stream_buffer: 1, stall_timeout: Duration::from_millis(300), ..Default::default() });
+    let chunks: Vec<String> = (0..50).map(|i| format!("w{i} ")).collect();
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    w.fake.push(Reply::stream(fake::anthropic_stream(SONNET, &refs, usage(2_000, 500, 0, 0))));
+    let stream = play.run_stream(req(&a, SONNET, "x")).await.unwrap().unwrap();
+    // Held, never read.
+    let mut tries = 0;
+    let run = loop {
+        if let Some(r) = w.store.runs(&a, 1).await.unwrap().pop() {
+            break r;
+        }
+        tries += 1;
+        assert!(tries < 300, "a stalled reader kept the run open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((run.outcome, run.error.as_deref()), (RunOutcome::Interrupted, Some("caller_gone")));
+    assert_eq!(settled_total(&w, &a).await, 105 - run.credits);
+    drop(stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_caller_is_dropped_still_finishes() {
+    let w = world().await;
+    let a = funded(&w, "drop", 100).await;
+    w.fake.push(Reply::Hang(Duration::from_millis(200)));
+    w.fake.set_default(Reply::ok(fake::anthropic_message(SONNET, "late", usage(100, 10, 0, 0))));
+    // The caller gives up after 50 ms (an HTTP client that went away).
+    assert!(tokio::time::timeout(Duration::from_millis(50), w.play.run(req(&a, SONNET, "x"))).await.is_err());
+    let mut tries = 0;
+    let run = loop {
+        if let Some(r) = w.store.runs(&a, 1).await.unwrap().pop() {
+            break r;
+        }
+        tries += 1;
+        assert!(tries < 300, "the dropped run never finished");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // The hung connection closed without an answer: retried, answered, settled, recorded.
+    assert_eq!(run.outcome, RunOutcome::Completed);
+    assert_eq!(settled_total(&w, &a).await, 104);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_with_control_characters_are_kept() {
+    let w = world().await;
+    let a = funded(&w, "esc", 100).await;
+    let text = "\u{1b}[31mred\u{1b}[0m and a bell \u{7}";
+    w.fake.push(Reply::ok(fake::anthropic_message(SONNET, text, usage(100, 10, 0, 0))));
+    let r = w.play.run(req(&a, SONNET, "colour")).await.unwrap().unwrap();
+    let s = w.play.session(&a, r.session.as_ref().unwrap()).await.unwrap();
+    assert_eq!(s.turns[1].content, text);
+    assert_eq!(settled_total(&w, &a).await, 104);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_so_keys_stay_home() {
+    let w = world().await;
+    let a = funded(&w, "redir", 100).await;
+    let elsewhere = FakeProvider::start().await.unwrap();
+    w.fake.push(Reply::Json { status: 307, headers: vec![("location".into(), format!("{}/v1/messages", elsewhere.url()))], body: "{}".into() });
+    let e = provider_error(w.play.run(req(&a, SONNET, "x")).await);
+    assert!(matches!(&e, ProviderError::BadRequest(m) if m.contains("307")), "{e:?}");
+    assert!(elsewhere.requests().is_empty(), "the key went to another host");
+    assert_eq!(settled_total(&w, &a).await, 105);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compatible_server_without_usage_is_charged_on_our_count() {
+    let w = world().await;
+    let a = funded(&w, "local", 100).await;
+    let table = format!(
+        "{}\n[[model]]\nid = \"llama-3.1-8b\"\nprovider = \"openai_compatible\"\ninput = \"0.20\"\noutput = \"0.20\"\ncache_read = \"0.20\"\ncache_write = \"0.20\"\nmultiplier = 1\nmax_output_tokens = 8192\n",
+        pricing::DEFAULT_PRICES_TOML
+    );
+    let pricing = Pricing::with_table(pricing::PriceTable::from_toml_str(&table).unwrap());
+    let cfg = ClientConfig { base_url: w.fake.openai_url(), ..quick(ClientConfig::compatible("http://unused.invalid/v1", None)) };
+    let play = Playground::new(w.store.clone(), pricing.clone(), Arc::new(StorePackages(w.store.clone()))).with_client(ProviderClient::new(cfg).unwrap());
+    let answer = "a local answer of a few words";
+    w.fake.push(Reply::ok(
+        serde_json::json!({"id": "cmpl-1", "object": "chat.completion", "model": "llama-3.1-8b",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+        .to_string(),
+    ));
+    let r = play.run(req(&a, "llama-3.1-8b", "hello there")).await.unwrap().unwrap();
+    let counted = play.estimate(&req(&a, "llama-3.1-8b", "hello there")).await.unwrap().input_tokens;
+    assert_eq!(r.outcome, RunOutcome::Completed);
+    assert_eq!(r.usage, usage(counted, Counter::Approximate.count(answer), 0, 0));
+    assert_eq!(r.cost_micros, pricing.price_usage("llama-3.1-8b", &r.usage).unwrap().cost_micros);
+    let sent = &w.fake.requests()[0];
+    assert_eq!(sent.header("authorization"), None, "no key configured, none sent");
+    assert_eq!(sent.body["max_tokens"], 1_000, "compatible servers get the classic field");
+    // Streamed, without the usage chunk.
+    let mut events = fake::openai_stream("llama-3.1-8b", &["a local ", "answer"], usage(1, 1, 0, 0));
+    events.remove(events.len() - 2);
+    w.fake.push(Reply::stream(events));
+    let (_, end) = collect(play.run_stream(req(&a, "llama-3.1-8b", "hello there")).await.unwrap().unwrap()).await;
+    let RunEvent::Done(r2) = end else { panic!("{end:?}") };
+    assert_eq!(r2.usage, usage(counted, Counter::Approximate.count("a local answer"), 0, 0));
+    assert_eq!(settled_total(&w, &a).await, 105 - r.credits - r2.credits);
 }

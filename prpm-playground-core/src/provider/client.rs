@@ -32,8 +32,17 @@ impl ApiKey {
         }
         Ok(ApiKey(key))
     }
-    fn expose(&self) -> &str {
-        &self.0
+    /// The key as a header value marked sensitive (kept out of logs and debug output).
+    fn header(&self) -> Result<reqwest::header::HeaderValue, ProviderError> {
+        let mut v = reqwest::header::HeaderValue::from_str(&self.0).map_err(|_| ProviderError::Auth("the API key is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+    fn bearer(&self) -> Result<reqwest::header::HeaderValue, ProviderError> {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .map_err(|_| ProviderError::Auth("the API key is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        Ok(v)
     }
 }
 
@@ -179,6 +188,9 @@ pub struct ChatResponse {
     pub model: String,
     pub text: String,
     pub usage: TokenUsage,
+    /// False when an OpenAI-compatible server reported no usage (many ignore
+    /// `stream_options.include_usage`); `usage` is then zero and the caller counts.
+    pub usage_reported: bool,
     pub stop_reason: Option<String>,
 }
 
@@ -203,8 +215,11 @@ impl ProviderClient {
         cfg.validate()?;
         // One crypto provider for the whole process (ring); a second install is a no-op error.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // No redirects: reqwest strips `Authorization` on a cross-host redirect but not
+        // Anthropic's `x-api-key`, and a provider API has no reason to redirect.
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Backend(format!("cannot build the HTTP client: {e}")))?;
         Ok(ProviderClient { cfg, http })
@@ -251,8 +266,8 @@ impl ProviderClient {
         loop {
             let mut rb = self.http.post(&url).json(&body).timeout(self.cfg.total_timeout);
             rb = match (self.cfg.provider, &self.cfg.api_key) {
-                (Provider::Anthropic, Some(k)) => rb.header("x-api-key", k.expose()).header("anthropic-version", "2023-06-01"),
-                (_, Some(k)) => rb.bearer_auth(k.expose()),
+                (Provider::Anthropic, Some(k)) => rb.header("x-api-key", k.header()?).header("anthropic-version", "2023-06-01"),
+                (_, Some(k)) => rb.header(reqwest::header::AUTHORIZATION, k.bearer()?),
                 (_, None) => rb,
             };
             let (err, wait) = match rb.send().await {
@@ -405,12 +420,18 @@ impl ChatStream {
                     }
                     Ok(StreamStep::Finished) => {
                         self.finished = true;
-                        let done = match self.state.usage.complete() {
-                            Some(usage) => Ok(StreamEvent::Done(ChatResponse {
+                        let usage = match self.state.usage.complete() {
+                            Some(u) => Some((u, true)),
+                            None if self.provider == Provider::OpenaiCompatible => Some((TokenUsage::default(), false)),
+                            None => None,
+                        };
+                        let done = match usage {
+                            Some((usage, usage_reported)) => Ok(StreamEvent::Done(ChatResponse {
                                 id: self.state.id.clone(),
                                 model: self.state.model.clone(),
                                 text: self.text.clone(),
                                 usage,
+                                usage_reported,
                                 stop_reason: self.state.stop_reason.clone(),
                             })),
                             None => Err(ProviderError::Malformed("the stream ended without usage".into())),

@@ -119,79 +119,85 @@ impl FakeProvider {
 
 const MAX_REQUEST_BYTES: usize = 8 << 20;
 
+/// Serves one connection: JSON answers keep it alive for the next request (as the providers'
+/// servers do); streams and hangs close it.
 async fn serve(mut sock: TcpStream, st: Arc<Mutex<State>>) -> std::io::Result<()> {
     sock.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
-    let head_end = loop {
-        let mut chunk = [0u8; 4096];
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > MAX_REQUEST_BYTES {
-            return Ok(());
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let path = lines.next().and_then(|l| l.split(' ').nth(1)).unwrap_or("").to_owned();
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned())).collect();
-    let len: usize = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0).min(MAX_REQUEST_BYTES);
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < len {
-        let mut chunk = vec![0u8; len - body.len()];
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    let reply = {
-        let mut s = st.lock().unwrap();
-        s.requests.push(Recorded { path, headers, body: serde_json::from_slice(&body).unwrap_or(Value::Null) });
-        s.script.pop_front().or_else(|| s.default.clone())
-    };
-    match reply {
-        None => write_json(&mut sock, 500, &[], r#"{"error":{"message":"the fake provider has no reply scripted"}}"#).await,
-        Some(Reply::Json { status, headers, body }) => write_json(&mut sock, status, &headers, &body).await,
-        Some(Reply::Hang(d)) => {
-            tokio::time::sleep(d).await;
-            Ok(())
-        }
-        Some(Reply::Stream { events, delay, cut_after }) => {
-            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-                .await?;
-            for (i, ev) in events.iter().enumerate() {
-                if cut_after == Some(i) {
-                    sock.flush().await?;
-                    // Closing without the final zero-length chunk: the body is cut.
-                    return sock.shutdown().await;
-                }
-                if !delay.is_zero() && i > 0 {
-                    tokio::time::sleep(delay).await;
-                }
-                sock.write_all(format!("{:x}\r\n{ev}\r\n", ev.len()).as_bytes()).await?;
-                sock.flush().await?;
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
             }
-            sock.write_all(b"0\r\n\r\n").await?;
-            sock.shutdown().await
+            if buf.len() > MAX_REQUEST_BYTES {
+                return Ok(());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let path = lines.next().and_then(|l| l.split(' ').nth(1)).unwrap_or("").to_owned();
+        let headers: Vec<(String, String)> =
+            lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned())).collect();
+        let len: usize = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0).min(MAX_REQUEST_BYTES);
+        buf.drain(..head_end + 4);
+        while buf.len() < len {
+            let mut chunk = vec![0u8; len - buf.len()];
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body: Vec<u8> = buf.drain(..len).collect();
+        let reply = {
+            let mut s = st.lock().unwrap();
+            s.requests.push(Recorded { path, headers, body: serde_json::from_slice(&body).unwrap_or(Value::Null) });
+            s.script.pop_front().or_else(|| s.default.clone())
+        };
+        match reply {
+            None => write_json(&mut sock, 500, &[], r#"{"error":{"message":"the fake provider has no reply scripted"}}"#).await?,
+            Some(Reply::Json { status, headers, body }) => write_json(&mut sock, status, &headers, &body).await?,
+            Some(Reply::Hang(d)) => {
+                tokio::time::sleep(d).await;
+                return Ok(());
+            }
+            Some(Reply::Stream { events, delay, cut_after }) => {
+                sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                    .await?;
+                for (i, ev) in events.iter().enumerate() {
+                    if cut_after == Some(i) {
+                        sock.flush().await?;
+                        // Closing without the final zero-length chunk: the body is cut.
+                        return sock.shutdown().await;
+                    }
+                    if !delay.is_zero() && i > 0 {
+                        tokio::time::sleep(delay).await;
+                    }
+                    sock.write_all(format!("{:x}\r\n{ev}\r\n", ev.len()).as_bytes()).await?;
+                    sock.flush().await?;
+                }
+                sock.write_all(b"0\r\n\r\n").await?;
+                return sock.shutdown().await;
+            }
         }
     }
 }
 
 async fn write_json(sock: &mut TcpStream, status: u16, headers: &[(String, String)], body: &str) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n", reason(status), body.len());
+    let mut head = format!("HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n", reason(status), body.len());
     for (n, v) in headers {
         head.push_str(&format!("{n}: {v}\r\n"));
     }
     head.push_str("\r\n");
     sock.write_all(head.as_bytes()).await?;
     sock.write_all(body.as_bytes()).await?;
-    sock.shutdown().await
+    sock.flush().await
 }
 
 fn reason(status: u16) -> &'static str {

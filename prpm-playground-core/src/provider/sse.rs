@@ -14,6 +14,9 @@ pub const MAX_EVENT_BYTES: usize = 1 << 20;
 #[derive(Debug, Default)]
 pub struct SseDecoder {
     buf: Vec<u8>,
+    /// Bytes of `buf` already known to hold no newline.
+    scanned: usize,
+    started: bool,
     event: String,
     data: String,
     has_data: bool,
@@ -23,9 +26,17 @@ impl SseDecoder {
     /// Feeds a chunk; returns the events it completed. Errors on an over-long event or bad UTF-8.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, String> {
         self.buf.extend_from_slice(chunk);
+        if !self.started && self.buf.len() >= 3 {
+            // A leading byte-order mark is not part of the first line.
+            self.started = true;
+            if self.buf.starts_with(b"\xEF\xBB\xBF") {
+                self.buf.drain(..3);
+                self.scanned = 0;
+            }
+        }
         let mut out = Vec::new();
         let mut start = 0;
-        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
+        while let Some(nl) = self.buf[start.max(self.scanned)..].iter().position(|&b| b == b'\n').map(|i| i + start.max(self.scanned) - start) {
             let end = start + nl;
             let mut line = &self.buf[start..end];
             if line.last() == Some(&b'\r') {
@@ -38,6 +49,7 @@ impl SseDecoder {
             }
         }
         self.buf.drain(..start);
+        self.scanned = self.buf.len();
         if self.buf.len() + self.data.len() > MAX_EVENT_BYTES {
             return Err(format!("an event is longer than {MAX_EVENT_BYTES} bytes"));
         }
@@ -95,6 +107,21 @@ mod tests {
                 ],
                 "split at {split}"
             );
+        }
+    }
+
+    #[test]
+    fn multibyte_text_and_a_byte_order_mark_split_anywhere() {
+        let text = "\u{feff}data: {\"t\":\"héllo 日本 🎉\"}\r\n\r\ndata: 二\n\n".as_bytes();
+        for split in 0..text.len() {
+            for split2 in split..text.len() {
+                let mut d = SseDecoder::default();
+                let mut events = d.feed(&text[..split]).unwrap();
+                events.extend(d.feed(&text[split..split2]).unwrap());
+                events.extend(d.feed(&text[split2..]).unwrap());
+                let data: Vec<_> = events.into_iter().map(|e| e.data).collect();
+                assert_eq!(data, ["{\"t\":\"héllo 日本 🎉\"}", "二"], "split at {split}/{split2}");
+            }
         }
     }
 

@@ -131,7 +131,7 @@ pub fn parse_response(provider: Provider, body: &[u8]) -> Result<ChatResponse, P
             let mut reported = ReportedUsage::default();
             anthropic_usage(&m.usage, &mut reported)?;
             let usage = reported.complete().ok_or_else(|| malformed("usage without input_tokens or output_tokens"))?;
-            Ok(ChatResponse { id: m.id, model: m.model, text, usage, stop_reason: m.stop_reason })
+            Ok(ChatResponse { id: m.id, model: m.model, text, usage, usage_reported: true, stop_reason: m.stop_reason })
         }
         Provider::Openai | Provider::OpenaiCompatible => {
             let v: Value = serde_json::from_slice(body).map_err(|e| malformed(format!("completion: {e}")))?;
@@ -141,8 +141,14 @@ pub fn parse_response(provider: Provider, body: &[u8]) -> Result<ChatResponse, P
                 Some(Value::Null) | None => String::new(),
                 Some(_) => return Err(malformed("message.content is not text")),
             };
-            let usage = openai_usage(v.get("usage").ok_or_else(|| malformed("no usage"))?)?;
+            let (usage, usage_reported) = match v.get("usage").filter(|u| !u.is_null()) {
+                Some(u) => (openai_usage(u)?, true),
+                // Compatible servers may leave usage out; OpenAI always reports it.
+                None if provider == Provider::OpenaiCompatible => (TokenUsage::default(), false),
+                None => return Err(malformed("no usage")),
+            };
             Ok(ChatResponse {
+                usage_reported,
                 id: v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
                 model: v.get("model").and_then(Value::as_str).unwrap_or_default().to_owned(),
                 text,
