@@ -1,10 +1,13 @@
 //! The library's own overhead for one playground run on SQLite, and the tokenizer.
 //!
-//! A run here is everything the library does: count the input tokens, estimate, admission and
-//! hold (a durable commit), the provider call, settle (a durable commit), record the run and
-//! append its two turns to the session (a durable commit). The provider is a local instant
-//! responder (`provider::fake`, keep-alive HTTP/1.1 on loopback), so what is measured is the
-//! library plus one local HTTP round trip, which is measured alone in the same run.
+//! A run here is everything the library does: read the package and the session, count the
+//! input tokens, estimate, admission and hold (a commit), the provider call, settle (a commit),
+//! record the run and append its two turns to the session (a commit). The provider is a local
+//! instant responder (`provider::fake`, keep-alive HTTP/1.1 on loopback), so what is measured
+//! is the library plus one local HTTP round trip, which is measured alone in the same run.
+//! Measured twice: with `synchronous=FULL` (each commit waits for an fsync of the WAL: the
+//! disk's latency, three times per run) and with `synchronous=NORMAL` (durable against a
+//! process crash, not a power loss: the library's own work).
 //!
 //! `cargo bench --bench playground` prints criterion's figures, then a table of latency
 //! percentiles over many runs (targets: a run's p99 under 1 ms; counting a 20,000-token input
@@ -38,12 +41,12 @@ struct Bench {
 }
 
 impl Bench {
-    fn new() -> Bench {
+    fn new(sync: Synchronous) -> Bench {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-data");
         std::fs::create_dir_all(&data).unwrap();
         let dir = tempfile::tempdir_in(&data).unwrap();
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("playground.db")).unwrap());
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::file(dir.path().join("playground.db")).synchronous(sync)).unwrap());
         let (fake, client, account) = rt.block_on(async {
             let fake = FakeProvider::start().await.unwrap();
             fake.set_default(Reply::ok(fake::anthropic_message(MODEL, "Looks fine to me.", TokenUsage { input: 900, output: 120, ..Default::default() })));
@@ -171,6 +174,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn row(label: &str, mut v: Vec<Duration>, target: &str) {
+    if v.is_empty() {
+        return;
+    }
     v.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
@@ -184,13 +190,15 @@ fn row(label: &str, mut v: Vec<Duration>, target: &str) {
 
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
-    let mut b = Bench::new();
+    let mut full = Bench::new(Synchronous::Full);
+    let mut normal = Bench::new(Synchronous::Normal);
     let text = text_of(20_000);
 
     let mut c = Criterion::default().configure_from_args().sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     let mut g = c.benchmark_group("playground");
-    g.bench_function("run_on_sqlite_instant_provider", |bn| bn.iter_custom(|n| (0..n).map(|_| b.run()).sum()));
-    g.bench_function("provider_round_trip_alone", |bn| bn.iter_custom(|n| (0..n).map(|_| b.round_trip()).sum()));
+    g.bench_function("run_sqlite_full_instant_provider", |bn| bn.iter_custom(|n| (0..n).map(|_| full.run()).sum()));
+    g.bench_function("run_sqlite_normal_instant_provider", |bn| bn.iter_custom(|n| (0..n).map(|_| normal.run()).sum()));
+    g.bench_function("provider_round_trip_alone", |bn| bn.iter_custom(|n| (0..n).map(|_| full.round_trip()).sum()));
     g.bench_function("count_20k_tokens_o200k", |bn| bn.iter(|| Counter::O200k.count(&text)));
     g.bench_function("count_20k_tokens_cl100k", |bn| bn.iter(|| Counter::Cl100k.count(&text)));
     g.bench_function("count_20k_tokens_claude_approximation", |bn| bn.iter(|| Counter::Approximate.count(&text)));
@@ -198,11 +206,12 @@ fn main() {
     c.final_summary();
 
     // Percentiles: runs and round trips interleaved, so the disk's drift weighs on both.
-    let n = if bench_mode { 3_000 } else { 5 };
-    let (mut runs, mut trips) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let n: usize = std::env::var("PRPM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench_mode { 3_000 } else { 5 });
+    let (mut runs_full, mut runs_normal, mut trips) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
-        runs.push(b.run());
-        trips.push(b.round_trip());
+        runs_full.push(full.run());
+        runs_normal.push(normal.run());
+        trips.push(full.round_trip());
     }
     let count = |counter: Counter| {
         (0..if bench_mode { 200 } else { 2 })
@@ -213,13 +222,16 @@ fn main() {
             })
             .collect::<Vec<_>>()
     };
-    println!("\nPlayground: latency in microseconds ({n} runs on a SQLite file, WAL, synchronous=FULL; provider: local instant responder)");
+    println!("\nPlayground: latency in microseconds ({n} runs each on a SQLite file in WAL mode; provider: a local instant responder)");
     println!("{:<44} {:>9} {:>9} {:>9} {:>9}   target", "", "p50", "p90", "p99", "max");
-    row("run: estimate, hold, call, settle, record", runs, "p99 < 1,000");
-    row("  of which the provider round trip alone", trips, "");
+    row("run, synchronous=FULL (3 fsyncs per run)", runs_full, "p99 < 1,000");
+    row("run, synchronous=NORMAL", runs_normal, "p99 < 1,000");
+    row("  the provider round trip alone", trips, "");
     row("count a 20,000-token input, o200k", count(Counter::O200k), "< 5,000");
     row("count a 20,000-token input, cl100k", count(Counter::Cl100k), "< 5,000");
     row("count a 20,000-token input, Claude approx.", count(Counter::Approximate), "< 5,000");
-    let report = b.rt.block_on(b.play.store().verify()).unwrap();
-    assert!(report.is_clean(), "{:?}", report.discrepancies);
+    for b in [&full, &normal] {
+        let report = b.rt.block_on(b.play.store().verify()).unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    }
 }

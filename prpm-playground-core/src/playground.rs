@@ -304,19 +304,23 @@ impl Playground {
                 return Err(Error::invalid("temperature", format!("must be between 0 and {max} for this model")));
             }
         }
-        let system = match (&req.package_id, with_prompt) {
-            (Some(id), true) => Some(self.packages.package(id).await?.ok_or(Error::NotFound { what: "package" })?.prompt),
-            (Some(id), false) => {
+        // The package and the session are read at once.
+        let package = async {
+            match &req.package_id {
                 // The package must exist even when its prompt is left out.
-                self.packages.package(id).await?.ok_or(Error::NotFound { what: "package" })?;
-                None
+                Some(id) => self.packages.package(id).await?.ok_or(Error::NotFound { what: "package" }).map(Some),
+                None => Ok(None),
             }
-            (None, _) => None,
         };
-        let session = match &req.session {
-            Some(id) => Some(self.store.session(&req.account, id).await?.ok_or(Error::NotFound { what: "session" })?),
-            None => None,
+        let session = async {
+            match &req.session {
+                Some(id) => self.store.session(&req.account, id).await?.ok_or(Error::NotFound { what: "session" }).map(Some),
+                None => Ok(None),
+            }
         };
+        let (package, session) = tokio::join!(package, session);
+        let system = package?.filter(|_| with_prompt).map(|p| p.prompt);
+        let session = session?;
         let mut messages: Vec<ChatMessage> =
             session.iter().flat_map(|s| s.turns.iter()).map(|t| ChatMessage { role: t.role, content: t.content.clone() }).collect();
         if session.as_ref().is_some_and(|s| s.summary.turns + 2 > MAX_TURNS_PER_SESSION) {

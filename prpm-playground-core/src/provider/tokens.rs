@@ -32,11 +32,10 @@ pub enum Counter {
 impl Counter {
     pub fn for_model(provider: Provider, model: &str) -> Counter {
         match provider {
-            Provider::Openai => match tiktoken_rs::tokenizer::get_tokenizer(model) {
-                Some(tiktoken_rs::tokenizer::Tokenizer::Cl100kBase) => Counter::Cl100k,
-                // Newer families default to o200k until the tokenizer table knows them.
-                _ => Counter::O200k,
-            },
+            // GPT-4 and GPT-3.5 (and their dated or Azure names) are cl100k; every later
+            // family (GPT-4o, GPT-4.1, GPT-4.5, GPT-5, o1/o3/o4) is o200k.
+            Provider::Openai if is_cl100k(model) => Counter::Cl100k,
+            Provider::Openai => Counter::O200k,
             Provider::Anthropic | Provider::OpenaiCompatible => Counter::Approximate,
         }
     }
@@ -44,8 +43,8 @@ impl Counter {
     /// Tokens of `text` alone.
     pub fn count(self, text: &str) -> u64 {
         match self {
-            Counter::O200k => tiktoken_rs::o200k_base_singleton().count_with_special_tokens(text) as u64,
-            Counter::Cl100k => tiktoken_rs::cl100k_base_singleton().count_with_special_tokens(text) as u64,
+            Counter::O200k => bpe_openai::o200k_base().count(text) as u64,
+            Counter::Cl100k => bpe_openai::cl100k_base().count(text) as u64,
             Counter::Approximate => approximate(text),
         }
     }
@@ -67,6 +66,13 @@ impl Counter {
     }
 }
 
+fn is_cl100k(model: &str) -> bool {
+    let m = model.strip_prefix("ft:").unwrap_or(model);
+    let older = ["gpt-4", "gpt-3.5", "gpt-35"];
+    let newer = ["gpt-4o", "gpt-4.1", "gpt-4.5"];
+    older.iter().any(|p| m.starts_with(p)) && !newer.iter().any(|p| m.starts_with(p))
+}
+
 /// ceil(ASCII characters / 3) + non-ASCII characters.
 pub fn approximate(text: &str) -> u64 {
     let ascii = text.bytes().filter(u8::is_ascii).count() as u64;
@@ -85,9 +91,35 @@ mod tests {
         assert_eq!(Counter::for_model(Provider::Openai, "gpt-4").count("hello world"), 2);
         assert_eq!(Counter::for_model(Provider::Openai, "gpt-4"), Counter::Cl100k);
         assert_eq!(Counter::for_model(Provider::Openai, "gpt-5-mini"), Counter::O200k);
+        assert_eq!(Counter::for_model(Provider::Openai, "gpt-4o-mini"), Counter::O200k);
+        assert_eq!(Counter::for_model(Provider::Openai, "gpt-4.1-nano"), Counter::O200k);
+        assert_eq!(Counter::for_model(Provider::Openai, "gpt-4-turbo-2024-04-09"), Counter::Cl100k);
+        assert_eq!(Counter::for_model(Provider::Openai, "gpt-3.5-turbo"), Counter::Cl100k);
+        assert_eq!(Counter::for_model(Provider::Anthropic, "gpt-4"), Counter::Approximate);
         // system + one user message: 3 + 3 framing each, 3 for the reply.
         let c = Counter::O200k;
         assert_eq!(c.count_chat(Some("hello world"), [(Role::User, "hello world")]), 3 + (3 + 2) + (3 + 2));
+    }
+
+    /// The fast tokenizer (GitHub's `bpe`) counts exactly what OpenAI's reference tokenizer
+    /// (tiktoken) counts, on prose, code, numbers, whitespace runs, CJK, emoji and special-token
+    /// look-alikes.
+    #[test]
+    fn counts_match_the_reference_tokenizer() {
+        let samples = [
+            "hello world".to_owned(),
+            "The quick brown fox jumps over the lazy dog. ".repeat(50),
+            "fn main() {\n    let x: Vec<u64> = (0..1_000).map(|i| i * 2).collect();\n    println!(\"{x:?}\");\n}\n".repeat(20),
+            "3.14159265358979 2718281828 1,234,567.89 0x7fffffff ".repeat(20),
+            "  \n\n\t\t   trailing   \r\n spaces \n\n\n".repeat(30),
+            "日本語のテキストです。中文文本。한국어 텍스트. ".repeat(30),
+            "emoji 🎉🚀👩‍💻 and accents: café naïve Ångström ".repeat(30),
+            "<|endoftext|> <|im_start|>user literal special tokens".to_owned(),
+        ];
+        for s in &samples {
+            assert_eq!(Counter::O200k.count(s), tiktoken_rs::o200k_base_singleton().count_ordinary(s) as u64, "o200k: {}", &s[..s.len().min(40)]);
+            assert_eq!(Counter::Cl100k.count(s), tiktoken_rs::cl100k_base_singleton().count_ordinary(s) as u64, "cl100k: {}", &s[..s.len().min(40)]);
+        }
     }
 
     #[test]
