@@ -18,6 +18,7 @@ use crate::jobs;
 use crate::ledger::rules::add_month;
 use crate::ledger::*;
 use crate::pricing::TokenUsage;
+use crate::purchase::{EventStatus, MAX_EVENT_PAYLOAD_BYTES, Purchase, PurchaseKind, PurchaseStatus, StripeEventRecord};
 use crate::session::{
     MAX_TURNS_PER_SESSION, NewSession, NewTurn, Package, Role, RunId, RunOutcome, RunRecord, Session, SessionId, SessionSummary, ShareToken, SharedSession,
     SharedTurn, Turn,
@@ -61,7 +62,8 @@ macro_rules! conformance_suite {
             metering_counts_toward_limits, reference_scenario_summary, cost_jobs_run_twice_at_once_do_the_work_once,
             monthly_limit_outranks_a_daily_throttle, a_clock_that_steps_back_never_restarts_a_period,
             packages_round_trip_and_bad_input, sessions_belong_to_their_owner, sessions_list_newest_first_paginated,
-            runs_append_turns_in_order, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense);
+            runs_append_turns_in_order, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense,
+            purchases_round_trip_and_cas, purchase_cas_under_concurrency, stripe_events_once_by_id, customers_and_debts);
         $crate::conformance_suite!(@ $mode $open; rollover_first; rollover_first_spend_order);
     };
     (@skippable $open:path; $cfg:ident; $($name:ident),*) => {
@@ -1835,4 +1837,314 @@ pub async fn concurrent_appends_keep_seq_dense(store: &dyn Store, clock: &Manual
         assert!(seen.insert(i), "each run appended once");
     }
     assert_eq!(store.runs(&alice, 100).await.unwrap().len(), 20);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Billing: purchases, Stripe events, customers, credit debts
+
+/// A pending pack purchase of `account` with checkout session `cs_<id>`. Its version and times
+/// are nonsense: the store sets them.
+pub fn pack_purchase(id: &str, account: &AccountId) -> Purchase {
+    Purchase {
+        id: id.into(),
+        account: account.clone(),
+        kind: PurchaseKind::Pack,
+        product: "small".into(),
+        credits: 500,
+        amount_cents: 500,
+        currency: "usd".into(),
+        status: PurchaseStatus::Pending,
+        checkout_session: Some(format!("cs_{id}")),
+        payment_intent: None,
+        customer: None,
+        credited: false,
+        refunded_cents: 0,
+        credits_reversed: 0,
+        version: 42,
+        created_at: DateTime::UNIX_EPOCH,
+        updated_at: DateTime::UNIX_EPOCH,
+    }
+}
+
+/// A Stripe event as received, not processed yet (its time is nonsense: the store sets it).
+pub fn stripe_event(id: &str, kind: &str) -> StripeEventRecord {
+    StripeEventRecord {
+        id: id.into(),
+        kind: kind.into(),
+        created: 1_768_478_400,
+        status: EventStatus::Received,
+        account: None,
+        payload: format!(r#"{{"id":"{id}","type":"{kind}"}}"#),
+        received_at: DateTime::UNIX_EPOCH,
+    }
+}
+
+async fn purchase_of(store: &dyn Store, id: &str) -> Purchase {
+    store.purchase(id).await.expect("purchase").expect("the purchase exists")
+}
+
+/// Purchases are created at version 1, found by id and by either Stripe id, and saved only over
+/// the version read; immutable fields, duplicates and bad input are refused and write nothing.
+pub async fn purchases_round_trip_and_cas(store: &dyn Store, clock: &ManualClock) {
+    let (alice, bob) = (acct("alice"), acct("bob"));
+    let p = pack_purchase("pur_1", &alice);
+    let created = store.create_purchase(&p).await.unwrap();
+    let t0 = clock.now();
+    assert_eq!(created, Purchase { version: 1, created_at: t0, updated_at: t0, ..p.clone() });
+    assert_eq!(store.purchase("pur_1").await.unwrap(), Some(created.clone()));
+    assert_eq!(store.purchase_by_stripe_id("cs_pur_1").await.unwrap(), Some(created.clone()));
+    assert_eq!(store.purchase_by_stripe_id("pi_1").await.unwrap(), None);
+    assert_eq!(store.purchase("pur_unknown").await.unwrap(), None);
+
+    // Paid: every mutable field changes; the caller's times are ignored.
+    clock.advance(Duration::seconds(5));
+    let paid = Purchase {
+        status: PurchaseStatus::Completed,
+        payment_intent: Some("pi_1".into()),
+        customer: Some("cus_1".into()),
+        credited: true,
+        created_at: start() + Duration::days(300),
+        updated_at: start() - Duration::days(300),
+        ..created.clone()
+    };
+    let saved = store.save_purchase(&paid).await.unwrap().expect("the version read is current");
+    let t1 = clock.now();
+    assert_eq!(saved, Purchase { version: 2, created_at: t0, updated_at: t1, ..paid.clone() });
+    assert_eq!(store.purchase("pur_1").await.unwrap(), Some(saved.clone()));
+    assert_eq!(store.purchase_by_stripe_id("pi_1").await.unwrap(), Some(saved.clone()));
+    assert_eq!(store.purchase_by_stripe_id("cs_pur_1").await.unwrap(), Some(saved.clone()));
+
+    // A stale version writes nothing.
+    clock.advance(Duration::seconds(1));
+    let stale = Purchase { status: PurchaseStatus::PartiallyRefunded, refunded_cents: 100, credits_reversed: 100, ..saved.clone() };
+    assert_eq!(store.save_purchase(&Purchase { version: 1, ..stale.clone() }).await.unwrap(), None);
+    assert_eq!(store.save_purchase(&Purchase { version: 3, ..stale.clone() }).await.unwrap(), None);
+    assert_eq!(store.save_purchase(&Purchase { version: i64::MAX, ..stale.clone() }).await.unwrap(), None);
+    assert_eq!(purchase_of(store, "pur_1").await, saved, "a stale save changed nothing");
+
+    // Immutable fields, whatever the version.
+    let changes: Vec<(&str, Purchase)> = vec![
+        ("account", Purchase { account: bob.clone(), ..stale.clone() }),
+        ("kind", Purchase { kind: PurchaseKind::Subscription, ..stale.clone() }),
+        ("product", Purchase { product: "large".into(), ..stale.clone() }),
+        ("credits", Purchase { credits: 501, ..stale.clone() }),
+        ("amount_cents", Purchase { amount_cents: 600, ..stale.clone() }),
+        ("currency", Purchase { currency: "eur".into(), ..stale.clone() }),
+    ];
+    for (field, changed) in changes {
+        assert_eq!(invalid_field(store.save_purchase(&changed).await), field);
+        assert_eq!(invalid_field(store.save_purchase(&Purchase { version: 1, ..changed }).await), field);
+    }
+    assert_eq!(purchase_of(store, "pur_1").await, saved, "refused changes changed nothing");
+
+    // Duplicates.
+    assert_eq!(invalid_field(store.create_purchase(&Purchase { checkout_session: None, ..pack_purchase("pur_1", &bob) }).await), "purchase_id");
+    let dup_intent = Purchase { payment_intent: Some("pi_1".into()), ..pack_purchase("pur_2", &bob) };
+    assert_eq!(invalid_field(store.create_purchase(&dup_intent).await), "payment_intent");
+    let dup_session = Purchase { checkout_session: Some("cs_pur_1".into()), ..pack_purchase("pur_2", &bob) };
+    assert_eq!(invalid_field(store.create_purchase(&dup_session).await), "checkout_session");
+    assert_eq!(store.purchase("pur_2").await.unwrap(), None, "a refused purchase is not stored");
+    let second = store.create_purchase(&Purchase { payment_intent: Some("pi_2".into()), ..pack_purchase("pur_2", &bob) }).await.unwrap();
+    assert_eq!(second.version, 1);
+    assert_eq!(store.purchase_by_stripe_id("pi_2").await.unwrap(), Some(second.clone()));
+    assert_eq!(invalid_field(store.save_purchase(&Purchase { payment_intent: Some("pi_1".into()), ..second.clone() }).await), "payment_intent");
+    assert_eq!(invalid_field(store.save_purchase(&Purchase { checkout_session: Some("cs_pur_1".into()), ..second.clone() }).await), "checkout_session");
+    assert_eq!(purchase_of(store, "pur_2").await, second, "a refused save changed nothing");
+
+    // Bad input: refused before anything is written.
+    let bad: Vec<(&str, Purchase)> = vec![
+        ("purchase_id", pack_purchase("", &alice)),
+        ("purchase_id", Purchase { checkout_session: None, ..pack_purchase("pur\n3", &alice) }),
+        ("refunded_cents", Purchase { refunded_cents: 501, ..pack_purchase("pur_3", &alice) }),
+        ("credits_reversed", Purchase { credits_reversed: 501, ..pack_purchase("pur_3", &alice) }),
+        ("currency", Purchase { currency: "USD".into(), ..pack_purchase("pur_3", &alice) }),
+        ("currency", Purchase { currency: "usdx".into(), ..pack_purchase("pur_3", &alice) }),
+        ("credits", Purchase { credits: -1, ..pack_purchase("pur_3", &alice) }),
+        ("product", Purchase { product: String::new(), ..pack_purchase("pur_3", &alice) }),
+        ("stripe_id", Purchase { checkout_session: Some(String::new()), ..pack_purchase("pur_3", &alice) }),
+        ("stripe_id", Purchase { customer: Some("cus\u{0}1".into()), ..pack_purchase("pur_3", &alice) }),
+    ];
+    for (field, p) in bad {
+        assert_eq!(invalid_field(store.create_purchase(&p).await), field, "{p:?}");
+    }
+    assert_eq!(store.purchase("pur_3").await.unwrap(), None, "a refused purchase is not stored");
+    assert_eq!(invalid_field(store.save_purchase(&Purchase { refunded_cents: 501, ..saved.clone() }).await), "refunded_cents");
+    assert_eq!(invalid_field(store.save_purchase(&Purchase { credits_reversed: 501, ..saved.clone() }).await), "credits_reversed");
+    assert_eq!(invalid_field(store.save_purchase(&Purchase { currency: "Usd".into(), ..saved.clone() }).await), "currency");
+    assert_eq!(invalid_field(store.save_purchase(&Purchase { id: String::new(), ..saved.clone() }).await), "purchase_id");
+    assert_eq!(purchase_of(store, "pur_1").await, saved, "bad input changed nothing");
+    assert_eq!(invalid_field(store.purchase("").await), "purchase_id");
+    assert_eq!(invalid_field(store.purchase_by_stripe_id("").await), "stripe_id");
+    assert_eq!(invalid_field(store.purchase_by_stripe_id("pi\u{0}").await), "stripe_id");
+
+    // Unknown id.
+    match store.save_purchase(&pack_purchase("pur_unknown", &alice)).await {
+        Err(Error::NotFound { what: "purchase" }) => {}
+        other => panic!("expected the purchase not found, got {other:?}"),
+    }
+    assert_eq!(store.purchase("pur_unknown").await.unwrap(), None);
+
+    // All purchases by id (byte order), in pages.
+    for id in ["pur_10", "Pur_0", "pur_9", "pur_a"] {
+        store.create_purchase(&pack_purchase(id, &alice)).await.unwrap();
+    }
+    let mut expected: Vec<String> = ["pur_1", "pur_2", "pur_10", "Pur_0", "pur_9", "pur_a"].into_iter().map(String::from).collect();
+    expected.sort();
+    let all: Vec<String> = store.purchases(None, 1000).await.unwrap().into_iter().map(|p| p.id).collect();
+    assert_eq!(all, expected);
+    let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let page = store.purchases(after.as_deref(), 4).await.unwrap();
+        pages += 1;
+        assert!(page.len() <= 4 && pages < 10);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        seen.extend(page.into_iter().map(|p| p.id));
+    }
+    assert_eq!((seen, pages), (expected.clone(), 3));
+    let tail: Vec<String> = store.purchases(Some("pur_2"), 10).await.unwrap().into_iter().map(|p| p.id).collect();
+    assert_eq!(tail, expected.iter().filter(|id| id.as_str() > "pur_2").cloned().collect::<Vec<_>>());
+    assert!(store.purchases(Some("zzz"), 10).await.unwrap().is_empty());
+    assert_eq!(store.purchases(Some("pur_1"), 1).await.unwrap(), vec![purchase_of(store, "pur_10").await]);
+    assert_eq!(invalid_field(store.purchases(None, 0).await), "limit");
+    assert_eq!(invalid_field(store.purchases(None, 1001).await), "limit");
+    assert_eq!(invalid_field(store.purchases(Some(""), 10).await), "purchase_id");
+}
+
+/// Concurrent read-modify-write loops over one purchase lose no update: each save succeeds
+/// over exactly one version.
+pub async fn purchase_cas_under_concurrency(store: &dyn Store, _clock: &ManualClock) {
+    let alice = acct("alice");
+    let p = Purchase { status: PurchaseStatus::Completed, credited: true, ..pack_purchase("pur_busy", &alice) };
+    store.create_purchase(&p).await.unwrap();
+    let loops = (0..20).map(|_| async move {
+        for _ in 0..1_000 {
+            let current = purchase_of(store, "pur_busy").await;
+            let next = Purchase { status: PurchaseStatus::PartiallyRefunded, refunded_cents: current.refunded_cents + 1, ..current };
+            if let Some(saved) = store.save_purchase(&next).await.unwrap() {
+                return saved.version;
+            }
+        }
+        panic!("a save never got through");
+    });
+    let mut versions = join_all(loops).await;
+    versions.sort_unstable();
+    assert_eq!(versions, (2..=21).collect::<Vec<i64>>(), "each save moved the version by one");
+    let last = purchase_of(store, "pur_busy").await;
+    assert_eq!((last.refunded_cents, last.version), (20, 21));
+}
+
+/// A Stripe event is kept once, by its id, whoever records it and however often; its status
+/// moves; lists come oldest first.
+pub async fn stripe_events_once_by_id(store: &dyn Store, clock: &ManualClock) {
+    let alice = acct("alice");
+    let e1 = stripe_event("evt_1", "checkout.session.completed");
+    assert!(store.record_stripe_event(&e1).await.unwrap());
+    let t0 = clock.now();
+    let stored1 = StripeEventRecord { received_at: t0, ..e1.clone() };
+    assert_eq!(store.stripe_event("evt_1").await.unwrap(), Some(stored1.clone()));
+    clock.advance(Duration::seconds(1));
+    let again =
+        StripeEventRecord { kind: "charge.refunded".into(), status: EventStatus::Processed, account: Some(alice.clone()), payload: "{}".into(), ..e1.clone() };
+    assert!(!store.record_stripe_event(&again).await.unwrap());
+    assert_eq!(store.stripe_event("evt_1").await.unwrap(), Some(stored1.clone()), "the second payload is ignored");
+
+    // Ten deliveries of one event at once: one is new.
+    let copies: Vec<StripeEventRecord> =
+        (0..10).map(|i| StripeEventRecord { payload: format!(r#"{{"id":"evt_2","copy":{i}}}"#), ..stripe_event("evt_2", "charge.refunded") }).collect();
+    let results = join_all(copies.iter().map(|e| store.record_stripe_event(e))).await;
+    let new = results.into_iter().map(|r| r.unwrap()).filter(|n| *n).count();
+    assert_eq!(new, 1, "exactly one delivery is new");
+    let t1 = clock.now();
+    let stored2 = store.stripe_event("evt_2").await.unwrap().expect("stored");
+    assert!(copies.iter().any(|c| StripeEventRecord { received_at: t1, ..c.clone() } == stored2), "one of the copies, whole: {stored2:?}");
+    // Received at the same time as evt_2: ordered by id.
+    assert!(store.record_stripe_event(&stripe_event("evt_0", "invoice.paid")).await.unwrap());
+    clock.advance(Duration::seconds(1));
+    let e3 = StripeEventRecord { status: EventStatus::Unmatched, account: Some(alice.clone()), ..stripe_event("evt_3", "charge.refunded") };
+    assert!(store.record_stripe_event(&e3).await.unwrap());
+    assert_eq!(store.stripe_event("evt_3").await.unwrap(), Some(StripeEventRecord { received_at: clock.now(), ..e3.clone() }));
+
+    let ids = |events: Vec<StripeEventRecord>| events.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.stripe_events(None, 100).await.unwrap()), ["evt_1", "evt_0", "evt_2", "evt_3"]);
+    assert_eq!(ids(store.stripe_events(None, 2).await.unwrap()), ["evt_1", "evt_0"]);
+    assert_eq!(ids(store.stripe_events(Some(EventStatus::Received), 100).await.unwrap()), ["evt_1", "evt_0", "evt_2"]);
+    assert_eq!(ids(store.stripe_events(Some(EventStatus::Unmatched), 100).await.unwrap()), ["evt_3"]);
+    assert!(store.stripe_events(Some(EventStatus::Processed), 100).await.unwrap().is_empty());
+
+    // Status updates: the account when given, kept otherwise.
+    store.set_stripe_event_status("evt_0", EventStatus::Processed, Some(&alice)).await.unwrap();
+    let e0 = store.stripe_event("evt_0").await.unwrap().expect("stored");
+    assert_eq!((e0.status, e0.account.clone()), (EventStatus::Processed, Some(alice.clone())));
+    store.set_stripe_event_status("evt_0", EventStatus::Ignored, None).await.unwrap();
+    assert_eq!(store.stripe_event("evt_0").await.unwrap(), Some(StripeEventRecord { status: EventStatus::Ignored, ..e0 }));
+    store.set_stripe_event_status("evt_1", EventStatus::Processed, None).await.unwrap();
+    store.set_stripe_event_status("evt_1", EventStatus::Processed, None).await.unwrap();
+    assert_eq!(store.stripe_event("evt_1").await.unwrap(), Some(StripeEventRecord { status: EventStatus::Processed, ..stored1 }));
+    assert_eq!(ids(store.stripe_events(Some(EventStatus::Received), 100).await.unwrap()), ["evt_2"]);
+    assert_eq!(ids(store.stripe_events(Some(EventStatus::Processed), 100).await.unwrap()), ["evt_1"]);
+    assert_eq!(ids(store.stripe_events(Some(EventStatus::Ignored), 100).await.unwrap()), ["evt_0"]);
+    assert_eq!(ids(store.stripe_events(None, 100).await.unwrap()), ["evt_1", "evt_0", "evt_2", "evt_3"], "order is by receipt, not status");
+
+    // Unknown ids and bad input.
+    match store.set_stripe_event_status("evt_unknown", EventStatus::Processed, Some(&alice)).await {
+        Err(Error::NotFound { what: "stripe event" }) => {}
+        other => panic!("expected the stripe event not found, got {other:?}"),
+    }
+    assert_eq!(store.stripe_event("evt_unknown").await.unwrap(), None);
+    assert_eq!(invalid_field(store.stripe_event("").await), "stripe_id");
+    assert_eq!(invalid_field(store.set_stripe_event_status("", EventStatus::Processed, None).await), "stripe_id");
+    let oversize = StripeEventRecord { payload: "x".repeat(MAX_EVENT_PAYLOAD_BYTES + 1), ..stripe_event("evt_big", "charge.refunded") };
+    assert_eq!(invalid_field(store.record_stripe_event(&oversize).await), "payload");
+    let nul = StripeEventRecord { payload: "{\u{0}}".into(), ..stripe_event("evt_big", "charge.refunded") };
+    assert_eq!(invalid_field(store.record_stripe_event(&nul).await), "payload");
+    assert_eq!(invalid_field(store.record_stripe_event(&stripe_event("", "charge.refunded")).await), "event_id");
+    assert_eq!(invalid_field(store.record_stripe_event(&stripe_event("evt_big", "")).await), "event_type");
+    assert_eq!(store.stripe_event("evt_big").await.unwrap(), None, "refused events are not stored");
+    let largest = StripeEventRecord { payload: "x".repeat(MAX_EVENT_PAYLOAD_BYTES), ..stripe_event("evt_big", "charge.refunded") };
+    assert!(store.record_stripe_event(&largest).await.unwrap());
+    assert_eq!(store.stripe_event("evt_big").await.unwrap().map(|e| e.payload.len()), Some(MAX_EVENT_PAYLOAD_BYTES));
+    assert_eq!(invalid_field(store.stripe_events(None, 0).await), "limit");
+    assert_eq!(invalid_field(store.stripe_events(Some(EventStatus::Received), 1001).await), "limit");
+}
+
+/// Customers map to accounts (the latest link wins); debts move atomically within their bounds.
+pub async fn customers_and_debts(store: &dyn Store, _clock: &ManualClock) {
+    let (alice, bob, carol) = (acct("alice"), acct("bob"), acct("carol"));
+    assert_eq!(store.customer_account("cus_1").await.unwrap(), None);
+    store.link_customer("cus_1", &alice).await.unwrap();
+    store.link_customer("cus_1", &alice).await.unwrap();
+    assert_eq!(store.customer_account("cus_1").await.unwrap(), Some(alice.clone()));
+    store.link_customer("cus_2", &alice).await.unwrap();
+    store.link_customer("cus_1", &bob).await.unwrap();
+    assert_eq!(store.customer_account("cus_1").await.unwrap(), Some(bob.clone()));
+    assert_eq!(store.customer_account("cus_2").await.unwrap(), Some(alice.clone()));
+    assert_eq!(store.customer_account("cus_unknown").await.unwrap(), None);
+    assert_eq!(invalid_field(store.link_customer("", &alice).await), "stripe_id");
+    assert_eq!(invalid_field(store.link_customer("cus\n3", &alice).await), "stripe_id");
+    assert_eq!(invalid_field(store.customer_account("").await), "stripe_id");
+
+    // Debts: never below zero.
+    assert_eq!(store.debt(&alice).await.unwrap(), 0);
+    assert_eq!(store.add_debt(&alice, 5).await.unwrap(), 5);
+    assert_eq!(store.debt(&alice).await.unwrap(), 5);
+    assert_eq!(store.add_debt(&alice, -8).await.unwrap(), 0);
+    assert_eq!(store.debt(&alice).await.unwrap(), 0);
+    assert_eq!(store.add_debt(&alice, 0).await.unwrap(), 0);
+    assert_eq!(store.add_debt(&bob, -3).await.unwrap(), 0, "a repayment without a debt");
+    assert_eq!(store.add_debt(&bob, MAX_CREDITS_PER_REQUEST).await.unwrap(), MAX_CREDITS_PER_REQUEST);
+    assert_eq!(store.add_debt(&bob, -MAX_CREDITS_PER_REQUEST + 1).await.unwrap(), 1);
+
+    // Concurrent additions all count.
+    let mut debts = join_all((0..30).map(|_| store.add_debt(&carol, 1))).await.into_iter().map(|r| r.unwrap()).collect::<Vec<_>>();
+    debts.sort_unstable();
+    assert_eq!(debts, (1..=30).collect::<Vec<i64>>());
+    assert_eq!(store.debt(&carol).await.unwrap(), 30);
+
+    // Bad amounts change nothing.
+    for bad in [MAX_CREDITS_PER_REQUEST + 1, -MAX_CREDITS_PER_REQUEST - 1, i64::MAX, i64::MIN] {
+        assert_eq!(invalid_field(store.add_debt(&carol, bad).await), "credits");
+    }
+    assert_eq!(store.debt(&carol).await.unwrap(), 30);
+    assert_eq!(store.debt(&bob).await.unwrap(), 1);
 }

@@ -20,6 +20,7 @@ use crate::cost::{Alert, CostState, RiskLevel, Summary, Throttle, TierLimits, Ti
 use crate::error::{Error, Result};
 use crate::ledger::*;
 use crate::pricing::TokenUsage;
+use crate::purchase::{EventStatus, Purchase, StripeEventRecord, check_stripe_id};
 use crate::session::{
     MAX_TURNS_PER_SESSION, NewSession, NewTurn, Package, RunRecord, Session, SessionId, SessionPage, SessionSummary, ShareToken, SharedSession,
 };
@@ -425,6 +426,71 @@ pub(crate) fn stored<T>(what: &str, r: Result<T>) -> Result<T> {
     r.map_err(|e| Error::Invariant(format!("stored {what}: {e}")))
 }
 
+/// Checks a page size of purchases or Stripe events (1..=[`MAX_PAGE`]).
+pub(crate) fn check_billing_page(limit: u32) -> Result<()> {
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
+    }
+    Ok(())
+}
+
+/// Checks a purchase id before it is looked up (the rule [`Purchase::validate`] applies).
+pub(crate) fn check_purchase_id(id: &str) -> Result<()> {
+    check_stripe_id(id).map_err(|e| match e {
+        Error::InvalidInput { reason, .. } => Error::invalid("purchase_id", reason),
+        e => e,
+    })
+}
+
+/// Validates a Stripe event before it is stored. A NUL character is refused here too (the
+/// payload is otherwise free text): PostgreSQL's text cannot hold one, and both stores answer
+/// alike.
+pub(crate) fn check_stripe_event(e: &StripeEventRecord) -> Result<()> {
+    e.validate()?;
+    if e.payload.contains('\0') {
+        return Err(Error::invalid("payload", "contains a NUL character"));
+    }
+    Ok(())
+}
+
+/// Checks the credits [`Store::add_debt`] adds (either sign, at most
+/// [`MAX_CREDITS_PER_REQUEST`] either way).
+pub(crate) fn check_debt_change(credits: i64) -> Result<()> {
+    if credits.unsigned_abs() > MAX_CREDITS_PER_REQUEST.unsigned_abs() {
+        return Err(Error::invalid("credits", format!("{credits} is outside -{MAX_CREDITS_PER_REQUEST}..={MAX_CREDITS_PER_REQUEST}")));
+    }
+    Ok(())
+}
+
+/// [`Error::InvalidInput`] on the first immutable field of `p` that differs from the stored
+/// purchase's.
+pub(crate) fn check_immutable(stored: &Purchase, p: &Purchase) -> Result<()> {
+    let changed = [
+        ("account", stored.account != p.account),
+        ("kind", stored.kind != p.kind),
+        ("product", stored.product != p.product),
+        ("credits", stored.credits != p.credits),
+        ("amount_cents", stored.amount_cents != p.amount_cents),
+        ("currency", stored.currency != p.currency),
+    ];
+    match changed.into_iter().find(|(_, c)| *c) {
+        Some((field, _)) => Err(Error::invalid(field, "cannot change once the purchase is created")),
+        None => Ok(()),
+    }
+}
+
+/// The error of a purchase write that broke a unique index, from the index or constraint the
+/// backend names: another purchase has this id, checkout session or payment intent.
+pub(crate) fn purchase_conflict(what: &str) -> Error {
+    if what.contains("checkout_session") {
+        Error::invalid("checkout_session", "another purchase has this checkout session")
+    } else if what.contains("payment_intent") {
+        Error::invalid("payment_intent", "another purchase has this payment intent")
+    } else {
+        Error::invalid("purchase_id", "a purchase with this id exists")
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Applies one command atomically. A command with a key that was used before returns the
@@ -520,6 +586,66 @@ pub trait Store: Send + Sync {
     /// The shared view (the conversation only) of the session with this token; `None` if no
     /// session has it.
     async fn shared_session(&self, token: &ShareToken) -> Result<Option<SharedSession>>;
+
+    /// Inserts a new purchase (validated) with version 1, created and updated at the store's
+    /// time (to the millisecond; the caller's `version` and times are ignored). A duplicate id,
+    /// or a checkout_session / payment_intent already used by another purchase, is
+    /// [`Error::InvalidInput`] (on `purchase_id`, `checkout_session` or `payment_intent`) and
+    /// writes nothing.
+    async fn create_purchase(&self, p: &Purchase) -> Result<Purchase>;
+
+    /// The purchase with this id. An id no purchase can have (see [`Purchase::validate`]) is
+    /// [`Error::InvalidInput`].
+    async fn purchase(&self, id: &str) -> Result<Option<Purchase>>;
+
+    /// The purchase whose checkout_session OR payment_intent is `stripe_id` (index lookups; if
+    /// one purchase has it as its checkout session and another as its payment intent, the one
+    /// with the checkout session). `stripe_id` is checked with [`check_stripe_id`].
+    async fn purchase_by_stripe_id(&self, stripe_id: &str) -> Result<Option<Purchase>>;
+
+    /// Compare-and-set: if the stored version equals `p.version`, writes every mutable field of
+    /// `p` (status, checkout_session, payment_intent, customer, credited, refunded_cents,
+    /// credits_reversed) with version = p.version + 1 and updated_at = now, and returns
+    /// `Ok(Some(saved))` (created_at as stored); if the stored version differs returns
+    /// `Ok(None)` and writes nothing.
+    ///
+    /// id, account, kind, product, credits, amount_cents, currency are immutable (a change is
+    /// [`Error::InvalidInput`] on that field, whatever the version). Unknown id is
+    /// [`Error::NotFound`] (`"purchase"`). Validated first; a checkout session or payment
+    /// intent another purchase has is [`Error::InvalidInput`] as in [`Store::create_purchase`].
+    async fn save_purchase(&self, p: &Purchase) -> Result<Option<Purchase>>;
+
+    /// All purchases ordered by id (byte order), after `after` (exclusive), `limit` in
+    /// 1..=[`MAX_PAGE`] (else [`Error::InvalidInput`]).
+    async fn purchases(&self, after: Option<&str>, limit: u32) -> Result<Vec<Purchase>>;
+
+    /// Inserts the event (validated; received at the store's time, to the millisecond, with the
+    /// caller's status and account) if its id is new and returns `true`; an id already stored
+    /// returns `false` and changes nothing.
+    async fn record_stripe_event(&self, e: &StripeEventRecord) -> Result<bool>;
+
+    /// Sets an event's status (and account when `Some`; `None` keeps the stored one). Unknown
+    /// id: [`Error::NotFound`] (`"stripe event"`).
+    async fn set_stripe_event_status(&self, id: &str, status: EventStatus, account: Option<&AccountId>) -> Result<()>;
+
+    async fn stripe_event(&self, id: &str) -> Result<Option<StripeEventRecord>>;
+
+    /// Events with that status (all when `None`), oldest first (received_at, then id), `limit`
+    /// in 1..=[`MAX_PAGE`].
+    async fn stripe_events(&self, status: Option<EventStatus>, limit: u32) -> Result<Vec<StripeEventRecord>>;
+
+    /// Maps a Stripe customer id to an account (insert or replace).
+    async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<()>;
+
+    async fn customer_account(&self, customer: &str) -> Result<Option<AccountId>>;
+
+    /// Atomically adds `credits` (may be negative, to repay) to the account's credit debt,
+    /// never below 0 nor above [`MAX_BUCKET_CREDITS`]; returns the new debt. |credits| >
+    /// [`MAX_CREDITS_PER_REQUEST`] is [`Error::InvalidInput`].
+    async fn add_debt(&self, account: &AccountId, credits: i64) -> Result<i64>;
+
+    /// The account's credit debt (0 if it never had one).
+    async fn debt(&self, account: &AccountId) -> Result<i64>;
 
     /// The store's clock.
     fn clock(&self) -> Arc<dyn Clock>;

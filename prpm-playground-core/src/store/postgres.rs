@@ -27,6 +27,7 @@ use super::*;
 use crate::clock::{SystemClock, to_millis};
 use crate::cost::{Alert, AlertSink, CostState, TierLimits, TierTable};
 use crate::ledger::rules::{self, ChargeRecord, HoldRecord, HoldStatus, NEW_HOLD, OpenHold, Snapshot};
+use crate::purchase::{PurchaseKind, PurchaseStatus};
 use crate::session::{Role, RunId, RunOutcome, SharedTurn, Turn};
 
 mod embedded {
@@ -1358,6 +1359,260 @@ impl PgStore {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Billing: purchases, Stripe events, customers, credit debts
+
+const PURCHASE_COLUMNS: &str = "id, account, kind, product, credits, amount_cents, currency, status, checkout_session, payment_intent, customer, credited,
+    refunded_cents, credits_reversed, version, created_at, updated_at";
+
+fn purchase_from_row(r: &Row) -> Result<Purchase> {
+    Ok(Purchase {
+        id: r.get("id"),
+        account: stored("purchase account", AccountId::new(r.get::<_, String>("account")))?,
+        kind: PurchaseKind::parse(r.get("kind"))?,
+        product: r.get("product"),
+        credits: r.get("credits"),
+        amount_cents: r.get("amount_cents"),
+        currency: r.get("currency"),
+        status: PurchaseStatus::parse(r.get("status"))?,
+        checkout_session: r.get("checkout_session"),
+        payment_intent: r.get("payment_intent"),
+        customer: r.get("customer"),
+        credited: r.get("credited"),
+        refunded_cents: r.get("refunded_cents"),
+        credits_reversed: r.get("credits_reversed"),
+        version: r.get("version"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    })
+}
+
+/// A purchase's id, checkout session or payment intent that another purchase has already
+/// (the primary key or one of the unique indexes): [`purchase_conflict`].
+fn purchase_write_error(e: tokio_postgres::Error) -> Error {
+    if !is_unique_violation(&e) {
+        return e.into();
+    }
+    purchase_conflict(e.as_db_error().and_then(|d| d.constraint()).unwrap_or_default())
+}
+
+const EVENT_COLUMNS: &str = "id, kind, created, status, account, payload, received_at";
+
+fn event_from_row(r: &Row) -> Result<StripeEventRecord> {
+    Ok(StripeEventRecord {
+        id: r.get("id"),
+        kind: r.get("kind"),
+        created: r.get("created"),
+        status: EventStatus::parse(r.get("status"))?,
+        account: r.get::<_, Option<String>>("account").map(|a| stored("event account", AccountId::new(a))).transpose()?,
+        payload: r.get("payload"),
+        received_at: r.get("received_at"),
+    })
+}
+
+impl PgStore {
+    async fn create_purchase_once(&self, p: &Purchase) -> Result<Purchase> {
+        let now = to_millis(self.core.clock.now());
+        let client = self.core.client().await?;
+        client
+            .execute(
+                &format!("INSERT INTO purchases ({PURCHASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15, $15)"),
+                &[
+                    &p.id,
+                    &p.account.as_str(),
+                    &p.kind.as_str(),
+                    &p.product,
+                    &p.credits,
+                    &p.amount_cents,
+                    &p.currency,
+                    &p.status.as_str(),
+                    &p.checkout_session,
+                    &p.payment_intent,
+                    &p.customer,
+                    &p.credited,
+                    &p.refunded_cents,
+                    &p.credits_reversed,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(purchase_write_error)?;
+        Ok(Purchase { version: 1, created_at: now, updated_at: now, ..p.clone() })
+    }
+
+    async fn purchase_once(&self, id: &str) -> Result<Option<Purchase>> {
+        let client = self.core.client().await?;
+        let row = client.query_opt(&format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id = $1"), &[&id]).await?;
+        row.as_ref().map(purchase_from_row).transpose()
+    }
+
+    async fn purchase_by_stripe_id_once(&self, stripe_id: &str) -> Result<Option<Purchase>> {
+        let client = self.core.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT {PURCHASE_COLUMNS}, 0 AS pref FROM purchases WHERE checkout_session = $1
+                     UNION ALL SELECT {PURCHASE_COLUMNS}, 1 AS pref FROM purchases WHERE payment_intent = $1
+                     ORDER BY pref LIMIT 1"
+                ),
+                &[&stripe_id],
+            )
+            .await?;
+        row.as_ref().map(purchase_from_row).transpose()
+    }
+
+    async fn save_purchase_once(&self, p: &Purchase) -> Result<Option<Purchase>> {
+        let Some(next) = p.version.checked_add(1) else {
+            return self.unsaved(p).await;
+        };
+        let now = to_millis(self.core.clock.now());
+        let client = self.core.client().await?;
+        // The compare-and-set: one statement, so concurrent saves of one version queue on the
+        // row and all but the first find the version moved. The immutable fields are compared
+        // too, so that a change to one writes nothing.
+        let row = client
+            .query_opt(
+                "UPDATE purchases SET status = $9, checkout_session = $10, payment_intent = $11, customer = $12, credited = $13, refunded_cents = $14,
+                                      credits_reversed = $15, version = $16, updated_at = $17
+                 WHERE id = $1 AND version = $2 AND account = $3 AND kind = $4 AND product = $5 AND credits = $6 AND amount_cents = $7 AND currency = $8
+                 RETURNING created_at",
+                &[
+                    &p.id,
+                    &p.version,
+                    &p.account.as_str(),
+                    &p.kind.as_str(),
+                    &p.product,
+                    &p.credits,
+                    &p.amount_cents,
+                    &p.currency,
+                    &p.status.as_str(),
+                    &p.checkout_session,
+                    &p.payment_intent,
+                    &p.customer,
+                    &p.credited,
+                    &p.refunded_cents,
+                    &p.credits_reversed,
+                    &next,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(purchase_write_error)?;
+        // Back to the pool before `unsaved` takes one: a save must never hold two connections.
+        drop(client);
+        match row {
+            Some(row) => Ok(Some(Purchase { version: next, created_at: row.get(0), updated_at: now, ..p.clone() })),
+            None => self.unsaved(p).await,
+        }
+    }
+
+    /// Why a save wrote nothing: no such purchase, a change to an immutable field, or (`None`)
+    /// another version.
+    async fn unsaved(&self, p: &Purchase) -> Result<Option<Purchase>> {
+        let Some(stored) = self.purchase_once(&p.id).await? else {
+            return Err(Error::NotFound { what: "purchase" });
+        };
+        check_immutable(&stored, p)?;
+        Ok(None)
+    }
+
+    async fn purchases_once(&self, after: &str, limit: u32) -> Result<Vec<Purchase>> {
+        let client = self.core.client().await?;
+        let rows = client.query(&format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id > $1 ORDER BY id LIMIT $2"), &[&after, &i64::from(limit)]).await?;
+        rows.iter().map(purchase_from_row).collect()
+    }
+
+    async fn record_stripe_event_once(&self, e: &StripeEventRecord) -> Result<bool> {
+        let now = to_millis(self.core.clock.now());
+        let client = self.core.client().await?;
+        let n = client
+            .execute(
+                &format!("INSERT INTO stripe_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING"),
+                &[&e.id, &e.kind, &e.created, &e.status.as_str(), &e.account.as_ref().map(AccountId::as_str), &e.payload, &now],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn set_stripe_event_status_once(&self, id: &str, status: EventStatus, account: Option<&AccountId>) -> Result<()> {
+        let client = self.core.client().await?;
+        let n = client
+            .execute(
+                "UPDATE stripe_events SET status = $2, account = COALESCE($3, account) WHERE id = $1",
+                &[&id, &status.as_str(), &account.map(AccountId::as_str)],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::NotFound { what: "stripe event" });
+        }
+        Ok(())
+    }
+
+    async fn stripe_event_once(&self, id: &str) -> Result<Option<StripeEventRecord>> {
+        let client = self.core.client().await?;
+        let row = client.query_opt(&format!("SELECT {EVENT_COLUMNS} FROM stripe_events WHERE id = $1"), &[&id]).await?;
+        row.as_ref().map(event_from_row).transpose()
+    }
+
+    async fn stripe_events_once(&self, status: Option<EventStatus>, limit: u32) -> Result<Vec<StripeEventRecord>> {
+        let client = self.core.client().await?;
+        let limit = i64::from(limit);
+        let rows = match status {
+            Some(status) => {
+                client
+                    .query(
+                        &format!("SELECT {EVENT_COLUMNS} FROM stripe_events WHERE status = $1 ORDER BY received_at, id LIMIT $2"),
+                        &[&status.as_str(), &limit],
+                    )
+                    .await?
+            }
+            None => client.query(&format!("SELECT {EVENT_COLUMNS} FROM stripe_events ORDER BY received_at, id LIMIT $1"), &[&limit]).await?,
+        };
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn link_customer_once(&self, customer: &str, account: &AccountId) -> Result<()> {
+        let now = to_millis(self.core.clock.now());
+        let client = self.core.client().await?;
+        client
+            .execute(
+                "INSERT INTO stripe_customers (customer, account, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (customer) DO UPDATE SET account = excluded.account, updated_at = excluded.updated_at",
+                &[&customer, &account.as_str(), &now],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn customer_account_once(&self, customer: &str) -> Result<Option<AccountId>> {
+        let client = self.core.client().await?;
+        let row = client.query_opt("SELECT account FROM stripe_customers WHERE customer = $1", &[&customer]).await?;
+        row.map(|r| stored("customer account", AccountId::new(r.get::<_, String>(0)))).transpose()
+    }
+
+    async fn add_debt_once(&self, account: &AccountId, credits: i64) -> Result<i64> {
+        let now = to_millis(self.core.clock.now());
+        let client = self.core.client().await?;
+        // One statement: the clamps apply to whatever the debt is when it runs (a concurrent
+        // insert of the same account's row makes this one update it).
+        let row = client
+            .query_one(
+                "INSERT INTO credit_debts (account, credits, updated_at) VALUES ($1, LEAST(GREATEST($2::bigint, 0), $3::bigint), $4)
+                 ON CONFLICT (account) DO UPDATE SET credits = LEAST(GREATEST(credit_debts.credits + $2::bigint, 0), $3::bigint), updated_at = $4
+                 RETURNING credits",
+                &[&account.as_str(), &credits, &MAX_BUCKET_CREDITS, &now],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    async fn debt_once(&self, account: &AccountId) -> Result<i64> {
+        let client = self.core.client().await?;
+        let row = client.query_opt("SELECT credits FROM credit_debts WHERE account = $1", &[&account.as_str()]).await?;
+        Ok(row.map_or(0, |r| r.get(0)))
+    }
+}
+
 /// Runs `f` again while it fails because its connection was lost (a restarted server, an
 /// administrator ending connections), at most three times in all.
 async fn retrying<T, F, Fut>(f: F) -> Result<T>
@@ -1495,6 +1750,83 @@ impl Store for PgStore {
 
     async fn shared_session(&self, token: &ShareToken) -> Result<Option<SharedSession>> {
         retrying(|| self.shared_session_once(token)).await
+    }
+
+    /// Not retried on a lost connection (a retry of a creation that did commit would report
+    /// the id as taken): the caller gets [`Error::ConnectionLost`].
+    async fn create_purchase(&self, p: &Purchase) -> Result<Purchase> {
+        p.validate()?;
+        self.create_purchase_once(p).await
+    }
+
+    async fn purchase(&self, id: &str) -> Result<Option<Purchase>> {
+        check_purchase_id(id)?;
+        retrying(|| self.purchase_once(id)).await
+    }
+
+    async fn purchase_by_stripe_id(&self, stripe_id: &str) -> Result<Option<Purchase>> {
+        check_stripe_id(stripe_id)?;
+        retrying(|| self.purchase_by_stripe_id_once(stripe_id)).await
+    }
+
+    /// Not retried on a lost connection (a retry of a save that did commit would find the
+    /// version moved and answer `None`): the caller gets [`Error::ConnectionLost`].
+    async fn save_purchase(&self, p: &Purchase) -> Result<Option<Purchase>> {
+        p.validate()?;
+        self.save_purchase_once(p).await
+    }
+
+    async fn purchases(&self, after: Option<&str>, limit: u32) -> Result<Vec<Purchase>> {
+        check_billing_page(limit)?;
+        if let Some(after) = after {
+            check_purchase_id(after)?;
+        }
+        let after = after.unwrap_or_default();
+        retrying(|| self.purchases_once(after, limit)).await
+    }
+
+    async fn record_stripe_event(&self, e: &StripeEventRecord) -> Result<bool> {
+        check_stripe_event(e)?;
+        // Insert-if-absent: a retry after a lost commit answers `false` (stored already).
+        retrying(|| self.record_stripe_event_once(e)).await
+    }
+
+    async fn set_stripe_event_status(&self, id: &str, status: EventStatus, account: Option<&AccountId>) -> Result<()> {
+        check_stripe_id(id)?;
+        // Setting the same values again is harmless.
+        retrying(|| self.set_stripe_event_status_once(id, status, account)).await
+    }
+
+    async fn stripe_event(&self, id: &str) -> Result<Option<StripeEventRecord>> {
+        check_stripe_id(id)?;
+        retrying(|| self.stripe_event_once(id)).await
+    }
+
+    async fn stripe_events(&self, status: Option<EventStatus>, limit: u32) -> Result<Vec<StripeEventRecord>> {
+        check_billing_page(limit)?;
+        retrying(|| self.stripe_events_once(status, limit)).await
+    }
+
+    async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<()> {
+        check_stripe_id(customer)?;
+        // An upsert: trying again is harmless.
+        retrying(|| self.link_customer_once(customer, account)).await
+    }
+
+    async fn customer_account(&self, customer: &str) -> Result<Option<AccountId>> {
+        check_stripe_id(customer)?;
+        retrying(|| self.customer_account_once(customer)).await
+    }
+
+    /// Not retried on a lost connection (a retry of an addition that did commit would add
+    /// twice): the caller gets [`Error::ConnectionLost`].
+    async fn add_debt(&self, account: &AccountId, credits: i64) -> Result<i64> {
+        check_debt_change(credits)?;
+        self.add_debt_once(account, credits).await
+    }
+
+    async fn debt(&self, account: &AccountId) -> Result<i64> {
+        retrying(|| self.debt_once(account)).await
     }
 
     fn clock(&self) -> Arc<dyn Clock> {

@@ -12,7 +12,8 @@
 //!
 //! The playground's writes (packages, sessions, runs) go through the same writer, each in its
 //! own `BEGIN IMMEDIATE` transaction after the group it arrived with; they touch no table the
-//! writer caches.
+//! writer caches. Billing's writes (purchases, Stripe events, customers, credit debts) go the
+//! same way.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use super::*;
 use crate::clock::{SystemClock, to_millis};
 use crate::cost::{Alert, AlertSink, CostState, LimitWarning, TierLimits, TierTable};
 use crate::ledger::rules::{self, ChargeRecord, HoldRecord, NEW_HOLD, OpenHold, Snapshot, Transition};
+use crate::purchase::{PurchaseKind, PurchaseStatus};
 use crate::session::{Role, RunId, RunOutcome, SharedTurn, Turn};
 
 mod embedded {
@@ -1742,6 +1744,97 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Billing: purchases, Stripe events, customers, credit debts
+
+const PURCHASE_COLUMNS: &str = "id, account, kind, product, credits, amount_cents, currency, status, checkout_session, payment_intent, customer, credited,
+    refunded_cents, credits_reversed, version, created_ms, updated_ms";
+
+fn purchase_from_row(r: &rusqlite::Row<'_>) -> Result<Purchase> {
+    Ok(Purchase {
+        id: r.get(0)?,
+        account: stored("purchase account", AccountId::new(r.get::<_, String>(1)?))?,
+        kind: PurchaseKind::parse(&r.get::<_, String>(2)?)?,
+        product: r.get(3)?,
+        credits: r.get(4)?,
+        amount_cents: r.get(5)?,
+        currency: r.get(6)?,
+        status: PurchaseStatus::parse(&r.get::<_, String>(7)?)?,
+        checkout_session: r.get(8)?,
+        payment_intent: r.get(9)?,
+        customer: r.get(10)?,
+        credited: r.get(11)?,
+        refunded_cents: r.get(12)?,
+        credits_reversed: r.get(13)?,
+        version: r.get(14)?,
+        created_at: at(r.get(15)?)?,
+        updated_at: at(r.get(16)?)?,
+    })
+}
+
+fn query_purchase(conn: &Connection, id: &str) -> Result<Option<Purchase>> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id = ?1"))?;
+    let mut rows = stmt.query([id])?;
+    rows.next()?.map(purchase_from_row).transpose()
+}
+
+/// A purchase's id, checkout session or payment intent that another purchase has already
+/// (the primary key or one of the unique indexes): [`purchase_conflict`].
+fn purchase_write_error(e: rusqlite::Error) -> Error {
+    let key = matches!(&e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY);
+    if key { purchase_conflict(&e.to_string()) } else { e.into() }
+}
+
+/// Saves a purchase (see [`Store::save_purchase`]). Call inside a write transaction.
+fn write_purchase(conn: &Connection, p: &Purchase, now: DateTime<Utc>) -> Result<Option<Purchase>> {
+    let Some(stored) = query_purchase(conn, &p.id)? else {
+        return Err(Error::NotFound { what: "purchase" });
+    };
+    check_immutable(&stored, p)?;
+    let Some(next) = p.version.checked_add(1) else {
+        return Ok(None);
+    };
+    let n = conn
+        .prepare_cached(
+            "UPDATE purchases SET status = ?3, checkout_session = ?4, payment_intent = ?5, customer = ?6, credited = ?7, refunded_cents = ?8,
+                                  credits_reversed = ?9, version = ?10, updated_ms = ?11
+             WHERE id = ?1 AND version = ?2",
+        )?
+        .execute(params![
+            p.id,
+            p.version,
+            p.status.as_str(),
+            p.checkout_session,
+            p.payment_intent,
+            p.customer,
+            p.credited,
+            p.refunded_cents,
+            p.credits_reversed,
+            next,
+            ms(now)
+        ])
+        .map_err(purchase_write_error)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Purchase { version: next, created_at: stored.created_at, updated_at: now, ..p.clone() }))
+}
+
+const EVENT_COLUMNS: &str = "id, kind, created, status, account, payload, received_ms";
+
+fn event_from_row(r: &rusqlite::Row<'_>) -> Result<StripeEventRecord> {
+    Ok(StripeEventRecord {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        created: r.get(2)?,
+        status: EventStatus::parse(&r.get::<_, String>(3)?)?,
+        account: r.get::<_, Option<String>>(4)?.map(|a| stored("event account", AccountId::new(a))).transpose()?,
+        payload: r.get(5)?,
+        received_at: at(r.get(6)?)?,
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn execute(&self, cmd: Command) -> Result<Outcome> {
@@ -1979,6 +2072,204 @@ impl Store for SqliteStore {
     async fn shared_session(&self, token: &ShareToken) -> Result<Option<SharedSession>> {
         let token = token.clone();
         self.read(move |c| in_snapshot(c, |c| query_shared(c, &token))).await
+    }
+
+    async fn create_purchase(&self, p: &Purchase) -> Result<Purchase> {
+        p.validate()?;
+        let p = p.clone();
+        let clock = self.clock.clone();
+        self.write(move |c| {
+            let now = to_millis(clock.now());
+            c.prepare_cached(&format!(
+                "INSERT INTO purchases ({PURCHASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 1, ?15, ?15)"
+            ))?
+            .execute(params![
+                p.id,
+                p.account.as_str(),
+                p.kind.as_str(),
+                p.product,
+                p.credits,
+                p.amount_cents,
+                p.currency,
+                p.status.as_str(),
+                p.checkout_session,
+                p.payment_intent,
+                p.customer,
+                p.credited,
+                p.refunded_cents,
+                p.credits_reversed,
+                ms(now)
+            ])
+            .map_err(purchase_write_error)?;
+            Ok(Purchase { version: 1, created_at: now, updated_at: now, ..p })
+        })
+        .await
+    }
+
+    async fn purchase(&self, id: &str) -> Result<Option<Purchase>> {
+        check_purchase_id(id)?;
+        let id = id.to_owned();
+        self.read(move |c| query_purchase(c, &id)).await
+    }
+
+    async fn purchase_by_stripe_id(&self, stripe_id: &str) -> Result<Option<Purchase>> {
+        check_stripe_id(stripe_id)?;
+        let stripe_id = stripe_id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {PURCHASE_COLUMNS}, 0 AS pref FROM purchases WHERE checkout_session = ?1
+                 UNION ALL SELECT {PURCHASE_COLUMNS}, 1 AS pref FROM purchases WHERE payment_intent = ?1
+                 ORDER BY pref LIMIT 1"
+            ))?;
+            let mut rows = stmt.query([&stripe_id])?;
+            rows.next()?.map(purchase_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn save_purchase(&self, p: &Purchase) -> Result<Option<Purchase>> {
+        p.validate()?;
+        let p = p.clone();
+        let clock = self.clock.clone();
+        self.write(move |c| write_purchase(c, &p, to_millis(clock.now()))).await
+    }
+
+    async fn purchases(&self, after: Option<&str>, limit: u32) -> Result<Vec<Purchase>> {
+        check_billing_page(limit)?;
+        if let Some(after) = after {
+            check_purchase_id(after)?;
+        }
+        let after = after.unwrap_or_default().to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+            let mut rows = stmt.query(params![after, limit])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push(purchase_from_row(r)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_stripe_event(&self, e: &StripeEventRecord) -> Result<bool> {
+        check_stripe_event(e)?;
+        let e = e.clone();
+        let clock = self.clock.clone();
+        self.write(move |c| {
+            let now = to_millis(clock.now());
+            let n = c
+                .prepare_cached(&format!("INSERT INTO stripe_events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING"))?
+                .execute(params![e.id, e.kind, e.created, e.status.as_str(), e.account.as_ref().map(AccountId::as_str), e.payload, ms(now)])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn set_stripe_event_status(&self, id: &str, status: EventStatus, account: Option<&AccountId>) -> Result<()> {
+        check_stripe_id(id)?;
+        let (id, account) = (id.to_owned(), account.cloned());
+        self.write(move |c| {
+            let n = c.prepare_cached("UPDATE stripe_events SET status = ?2, account = COALESCE(?3, account) WHERE id = ?1")?.execute(params![
+                id,
+                status.as_str(),
+                account.as_ref().map(AccountId::as_str)
+            ])?;
+            if n == 0 {
+                return Err(Error::NotFound { what: "stripe event" });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stripe_event(&self, id: &str) -> Result<Option<StripeEventRecord>> {
+        check_stripe_id(id)?;
+        let id = id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM stripe_events WHERE id = ?1"))?;
+            let mut rows = stmt.query([&id])?;
+            rows.next()?.map(event_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn stripe_events(&self, status: Option<EventStatus>, limit: u32) -> Result<Vec<StripeEventRecord>> {
+        check_billing_page(limit)?;
+        self.read(move |c| {
+            // Two statements, so that a status is looked up in stripe_events_by_status.
+            let (mut stmt, mut rows);
+            match status {
+                Some(status) => {
+                    stmt = c.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM stripe_events WHERE status = ?1 ORDER BY received_ms, id LIMIT ?2"))?;
+                    rows = stmt.query(params![status.as_str(), limit])?;
+                }
+                None => {
+                    stmt = c.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM stripe_events ORDER BY received_ms, id LIMIT ?1"))?;
+                    rows = stmt.query(params![limit])?;
+                }
+            }
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push(event_from_row(r)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<()> {
+        check_stripe_id(customer)?;
+        let (customer, account) = (customer.to_owned(), account.clone());
+        let clock = self.clock.clone();
+        self.write(move |c| {
+            let now = ms(to_millis(clock.now()));
+            c.prepare_cached(
+                "INSERT INTO stripe_customers (customer, account, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (customer) DO UPDATE SET account = excluded.account, updated_ms = excluded.updated_ms",
+            )?
+            .execute(params![customer, account.as_str(), now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn customer_account(&self, customer: &str) -> Result<Option<AccountId>> {
+        check_stripe_id(customer)?;
+        let customer = customer.to_owned();
+        self.read(move |c| {
+            let account: Option<String> =
+                c.prepare_cached("SELECT account FROM stripe_customers WHERE customer = ?1")?.query_row([&customer], |r| r.get(0)).optional()?;
+            account.map(|a| stored("customer account", AccountId::new(a))).transpose()
+        })
+        .await
+    }
+
+    async fn add_debt(&self, account: &AccountId, credits: i64) -> Result<i64> {
+        check_debt_change(credits)?;
+        let account = account.clone();
+        let clock = self.clock.clone();
+        self.write(move |c| {
+            let now = ms(to_millis(clock.now()));
+            // One statement: the clamps apply to whatever the debt is when it runs.
+            Ok(c.prepare_cached(
+                "INSERT INTO credit_debts (account, credits, updated_ms) VALUES (?1, MIN(MAX(?2, 0), ?3), ?4)
+                 ON CONFLICT (account) DO UPDATE SET credits = MIN(MAX(credit_debts.credits + ?2, 0), ?3), updated_ms = ?4
+                 RETURNING credits",
+            )?
+            .query_row(params![account.as_str(), credits, MAX_BUCKET_CREDITS, now], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn debt(&self, account: &AccountId) -> Result<i64> {
+        let account = account.clone();
+        self.read(move |c| {
+            let debt: Option<i64> =
+                c.prepare_cached("SELECT credits FROM credit_debts WHERE account = ?1")?.query_row([account.as_str()], |r| r.get(0)).optional()?;
+            Ok(debt.unwrap_or(0))
+        })
+        .await
     }
 
     fn clock(&self) -> Arc<dyn Clock> {
