@@ -62,6 +62,16 @@ pub enum Error {
     #[error("provider: {0}")]
     Provider(#[from] crate::provider::ProviderError),
 
+    /// A webhook whose signature does not verify (missing, malformed, wrong, stale). Nothing
+    /// was changed.
+    #[error("invalid webhook signature: {0}")]
+    InvalidSignature(String),
+
+    /// A Stripe API call failed. `code`: `payment_declined`, `stripe_rate_limited`,
+    /// `stripe_unavailable`, `stripe_auth` or `stripe_error`.
+    #[error("stripe: {code}: {message}")]
+    Stripe { code: &'static str, message: String },
+
     /// The store was closed.
     #[error("store is closed")]
     Closed,
@@ -84,6 +94,8 @@ impl Error {
             Error::NotFound { .. } => "not_found",
             #[cfg(feature = "provider")]
             Error::Provider(e) => e.code(),
+            Error::InvalidSignature(_) => "invalid_signature",
+            Error::Stripe { code, .. } => code,
             Error::Closed => "closed",
         }
     }

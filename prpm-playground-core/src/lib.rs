@@ -13,6 +13,8 @@
 //! * [`history`]: CSV export of the transaction log.
 //! * [`conformance`]: the behaviour every backend must show, as library code.
 
+#[cfg(feature = "stripe")]
+pub mod billing;
 pub mod clock;
 pub mod conformance;
 pub mod cost;
@@ -26,6 +28,7 @@ pub mod playground;
 pub mod pricing;
 #[cfg(feature = "provider")]
 pub mod provider;
+pub mod purchase;
 pub mod session;
 pub mod store;
 

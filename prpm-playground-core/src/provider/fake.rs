@@ -46,7 +46,10 @@ pub struct Recorded {
     pub path: String,
     /// Header names in lower case.
     pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON (`Null` when it is not JSON).
     pub body: Value,
+    /// The body as sent (a form, for Stripe).
+    pub raw: String,
 }
 
 impl Recorded {
@@ -157,7 +160,12 @@ async fn serve(mut sock: TcpStream, st: Arc<Mutex<State>>) -> std::io::Result<()
         let body: Vec<u8> = buf.drain(..len).collect();
         let reply = {
             let mut s = st.lock().unwrap();
-            s.requests.push(Recorded { path, headers, body: serde_json::from_slice(&body).unwrap_or(Value::Null) });
+            s.requests.push(Recorded {
+                path,
+                headers,
+                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                raw: String::from_utf8_lossy(&body).into_owned(),
+            });
             s.script.pop_front().or_else(|| s.default.clone())
         };
         match reply {
