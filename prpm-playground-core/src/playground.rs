@@ -136,11 +136,14 @@ pub struct PlaygroundConfig {
     /// A streamed run whose caller takes no event for this long is treated as abandoned:
     /// settled for what was consumed (so a stalled reader cannot keep a hold open).
     pub stall_timeout: std::time::Duration,
+    /// Refuse runs of accounts that owe refunded credits ([`Rejection::InDebt`]); for
+    /// billing with the `debt` refund policy.
+    pub check_debt: bool,
 }
 
 impl Default for PlaygroundConfig {
     fn default() -> Self {
-        PlaygroundConfig { hold_margin_secs: 120, stream_buffer: 64, stall_timeout: std::time::Duration::from_secs(60) }
+        PlaygroundConfig { hold_margin_secs: 120, stream_buffer: 64, stall_timeout: std::time::Duration::from_secs(60), check_debt: false }
     }
 }
 
@@ -344,6 +347,12 @@ impl Playground {
     /// run continues its session or starts one (a comparison's halves stay outside).
     async fn prepare(&self, req: &RunRequest, with_prompt: bool, in_session: bool) -> Result<Result<Prepared, Rejection>> {
         let (chat, input_tokens, estimate, client, session) = self.plan(req, with_prompt).await?;
+        if self.cfg.check_debt {
+            let credits = self.store.debt(&req.account).await?;
+            if credits > 0 {
+                return Ok(Err(Rejection::InDebt { credits }));
+            }
+        }
         let run_id = req.run_id.clone().unwrap_or_else(RunId::generate);
         let key = format!("run:{run_id}:hold");
         let hold = Hold {

@@ -9,6 +9,7 @@ use chrono::{Duration, TimeZone, Utc};
 use prpm_playground_core::billing::signature::sign;
 use prpm_playground_core::billing::*;
 use prpm_playground_core::conformance::{applied, create_user, key};
+use prpm_playground_core::pricing::Pricing;
 use prpm_playground_core::provider::fake::{FakeProvider, Reply};
 use prpm_playground_core::purchase::*;
 use prpm_playground_core::*;
@@ -322,6 +323,25 @@ async fn refunds_of_spent_credits_clamp_or_become_debt() {
             RefundPolicy::Clamp => assert_eq!(debt, 0),
             RefundPolicy::Debt => {
                 assert_eq!(debt, 75);
+                // A playground that checks debts refuses runs until it is repaid.
+                let play = prpm_playground_core::playground::Playground::new(
+                    w.store.clone(),
+                    Pricing::default(),
+                    Arc::new(prpm_playground_core::playground::StorePackages(w.store.clone())),
+                )
+                .with_client(provider::ProviderClient::new(provider::ClientConfig::anthropic(provider::ApiKey::new("k").unwrap())).unwrap())
+                .with_config(prpm_playground_core::playground::PlaygroundConfig { check_debt: true, ..Default::default() });
+                let run = prpm_playground_core::playground::RunRequest {
+                    account: a.clone(),
+                    package_id: None,
+                    session: None,
+                    input: "hi".into(),
+                    model: "claude-sonnet-4-5".into(),
+                    temperature: None,
+                    max_tokens: Some(100),
+                    run_id: None,
+                };
+                assert!(matches!(play.run(run.clone()).await.unwrap(), Err(Rejection::InDebt { credits: 75 })));
                 // The next pack repays the debt first, once, however often its event comes.
                 let q = w.buy(&a, Pack::Small).await;
                 for _ in 0..5 {
@@ -464,9 +484,37 @@ async fn unknown_types_are_ignored_and_unknown_customers_kept_for_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_receiving_the_same_events_at_once_apply_them_once() {
     let w = world().await;
-    let a = create_user(&*w.store, "busy").await;
     // A second worker: its own store handle on the same file, its own Billing.
     let other: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::file(&w.path).clock(w.clock.clone())).unwrap());
+    two_workers(w, other).await;
+}
+
+/// The same on PostgreSQL: two nodes (two pools) on one database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_postgres_nodes_receiving_the_same_events_at_once_apply_them_once() {
+    use prpm_playground_core::pg_cluster::PgCluster;
+    use prpm_playground_core::store::postgres::{PgOptions, PgStore};
+    let cluster = match PgCluster::shared() {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("SKIPPED: PostgreSQL is not installed here (CI installs it and sets PRPM_REQUIRE_POSTGRES=1)");
+            return;
+        }
+        Err(e) => panic!("cannot start a PostgreSQL cluster: {e}"),
+    };
+    let url = cluster.create_database().await.unwrap();
+    let mut w = world().await;
+    let node = |url: String, clock: Arc<ManualClock>| async move {
+        Arc::new(PgStore::open(PgOptions::new(url).clock(clock).pool_size(8)).await.unwrap()) as Arc<dyn Store>
+    };
+    w.store = node(url.clone(), w.clock.clone()).await;
+    w.billing = Billing::new(w.store.clone(), config(&w.stripe.url(), RefundPolicy::Clamp)).unwrap();
+    let other = node(url, w.clock.clone()).await;
+    two_workers(w, other).await;
+}
+
+async fn two_workers(w: World, other: Arc<dyn Store>) {
+    let a = create_user(&*w.store, "busy").await;
     let billing2 = Arc::new(Billing::new(other.clone(), config(&w.stripe.url(), RefundPolicy::Clamp)).unwrap());
     let mut purchases = Vec::new();
     for _ in 0..5 {

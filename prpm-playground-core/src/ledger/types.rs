@@ -897,6 +897,10 @@ pub enum Rejection {
     NotThrottled,
     #[error("the account is already throttled")]
     AlreadyThrottled,
+    /// Refunded credits that had been spent are owed (the `debt` refund policy): runs wait
+    /// until a purchase repays them.
+    #[error("{credits} credits are owed from a refund")]
+    InDebt { credits: Credits },
 }
 
 impl Rejection {
@@ -919,6 +923,7 @@ impl Rejection {
             Rejection::MonthlyCostLimit { .. } => "monthly_cost_limit",
             Rejection::NotThrottled => "not_throttled",
             Rejection::AlreadyThrottled => "already_throttled",
+            Rejection::InDebt { .. } => "in_debt",
         }
     }
 }
