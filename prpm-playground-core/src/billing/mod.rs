@@ -414,6 +414,9 @@ impl Billing {
     /// Verifies and applies one webhook delivery. An `Err` changes nothing and should be
     /// answered with a 4xx (bad signature) or 5xx (retry later); every `Ok` with a 2xx.
     pub async fn handle_webhook(&self, signature: Option<&str>, body: &[u8]) -> Result<WebhookOutcome> {
+        if body.len() > MAX_EVENT_PAYLOAD_BYTES {
+            return Err(Error::invalid("payload", format!("longer than {MAX_EVENT_PAYLOAD_BYTES} bytes")));
+        }
         signature::verify(signature, body, &self.cfg.webhook_secrets, self.store.clock().now(), self.cfg.tolerance_secs)?;
         let event: Value = serde_json::from_slice(body).map_err(|e| Error::invalid("payload", format!("not JSON: {e}")))?;
         let id = str_at(&event, &["id"]).ok_or_else(|| Error::invalid("payload", "no event id"))?.to_owned();
@@ -654,7 +657,16 @@ impl Billing {
                 reference: format!("stripe refund of purchase {}", p.id),
                 key: key(format!("stripe:{}:reverse:{from}-{to}", p.id))?,
             };
-            let done = self.store.clawback(claw).await?.map_err(|r| Error::Invariant(format!("reversal of purchase {id}: {r}")))?;
+            let done = match self.store.clawback(claw).await {
+                Ok(r) => r.map_err(|r| Error::Invariant(format!("reversal of purchase {id}: {r}")))?,
+                Err(e) => {
+                    // Give the claimed step back, so the redelivery takes it again. (A process
+                    // that dies right here leaves it claimed and the credits not taken back:
+                    // the README names this window.)
+                    let _ = self.update(id, |p| (p.credits_reversed == to).then(|| Purchase { credits_reversed: from, ..p.clone() })).await;
+                    return Err(e);
+                }
+            };
             if let Effect::ClawedBack { shortfall, .. } = done.effect {
                 if shortfall > 0 && self.cfg.refund_policy == RefundPolicy::Debt && !done.replayed {
                     self.store.add_debt(&p.account, shortfall).await?;
@@ -696,8 +708,12 @@ impl Billing {
             },
         };
         let Some(account) = account else { return Ok((EventStatus::Unmatched, None)) };
-        if self.store.balance(&account).await.is_err() {
-            return Ok((EventStatus::Unmatched, None));
+        match self.store.balance(&account).await {
+            Ok(_) => {}
+            // An account we do not know (yet): kept. Any other error: the delivery fails and
+            // Stripe retries it.
+            Err(Error::UnknownAccount(_)) => return Ok((EventStatus::Unmatched, None)),
+            Err(e) => return Err(e),
         }
         if let Some(c) = customer.filter(|c| check_stripe_id(c).is_ok()) {
             self.store.link_customer(c, &account).await?;
@@ -714,8 +730,9 @@ impl Billing {
         let running = matches!(status, "active" | "trialing" | "past_due") && kind != "customer.subscription.deleted";
         let cancelling = o.get("cancel_at_period_end").and_then(Value::as_bool).unwrap_or(false);
         let current = self.store.balance(&account).await?.plan;
-        // An older state than the one applied (`updated` overtaken by a late `created`): skip.
-        if current.is_some_and(|c| c.period_end > period_end) {
+        // An older state than the one applied (`updated` overtaken by a late `created`), or a
+        // running state whose period is over (a late copy): skip, never move the plan back.
+        if current.is_some_and(|c| c.period_end > period_end) || (running && period_end <= self.store.clock().now()) {
             return Ok((EventStatus::Processed, Some(account)));
         }
         let org_member = plan == Plan::PlusOrgMember;
@@ -728,7 +745,12 @@ impl Billing {
         // The allocation is granted when a plan starts and at each period's end by the ledger's
         // rollover, never by an event: repeats and reorders cannot grant a period twice.
         match self.store.set_plan(account.clone(), terms, key(format!("stripe:{event_id}:plan"))?).await? {
-            Ok(_) | Err(Rejection::HoldsOpen) | Err(Rejection::NothingDue) => {}
+            Ok(_) | Err(Rejection::NothingDue) => {}
+            // A run's hold spans the period's end: the change waits for it. The delivery fails
+            // (nothing was applied) and Stripe sends it again.
+            Err(Rejection::HoldsOpen) => {
+                return Err(Error::Backend(format!("plan change from {event_id} waits for open holds to close; retry later")));
+            }
             Err(r) => return Err(Error::Invariant(format!("plan from {event_id}: {r}"))),
         }
         Ok((EventStatus::Processed, Some(account)))

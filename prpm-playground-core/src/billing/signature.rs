@@ -12,6 +12,8 @@ use crate::error::Error;
 pub const DEFAULT_TOLERANCE_SECS: i64 = 300;
 /// Longest header read (bounds the parsing).
 const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Most `v1` signatures looked at (Stripe sends one per active secret).
+const MAX_SIGNATURES: usize = 8;
 
 /// Why a webhook was refused. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,18 +70,22 @@ pub fn verify(header: Option<&str>, body: &[u8], secrets: &[String], now: DateTi
     if sigs.is_empty() {
         return Err(SignatureError::Malformed("no v1 signature"));
     }
+    if sigs.len() > MAX_SIGNATURES {
+        return Err(SignatureError::Malformed("too many signatures"));
+    }
+    let candidates: Vec<Vec<u8>> = sigs.iter().filter_map(|s| hex_decode(s)).collect();
     let mut matched = false;
-    for sig in &sigs {
-        let Some(bytes) = hex_decode(sig) else { continue };
-        for secret in secrets {
-            // `verify_slice` compares in constant time.
-            matched |= mac(secret, t, body).verify_slice(&bytes).is_ok();
+    // One MAC per secret over the body; each candidate compared in constant time.
+    for secret in secrets {
+        let expected = mac(secret, t, body).finalize();
+        for c in &candidates {
+            matched |= expected == hmac::digest::CtOutput::new(hmac::digest::generic_array::GenericArray::clone_from_slice(c));
         }
     }
     if !matched {
         return Err(SignatureError::Mismatch);
     }
-    let age_secs = now.timestamp() - t;
+    let age_secs = now.timestamp().saturating_sub(t);
     if age_secs.abs() > tolerance_secs {
         return Err(SignatureError::Stale { age_secs, tolerance_secs });
     }
@@ -143,5 +149,8 @@ mod tests {
         // v0 (test-mode) signatures are ignored, not trusted.
         let v0 = old.replace("v1=", "v0=");
         assert!(verify(Some(&v0), body, &["whsec_old".into()], at(5_000), 300).is_err());
+        // A header stuffed with signatures is refused before any MAC is computed.
+        let stuffed = format!("t=5000{}", ",v1=00".repeat(9));
+        assert_eq!(verify(Some(&stuffed), body, &["whsec_old".into()], at(5_000), 300), Err(SignatureError::Malformed("too many signatures")));
     }
 }
