@@ -163,9 +163,14 @@ fn text_of(tokens: u64) -> String {
             i += 1;
         }
     }
-    while Counter::O200k.count(&s) > tokens {
-        s.pop();
+    // The longest prefix of at most `tokens` tokens, by bisection over character boundaries.
+    let ends: Vec<usize> = s.char_indices().map(|(i, _)| i).chain([s.len()]).collect();
+    let (mut lo, mut hi) = (0, ends.len() - 1);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if Counter::O200k.count(&s[..ends[mid]]) <= tokens { lo = mid } else { hi = mid - 1 }
     }
+    s.truncate(ends[lo]);
     s
 }
 

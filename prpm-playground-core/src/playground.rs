@@ -384,7 +384,7 @@ impl Playground {
                 match self.store.create_session(&ns).await {
                     Ok(s) => Some(s.id),
                     Err(e) => {
-                        driver.release(&req.account, &run_id, hold).await;
+                        driver.release(&run_id, hold).await;
                         return Err(e);
                     }
                 }
@@ -587,7 +587,7 @@ impl Driver {
 
     /// The provider failed: release the hold (nothing is charged) and record the failure.
     async fn fail(&self, p: &Prepared, e: &ProviderError, started: Instant) {
-        self.release(&p.account, &p.run_id, p.hold).await;
+        self.release(&p.run_id, p.hold).await;
         let run = RunRecord {
             id: p.run_id.clone(),
             account: p.account.clone(),
@@ -618,7 +618,7 @@ impl Driver {
         let _ = self.store.record_run(&run, &[]).await;
     }
 
-    async fn release(&self, _account: &AccountId, run_id: &RunId, hold: HoldId) {
+    async fn release(&self, run_id: &RunId, hold: HoldId) {
         if let Ok(key) = run_key(run_id, "release") {
             let _ = self.store.release(hold, key).await;
         }

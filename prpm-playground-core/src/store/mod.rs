@@ -106,9 +106,7 @@ impl HistoryQuery {
         HistoryQuery { account, kinds: Vec::new(), from: None, until: None, before: None, limit: 100 }
     }
     pub fn validate(&self) -> Result<()> {
-        if !(1..=MAX_PAGE).contains(&self.limit) {
-            return Err(Error::invalid("limit", format!("{} is outside 1..={MAX_PAGE}", self.limit)));
-        }
+        check_page(self.limit, MAX_PAGE)?;
         if let (Some(f), Some(u)) = (self.from, self.until)
             && f > u
         {
@@ -372,13 +370,17 @@ pub(crate) fn parse_kind(s: &str) -> Result<AccountKind> {
     }
 }
 
-/// Checks a page size of sessions or runs.
-pub(crate) fn check_session_page(limit: u32) -> Result<()> {
-    let max = crate::session::MAX_PAGE;
+/// Checks a page size: 1..=`max`.
+pub(crate) fn check_page(limit: u32, max: u32) -> Result<()> {
     if !(1..=max).contains(&limit) {
         return Err(Error::invalid("limit", format!("{limit} is outside 1..={max}")));
     }
     Ok(())
+}
+
+/// Checks a page size of sessions or runs.
+pub(crate) fn check_session_page(limit: u32) -> Result<()> {
+    check_page(limit, crate::session::MAX_PAGE)
 }
 
 /// The cursor that follows a session in its owner's list: `<created ms>.<id>`.
@@ -428,10 +430,7 @@ pub(crate) fn stored<T>(what: &str, r: Result<T>) -> Result<T> {
 
 /// Checks a page size of purchases or Stripe events (1..=[`MAX_PAGE`]).
 pub(crate) fn check_billing_page(limit: u32) -> Result<()> {
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
-    }
-    Ok(())
+    check_page(limit, MAX_PAGE)
 }
 
 /// Checks a purchase id before it is looked up (the rule [`Purchase::validate`] applies).

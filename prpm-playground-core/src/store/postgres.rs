@@ -772,9 +772,7 @@ impl PgStore {
     }
 
     async fn usage_once(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
-        }
+        check_page(limit, MAX_PAGE)?;
         let client = self.core.client().await?;
         let id: i64 = client
             .query_opt("SELECT id FROM accounts WHERE external_id = $1", &[&account.as_str()])
@@ -812,9 +810,7 @@ impl PgStore {
     }
 
     async fn due_once(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
-        }
+        check_page(limit, MAX_PAGE)?;
         let now = to_millis(self.core.clock.now());
         let today = now.date_naive();
         let month = crate::cost::month_start(today);
@@ -937,9 +933,7 @@ impl PgStore {
     }
 
     async fn cost_accounts_once(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
-        }
+        check_page(limit, MAX_PAGE)?;
         let now = to_millis(self.core.clock.now());
         let mut client = self.core.client().await?;
         let tx = client.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
@@ -977,9 +971,7 @@ impl PgStore {
     }
 
     async fn alerts_once(&self, q: &AlertQuery) -> Result<Vec<StoredAlert>> {
-        if !(1..=MAX_PAGE).contains(&q.limit) {
-            return Err(Error::invalid("limit", format!("{} is outside 1..={MAX_PAGE}", q.limit)));
-        }
+        check_page(q.limit, MAX_PAGE)?;
         let client = self.core.client().await?;
         let rows = client
             .query(

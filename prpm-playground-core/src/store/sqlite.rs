@@ -129,63 +129,33 @@ impl SqliteOptions {
     }
 }
 
-type ReadFn = Box<dyn FnOnce(&Connection) + Send>;
+/// Work the writer runs on its connection after the group it arrived with: reads of an
+/// in-memory store, and writes outside the ledger (in their own transaction, see `in_write`).
+type ConnFn = Box<dyn FnOnce(&Connection) + Send>;
 
 enum Job {
     Exec(Box<Prepared>, Reply),
-    Read(ReadFn),
-    /// A write outside the ledger (the playground's tables), in its own transaction.
-    Write(Box<dyn WriteJob>),
+    Run(ConnFn),
 }
 
-/// A write the writer runs in its own transaction (`BEGIN IMMEDIATE`), between groups of
-/// commands: `apply` writes, then the writer commits (or rolls back if `apply` or the commit
-/// failed) and hands the result to `finish`, so the caller hears of a success only once it is
-/// committed. These writes touch no table the writer caches.
-trait WriteJob: Send {
-    fn apply(&mut self, conn: &Connection) -> Result<()>;
-    fn finish(self: Box<Self>, result: Result<()>);
-}
-
-struct WriteOp<T, F> {
-    f: Option<F>,
-    value: Option<T>,
-    reply: oneshot::Sender<Result<T>>,
-}
-
-impl<T, F> WriteJob for WriteOp<T, F>
-where
-    T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-{
-    fn apply(&mut self, conn: &Connection) -> Result<()> {
-        let f = self.f.take().ok_or_else(|| Error::Invariant("write applied twice".into()))?;
-        self.value = Some(f(conn)?);
-        Ok(())
-    }
-    fn finish(self: Box<Self>, result: Result<()>) {
-        let WriteOp { value, reply, .. } = *self;
-        let r = result.and_then(|()| value.ok_or_else(|| Error::Invariant("write without a result".into())));
-        let _ = reply.send(r);
-    }
-}
-
-/// Runs a [`WriteJob`] in its own write transaction on the writer's connection.
-fn run_write(conn: &Connection, mut job: Box<dyn WriteJob>) {
+/// Runs `f` in its own write transaction (`BEGIN IMMEDIATE`): committed if it returns `Ok`,
+/// rolled back otherwise (or if the commit fails), so a caller hears of a success only once it
+/// is committed. These writes touch no table the writer caches.
+fn in_write<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
     let r = (|| {
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        job.apply(conn)?;
+        let v = f(conn)?;
         if conn.is_autocommit() {
             return Err(Error::Backend("the transaction was rolled back by SQLite".into()));
         }
         conn.prepare_cached("COMMIT")?.execute([])?;
-        Ok(())
+        Ok(v)
     })();
     // Whatever failed (the write or the commit itself), leave no transaction open.
     if r.is_err() && !conn.is_autocommit() {
         let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
     }
-    job.finish(r);
+    r
 }
 
 struct ReadPool {
@@ -326,7 +296,7 @@ impl SqliteStore {
             }
             None => {
                 let (tx, rx) = oneshot::channel();
-                self.send(Job::Read(Box::new(move |c| {
+                self.send(Job::Run(Box::new(move |c| {
                     let _ = tx.send(f(c));
                 })))?;
                 rx.await.map_err(|_| Error::Closed)?
@@ -334,15 +304,16 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `f` on the writer's connection in its own write transaction (see [`WriteJob`]):
-    /// committed if it returns `Ok`, rolled back otherwise.
+    /// Runs `f` on the writer's connection in its own write transaction (see [`in_write`]).
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        self.send(Job::Write(Box::new(WriteOp { f: Some(f), value: None, reply: tx })))?;
+        self.send(Job::Run(Box::new(move |c| {
+            let _ = tx.send(in_write(c, f));
+        })))?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -477,12 +448,6 @@ struct Writer {
     alerts: Vec<(AccountId, Alert)>,
 }
 
-/// A job the writer runs after the group it arrived with.
-enum Other {
-    Read(ReadFn),
-    Write(Box<dyn WriteJob>),
-}
-
 fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Job>,
@@ -495,14 +460,13 @@ fn writer_loop(
     let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch, sink, alerts: Vec::new() };
     let mut group = Vec::with_capacity(max_batch);
     // Reads and playground writes, in arrival order, after the group.
-    let mut others: Vec<Other> = Vec::new();
+    let mut others: Vec<ConnFn> = Vec::new();
     while let Some(first) = next_job(&rx) {
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
                 Job::Exec(p, reply) => group.push((*p, reply)),
-                Job::Read(f) => others.push(Other::Read(f)),
-                Job::Write(job) => others.push(Other::Write(job)),
+                Job::Run(f) => others.push(f),
             }
             if group.len() < max_batch {
                 next = rx.try_recv().ok();
@@ -512,11 +476,8 @@ fn writer_loop(
             let now = to_millis(clock.now());
             w.commit_group(std::mem::take(&mut group), now);
         }
-        for job in others.drain(..) {
-            match job {
-                Other::Read(f) => f(&w.conn),
-                Other::Write(job) => run_write(&w.conn, job),
-            }
+        for f in others.drain(..) {
+            f(&w.conn);
         }
     }
 }
@@ -1858,17 +1819,13 @@ impl Store for SqliteStore {
     }
 
     async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
-        }
+        check_page(limit, MAX_PAGE)?;
         let account = account.clone();
         self.read(move |c| query_usage(c, &account, limit)).await
     }
 
     async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
-        }
+        check_page(limit, MAX_PAGE)?;
         let after = after.cloned();
         let now = to_millis(self.clock.now());
         self.read(move |c| query_due(c, due, after.as_ref(), limit, now)).await
@@ -1896,9 +1853,7 @@ impl Store for SqliteStore {
     }
 
     async fn cost_accounts(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(Error::invalid("limit", format!("{limit} is outside 1..={MAX_PAGE}")));
-        }
+        check_page(limit, MAX_PAGE)?;
         let after = after.cloned();
         let now = to_millis(self.clock.now());
         self.read(move |c| {
@@ -1920,9 +1875,7 @@ impl Store for SqliteStore {
     }
 
     async fn alerts(&self, query: &AlertQuery) -> Result<Vec<StoredAlert>> {
-        if !(1..=MAX_PAGE).contains(&query.limit) {
-            return Err(Error::invalid("limit", format!("{} is outside 1..={MAX_PAGE}", query.limit)));
-        }
+        check_page(query.limit, MAX_PAGE)?;
         let q = query.clone();
         self.read(move |c| query_alerts(c, &q)).await
     }
@@ -1934,22 +1887,8 @@ impl Store for SqliteStore {
     }
 
     async fn refresh_analytics(&self) -> Result<AnalyticsReport> {
-        let (tx, rx) = oneshot::channel();
-        // Runs on the writer's connection, between groups, in its own write transaction.
-        self.send(Job::Read(Box::new(move |c| {
-            let r = (|| {
-                c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-                let n = roll_up_usage(c)?;
-                c.prepare_cached("COMMIT")?.execute([])?;
-                Ok(AnalyticsReport { usage_records: n })
-            })();
-            // Whatever failed (the roll-up or the commit itself), leave no transaction open.
-            if r.is_err() && !c.is_autocommit() {
-                let _ = c.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
-            }
-            let _ = tx.send(r);
-        })))?;
-        rx.await.map_err(|_| Error::Closed)?
+        // On the writer's connection, between groups, in its own write transaction.
+        self.write(|c| Ok(AnalyticsReport { usage_records: roll_up_usage(c)? })).await
     }
 
     async fn put_package(&self, p: &Package) -> Result<()> {
