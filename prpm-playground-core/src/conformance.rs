@@ -23,7 +23,7 @@ use crate::session::{
     MAX_TURNS_PER_SESSION, NewSession, NewTurn, Package, Role, RunId, RunOutcome, RunRecord, Session, SessionId, SessionSummary, ShareToken, SharedSession,
     SharedTurn, Turn,
 };
-use crate::store::{AlertQuery, BalanceView, CostFilter, CostView, DailyUsageQuery, Entry, HistoryQuery, Store};
+use crate::store::{AlertQuery, BalanceView, CostFilter, CostView, DailyUsageQuery, Entry, HistoryQuery, SettleRun, Store};
 
 /// The time every conformance store starts at.
 pub fn start() -> DateTime<Utc> {
@@ -62,7 +62,7 @@ macro_rules! conformance_suite {
             metering_counts_toward_limits, reference_scenario_summary, cost_jobs_run_twice_at_once_do_the_work_once,
             monthly_limit_outranks_a_daily_throttle, a_clock_that_steps_back_never_restarts_a_period,
             packages_round_trip_and_bad_input, sessions_belong_to_their_owner, sessions_list_newest_first_paginated,
-            runs_append_turns_in_order, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense,
+            runs_append_turns_in_order, settle_run_settles_and_records_at_once, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense,
             purchases_round_trip_and_cas, purchase_cas_under_concurrency, stripe_events_once_by_id, customers_and_debts);
         $crate::conformance_suite!(@ $mode $open; rollover_first; rollover_first_spend_order);
     };
@@ -1625,6 +1625,87 @@ pub async fn sessions_list_newest_first_paginated(store: &dyn Store, clock: &Man
     for bad in ["", "garbage", "12", "x.0123456789abcdef0123456789abcdef", "1.not-a-session-id", "99999999999999999999.0123456789abcdef0123456789abcdef"] {
         assert_eq!(invalid_field(store.sessions(&alice, Some(bad), 3).await), "cursor", "cursor {bad:?}");
     }
+}
+
+/// `settle_run` settles the hold and records the run with the credits charged, creating the
+/// session a first run starts; a session gone meanwhile leaves the run recorded outside it; a
+/// rejected settle records nothing; a retry records nothing more; bad input writes nothing.
+pub async fn settle_run_settles_and_records_at_once(store: &dyn Store, clock: &ManualClock) {
+    let alice = create_user(store, "alice").await;
+    grant(store, &alice, Bucket::Purchased, 100, None, "g").await;
+    let held = |k: &'static str| async move { hold_id(&applied(store.hold(hold_cmd(&acct("alice"), 10, 600, k)).await)) };
+    let job = |hold: HoldId, k: &str, run: RunRecord, turns: Vec<NewTurn>, new_session: Option<NewSession>| SettleRun {
+        settle: Settle { hold, credits: 4, usage: None, key: key(k) },
+        run: RunRecord { hold: Some(hold), credits: 0, ..run },
+        turns,
+        new_session,
+    };
+
+    // A first run: the session is created with the run, the run carries the credits charged.
+    let h1 = held("h1").await;
+    let ns = new_session(&alice, "first");
+    let r1 = run_record(&alice, Some(&ns.id), clock.now());
+    assert_eq!(store.session(&alice, &ns.id).await.unwrap(), None, "not created before the run settles");
+    let first = job(h1, "s1", r1.clone(), exchange("q1", "a1"), Some(ns.clone()));
+    let done = store.settle_run(first.clone()).await.unwrap();
+    assert!(matches!(&done.settled, Ok(Committed { effect: Effect::Settled { .. }, replayed: false })), "{done:?}");
+    assert_eq!(done.session, Some(ns.id.clone()));
+    let s = session_of(store, &alice, &ns.id).await;
+    assert_eq!((s.summary.title.as_str(), s.summary.turns), ("first", 2));
+    assert_eq!(s.turns.iter().map(|t| t.content.as_str()).collect::<Vec<_>>(), ["q1", "a1"]);
+    let b = balance(store, &alice).await;
+    assert_eq!((b.total, b.held), (105 - 4, 0));
+    assert_eq!(store.runs(&alice, 10).await.unwrap(), vec![RunRecord { credits: 4, hold: Some(h1), ..r1.clone() }]);
+
+    // The same run again (a retry): the first outcome, nothing more written.
+    let again = store.settle_run(first).await.unwrap();
+    assert!(matches!(&again.settled, Ok(Committed { replayed: true, .. })), "{again:?}");
+    assert_eq!(session_of(store, &alice, &ns.id).await.summary.turns, 2);
+    assert_eq!(store.runs(&alice, 10).await.unwrap().len(), 1);
+    assert_eq!(balance(store, &alice).await.total, 101);
+
+    // A continued session that was deleted meanwhile: charged, recorded outside it.
+    clock.advance(Duration::seconds(1));
+    let h2 = held("h2").await;
+    let gone = store.create_session(&new_session(&alice, "gone")).await.unwrap();
+    assert!(store.delete_session(&alice, &gone.id).await.unwrap());
+    let r2 = run_record(&alice, Some(&gone.id), clock.now());
+    let done = store.settle_run(job(h2, "s2", r2.clone(), exchange("q2", "a2"), None)).await.unwrap();
+    assert_eq!(done.session, None);
+    assert_eq!(store.runs(&alice, 10).await.unwrap()[0], RunRecord { session: None, credits: 4, hold: Some(h2), ..r2 });
+    assert_eq!(store.session(&alice, &gone.id).await.unwrap(), None);
+    assert_eq!(balance(store, &alice).await.total, 97);
+
+    // A rejected settle (the hold was released): nothing recorded, no session created.
+    let h3 = held("h3").await;
+    applied(store.release(h3, key("r3")).await);
+    let ns3 = new_session(&alice, "never");
+    let r3 = run_record(&alice, Some(&ns3.id), clock.now());
+    let done = store.settle_run(job(h3, "s3", r3.clone(), exchange("q3", "a3"), Some(ns3.clone()))).await.unwrap();
+    assert!(done.settled.is_err(), "{done:?}");
+    assert_eq!(done.session, None);
+    assert_eq!(store.session(&alice, &ns3.id).await.unwrap(), None);
+    assert!(store.runs(&alice, 10).await.unwrap().iter().all(|r| r.id != r3.id));
+
+    // Bad input writes nothing: a run that names another hold, a new session that is not the
+    // run's, a bad turn.
+    let h4 = held("h4").await;
+    let ns4 = new_session(&alice, "bad");
+    let r4 = run_record(&alice, Some(&ns4.id), clock.now());
+    let mut other_hold = job(h4, "s4", r4.clone(), vec![], Some(ns4.clone()));
+    other_hold.run.hold = Some(h1);
+    assert_eq!(invalid_field(store.settle_run(other_hold).await), "run.hold");
+    let other_session = job(h4, "s4", r4.clone(), vec![], Some(new_session(&alice, "elsewhere")));
+    assert_eq!(invalid_field(store.settle_run(other_session).await), "new_session");
+    let bad_turn = job(h4, "s4", r4.clone(), vec![NewTurn { role: Role::User, content: "nul \u{0}".into() }], Some(ns4.clone()));
+    assert_eq!(invalid_field(store.settle_run(bad_turn).await), "content");
+    let b = balance(store, &alice).await;
+    assert_eq!((b.total, b.held), (97, 10), "the hold is still open and nothing was charged");
+    assert_eq!(store.session(&alice, &ns4.id).await.unwrap(), None);
+    assert_eq!(store.runs(&alice, 10).await.unwrap().len(), 2);
+    let done = store.settle_run(job(h4, "s4", r4, exchange("q4", "a4"), Some(ns4.clone()))).await.unwrap();
+    assert_eq!(done.session, Some(ns4.id.clone()));
+    assert_eq!(balance(store, &alice).await.total, 93);
 }
 
 /// Runs append their turns in order, once; every field of a run reads back exactly; a

@@ -41,6 +41,6 @@ pub use session::{
 };
 pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 pub use store::{
-    AlertQuery, AnalyticsReport, BalanceView, CostFilter, CostView, DailyUsage, DailyUsageQuery, Due, Entry, HistoryPage, HistoryQuery, Store, StoredAlert,
-    UsageRow, VerifyReport,
+    AlertQuery, AnalyticsReport, BalanceView, CostFilter, CostView, DailyUsage, DailyUsageQuery, Due, Entry, HistoryPage, HistoryQuery, SettleRun, SettledRun,
+    Store, StoredAlert, UsageRow, VerifyReport,
 };

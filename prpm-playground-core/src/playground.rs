@@ -3,9 +3,10 @@
 //!
 //! A run is: count the input tokens (refused over the request cap before anything is held),
 //! estimate the worst case (input + max output), **hold** it (admission: credits, rate limit,
-//! throttle, cost limits), call the provider, **settle** with the provider's reported usage,
-//! record the run and append the turns to the session. A failed call releases the hold and
-//! charges nothing. A stream that breaks, or whose caller goes away, is settled for what was
+//! throttle, cost limits), call the provider, then in one step (one commit on SQLite)
+//! **settle** with the provider's reported usage, record the run and append the turns to the
+//! session (a run that starts a session creates it then: a failed first run leaves none). A
+//! failed call releases the hold and charges nothing. A stream that breaks, or whose caller goes away, is settled for what was
 //! consumed (input plus the output produced), never more than the hold; the hold is never left
 //! open (and if the process dies, `expire_holds` returns it).
 
@@ -22,7 +23,7 @@ use crate::pricing::{Estimate, EstimateRequest, Pricing, Provider, TokenUsage};
 use crate::provider::tokens::Counter;
 use crate::provider::{ChatMessage, ChatRequest, ChatResponse, ProviderClient, ProviderError, StreamEvent};
 use crate::session::*;
-use crate::store::Store;
+use crate::store::{SettleRun, Store};
 
 /// Where package prompts come from: the embedding registry implements this; self-hosters use
 /// [`StorePackages`] (the store's `packages` table).
@@ -116,6 +117,8 @@ pub enum RunEvent {
 #[derive(Debug)]
 pub struct RunStream {
     pub run_id: RunId,
+    /// The run's session: the one it continues, or the one it starts (created when the run
+    /// settles, so it exists once `Done` arrives).
     pub session: Option<SessionId>,
     pub estimate: Estimate,
     rx: mpsc::Receiver<RunEvent>,
@@ -171,8 +174,8 @@ struct Prepared {
     with_prompt: bool,
     input: String,
     hold: HoldId,
-    /// The session was started by this run (a failed first run removes it again).
-    new_session: bool,
+    /// The session this run starts, created when it settles (`session` is its id).
+    new_session: Option<NewSession>,
 }
 
 impl Playground {
@@ -373,23 +376,15 @@ impl Playground {
         let Effect::Held { hold, .. } = committed.effect else {
             return Err(Error::Invariant("a hold that did not hold".into()));
         };
-        let driver = self.driver();
-        let new_session = session.is_none() && in_session;
-        let session = match (session, in_session) {
-            (Some(s), _) => Some(s.summary.id),
+        let (session, new_session) = match (session, in_session) {
+            (Some(s), _) => (Some(s.summary.id), None),
             (None, true) => {
                 let title: String = req.input.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(TITLE_CHARS).collect();
                 let ns =
                     NewSession { id: SessionId::generate(), owner: req.account.clone(), package_id: req.package_id.clone(), model: chat.model.clone(), title };
-                match self.store.create_session(&ns).await {
-                    Ok(s) => Some(s.id),
-                    Err(e) => {
-                        driver.release(&run_id, hold).await;
-                        return Err(e);
-                    }
-                }
+                (Some(ns.id.clone()), Some(ns))
             }
-            (None, false) => None,
+            (None, false) => (None, None),
         };
         Ok(Ok(Prepared {
             run_id,
@@ -524,23 +519,6 @@ impl Driver {
         };
         let record = Usage { operation: RUN_OPERATION.into(), model: p.chat.model.clone(), tokens: usage, cost_micros: quote.cost_micros };
         let settle = Settle { hold: p.hold, credits: quote.credits as Credits, usage: Some(record.clone()), key: run_key(&p.run_id, "settle")? };
-        // Keyed, so a retry after a store error cannot settle twice.
-        let settled = match self.store.settle(settle.clone()).await {
-            Err(_) => self.store.settle(settle).await?,
-            r => r?,
-        };
-        let (credits, capped) = match settled {
-            Ok(Committed { effect: Effect::Settled { charged, capped, .. }, .. }) => (charged.total(), capped),
-            Ok(other) => return Err(Error::Invariant(format!("settle of run {} gave {other:?}", p.run_id))),
-            Err(Rejection::HoldExpired(_)) => {
-                // The sweep returned the hold before the provider answered (a call longer than
-                // the hold's life): no credits, but the cost still counts toward the limits.
-                let meter = Meter { account: p.account.clone(), usage: record, reference: format!("run {}", p.run_id), key: run_key(&p.run_id, "meter")? };
-                self.store.meter(meter).await?.map_err(|r| Error::Invariant(format!("meter of run {}: {r}", p.run_id)))?;
-                (0, false)
-            }
-            Err(r) => return Err(Error::Invariant(format!("settle of run {}: {r}", p.run_id))),
-        };
         let run = RunRecord {
             id: p.run_id.clone(),
             account: p.account.clone(),
@@ -549,7 +527,7 @@ impl Driver {
             model: p.chat.model.clone(),
             with_prompt: p.with_prompt,
             tokens: usage,
-            credits,
+            credits: 0,
             cost_micros: quote.cost_micros,
             latency_ms,
             outcome,
@@ -563,13 +541,34 @@ impl Driver {
             }
             _ => Vec::new(),
         };
-        // The credits are settled: whatever happens to the session (deleted meanwhile, full),
-        // the run is recorded and its result returned.
-        let mut session = p.session.clone();
-        if self.store.record_run(&run, &turns).await.is_err() {
-            session = None;
-            let _ = self.store.record_run(&RunRecord { session: None, ..run }, &[]).await;
-        }
+        // Settle, record the run and append its turns at once. Keyed (the settle by its key,
+        // the run by its id), so a retry after a store error cannot settle or record twice.
+        // Whatever happened to the session meanwhile (deleted, full), a settled run is recorded.
+        let job = SettleRun { settle, run: run.clone(), turns: turns.clone(), new_session: p.new_session.clone() };
+        let done = match self.store.settle_run(job.clone()).await {
+            Err(_) => self.store.settle_run(job).await?,
+            r => r?,
+        };
+        let (credits, capped, session) = match done.settled {
+            Ok(Committed { effect: Effect::Settled { charged, capped, .. }, .. }) => (charged.total(), capped, done.session),
+            Ok(other) => return Err(Error::Invariant(format!("settle of run {} gave {other:?}", p.run_id))),
+            Err(Rejection::HoldExpired(_)) => {
+                // The sweep returned the hold before the provider answered (a call longer than
+                // the hold's life): no credits, but the cost still counts toward the limits.
+                let meter = Meter { account: p.account.clone(), usage: record, reference: format!("run {}", p.run_id), key: run_key(&p.run_id, "meter")? };
+                self.store.meter(meter).await?.map_err(|r| Error::Invariant(format!("meter of run {}: {r}", p.run_id)))?;
+                if let Some(ns) = &p.new_session {
+                    let _ = self.store.create_session(ns).await;
+                }
+                let mut session = p.session.clone();
+                if session.is_none() || self.store.record_run(&run, &turns).await.is_err() {
+                    session = None;
+                    let _ = self.store.record_run(&RunRecord { session: None, ..run }, &[]).await;
+                }
+                (0, false, session)
+            }
+            Err(r) => return Err(Error::Invariant(format!("settle of run {}: {r}", p.run_id))),
+        };
         Ok(RunResult {
             run_id: p.run_id.clone(),
             session,
@@ -605,16 +604,9 @@ impl Driver {
             at: self.store.clock().now(),
         };
         // Best effort: the failure is what the caller hears about; a store that cannot record
-        // it now leaves the hold to `expire_holds`. A session this run started stays empty:
-        // it goes, and the record does not point at it.
-        let run = if p.new_session {
-            if let Some(id) = &p.session {
-                let _ = self.store.delete_session(&p.account, id).await;
-            }
-            RunRecord { session: None, ..run }
-        } else {
-            run
-        };
+        // it now leaves the hold to `expire_holds`. A session this run would have started is
+        // never created, and the record does not point at it.
+        let run = if p.new_session.is_some() { RunRecord { session: None, ..run } } else { run };
         let _ = self.store.record_run(&run, &[]).await;
     }
 

@@ -28,6 +28,57 @@ use crate::session::{
 /// Largest page of history.
 pub const MAX_PAGE: u32 = 1_000;
 
+/// A run to settle and record in one step (see [`Store::settle_run`]).
+#[derive(Debug, Clone)]
+pub struct SettleRun {
+    pub settle: Settle,
+    /// The run to record once its hold is settled; the store sets its `credits` from the
+    /// settlement.
+    pub run: RunRecord,
+    /// Appended to `run.session` (see [`Store::record_run`]).
+    pub turns: Vec<NewTurn>,
+    /// The session the run starts, created when the run is recorded: its id must be
+    /// `run.session` and its owner `run.account`. A run that fails never creates it.
+    pub new_session: Option<NewSession>,
+}
+
+impl SettleRun {
+    pub(crate) fn validate(&self) -> Result<()> {
+        Command::Settle(self.settle.clone()).validate()?;
+        check_run(&self.run, &self.turns)?;
+        if self.run.hold != Some(self.settle.hold) {
+            return Err(Error::invalid("run.hold", "must be the hold that is settled"));
+        }
+        if let Some(ns) = &self.new_session {
+            ns.validate()?;
+            if self.run.session.as_ref() != Some(&ns.id) || ns.owner != self.run.account {
+                return Err(Error::invalid("new_session", "must be the run's session, owned by the run's account"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`Store::settle_run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledRun {
+    /// The settlement's outcome. A rejection (unknown hold, expired, already released)
+    /// recorded nothing.
+    pub settled: Outcome,
+    /// Where the run's turns went: `run.session`, or `None` when the run was recorded outside
+    /// it (the session was deleted meanwhile or is full) or not recorded (a rejection).
+    pub session: Option<SessionId>,
+}
+
+/// The credits a settlement charged, if it is one.
+pub(crate) fn settled_credits(outcome: &Outcome) -> Result<Option<Credits>> {
+    match outcome {
+        Ok(Committed { effect: Effect::Settled { charged, .. }, .. }) => Ok(Some(charged.total())),
+        Ok(other) => Err(Error::Invariant(format!("a settle that gave {other:?}"))),
+        Err(_) => Ok(None),
+    }
+}
+
 /// The balance view of one account at the store's current time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalanceView {
@@ -568,6 +619,30 @@ pub trait Store: Send + Sync {
     /// stored already writes nothing and returns `Ok(false)` (whatever its session has become);
     /// a new run returns `Ok(true)`. `run.at` is kept to the millisecond.
     async fn record_run(&self, run: &RunRecord, turns: &[NewTurn]) -> Result<bool>;
+
+    /// Settles the run's hold and, once settled (or replayed), records the run with the
+    /// credits charged: creates `new_session`, then records as [`Store::record_run`] does; if
+    /// the session is gone or full, the run is recorded outside it (the credits are charged
+    /// whatever happened to the session). A backend may do all of it in one transaction (the
+    /// SQLite store does: one commit per run); this default does it step by step, each step
+    /// idempotent (the settle by its key, the run by its id), so a retry completes it.
+    async fn settle_run(&self, r: SettleRun) -> Result<SettledRun> {
+        r.validate()?;
+        let settled = self.execute(Command::Settle(r.settle)).await?;
+        let Some(credits) = settled_credits(&settled)? else {
+            return Ok(SettledRun { settled, session: None });
+        };
+        let run = RunRecord { credits, ..r.run };
+        if let Some(ns) = &r.new_session {
+            // Already there on a retry: the run's record below tells.
+            let _ = self.create_session(ns).await;
+        }
+        if run.session.is_some() && self.record_run(&run, &r.turns).await.is_ok() {
+            return Ok(SettledRun { settled, session: run.session });
+        }
+        self.record_run(&RunRecord { session: None, ..run }, &[]).await?;
+        Ok(SettledRun { settled, session: None })
+    }
 
     /// The account's runs, newest first (at desc, then id desc), `limit` in
     /// 1..=[`crate::session::MAX_PAGE`].

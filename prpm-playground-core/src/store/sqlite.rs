@@ -376,9 +376,24 @@ fn check_ours(conn: &Connection) -> Result<()> {
 struct Prepared {
     cmd: Command,
     fingerprint: i64,
+    /// A run to record in the same transaction once the settle command settles.
+    run: Option<Box<RunToRecord>>,
 }
 
-type Reply = oneshot::Sender<Result<Outcome>>;
+/// The run part of [`Store::settle_run`], validated.
+struct RunToRecord {
+    run: RunRecord,
+    turns: Vec<NewTurn>,
+    new_session: Option<NewSession>,
+}
+
+/// A command's outcome, and where its run's turns went (see [`SettledRun::session`]).
+struct Done {
+    outcome: Outcome,
+    session: Option<SessionId>,
+}
+
+type Reply = oneshot::Sender<Result<Done>>;
 
 /// An account as the writer caches it: state and open holds, exactly as committed.
 struct Cached {
@@ -535,7 +550,7 @@ impl Writer {
         }
     }
 
-    fn try_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>, GroupError> {
+    fn try_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Done>>, GroupError> {
         self.alerts.clear();
         self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.execute([])).map_err(|e| GroupError::Begin(e.into()))?;
         // Inside the write lock: nobody can commit between this check and our commit.
@@ -555,7 +570,7 @@ impl Writer {
         result
     }
 
-    fn apply_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Outcome>>> {
+    fn apply_group(&mut self, group: &[(Prepared, Reply)], now: DateTime<Utc>) -> Result<Vec<Result<Done>>> {
         let mut dirty = Vec::new();
         let mut wrote = false;
         let mut results = Vec::with_capacity(group.len());
@@ -565,10 +580,15 @@ impl Writer {
                 // on I/O errors, a full disk, no memory): fail the group, retry one by one.
                 Err(e @ Error::Backend(_)) => return Err(e),
                 Err(e) => results.push(Err(e)),
-                Ok(Step::Done(outcome)) => results.push(Ok(outcome)),
+                Ok(Step::Done(outcome)) => {
+                    // A replayed settle records its run too (a retry after an error that hid
+                    // the commit); the run's id keeps that idempotent.
+                    let session = self.record_attached(p, &outcome, now)?;
+                    results.push(Ok(Done { outcome, session }));
+                }
                 Ok(Step::Tier { limits, warnings, fingerprint }) => {
                     let effect = self.write_tier(&p.cmd, &limits, warnings, fingerprint, now)?;
-                    results.push(Ok(Ok(Committed { effect, replayed: false })));
+                    results.push(Ok(Done { outcome: Ok(Committed { effect, replayed: false }), session: None }));
                 }
                 Ok(Step::Apply { account_id, transition, fingerprint }) => {
                     let (id, effect) = self.write(&p.cmd, account_id, *transition, fingerprint, now)?;
@@ -576,7 +596,9 @@ impl Writer {
                     if account_id.is_some() && !dirty.contains(&id) {
                         dirty.push(id);
                     }
-                    results.push(Ok(Ok(Committed { effect, replayed: false })));
+                    let outcome = Ok(Committed { effect, replayed: false });
+                    let session = self.record_attached(p, &outcome, now)?;
+                    results.push(Ok(Done { outcome, session }));
                 }
             }
         }
@@ -593,6 +615,37 @@ impl Writer {
         }
         self.conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(results)
+    }
+
+    /// Records the run attached to a settle command once it settled (see
+    /// [`Store::settle_run`]), inside the group's transaction. Returns where its turns went.
+    fn record_attached(&self, p: &Prepared, outcome: &Outcome, now: DateTime<Utc>) -> Result<Option<SessionId>> {
+        let Some(r) = &p.run else { return Ok(None) };
+        let Some(credits) = settled_credits(outcome)? else { return Ok(None) };
+        let run = RunRecord { credits, ..r.run.clone() };
+        if run.session.is_some() {
+            // In a savepoint: a session that is gone or full leaves nothing behind.
+            self.conn.prepare_cached("SAVEPOINT run_in_session")?.execute([])?;
+            let r = (|| {
+                if let Some(ns) = &r.new_session {
+                    insert_session(&self.conn, ns, now)?;
+                }
+                write_run(&self.conn, &run, &r.turns, now)
+            })();
+            match r {
+                Ok(_) => {
+                    self.conn.prepare_cached("RELEASE run_in_session")?.execute([])?;
+                    return Ok(run.session);
+                }
+                Err(e @ (Error::Backend(_) | Error::Invariant(_))) => return Err(e),
+                Err(_) => {
+                    self.conn.prepare_cached("ROLLBACK TO run_in_session")?.execute([])?;
+                    self.conn.prepare_cached("RELEASE run_in_session")?.execute([])?;
+                }
+            }
+        }
+        write_run(&self.conn, &RunRecord { session: None, ..run }, &[], now)?;
+        Ok(None)
     }
 
     /// Indexes the log's tail by account once it holds `index_batch` entries, in one
@@ -1641,6 +1694,20 @@ fn query_shared(conn: &Connection, token: &ShareToken) -> Result<Option<SharedSe
     Ok(Some(SharedSession { title, package_id, model, turns }))
 }
 
+/// Inserts a new session; an id that exists is [`Error::InvalidInput`].
+fn insert_session(conn: &Connection, s: &NewSession, now: DateTime<Utc>) -> Result<()> {
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO sessions (id, owner, package_id, model, title, turn_count, share_token, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, NULL, ?6, ?6) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![s.id.as_str(), s.owner.as_str(), s.package_id, s.model, s.title, ms(now)])?;
+    if n == 0 {
+        return Err(Error::invalid("session_id", "a session with this id exists"));
+    }
+    Ok(())
+}
+
 /// Records a run and appends its turns (see [`Store::record_run`]). Call inside a write
 /// transaction: an error leaves it to be rolled back.
 fn write_run(conn: &Connection, run: &RunRecord, turns: &[NewTurn], now: DateTime<Utc>) -> Result<bool> {
@@ -1802,8 +1869,20 @@ impl Store for SqliteStore {
         cmd.validate()?;
         let fingerprint = fingerprint(&cmd);
         let (tx, rx) = oneshot::channel();
-        self.send(Job::Exec(Box::new(Prepared { cmd, fingerprint }), tx))?;
-        rx.await.map_err(|_| Error::Closed)?
+        self.send(Job::Exec(Box::new(Prepared { cmd, fingerprint, run: None }), tx))?;
+        Ok(rx.await.map_err(|_| Error::Closed)??.outcome)
+    }
+
+    async fn settle_run(&self, r: SettleRun) -> Result<SettledRun> {
+        r.validate()?;
+        let cmd = Command::Settle(r.settle);
+        let fingerprint = fingerprint(&cmd);
+        let run = RunRecord { at: to_millis(r.run.at), ..r.run };
+        let attached = RunToRecord { run, turns: r.turns, new_session: r.new_session };
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Exec(Box::new(Prepared { cmd, fingerprint, run: Some(Box::new(attached)) }), tx))?;
+        let done = rx.await.map_err(|_| Error::Closed)??;
+        Ok(SettledRun { settled: done.outcome, session: done.session })
     }
 
     async fn balance(&self, account: &AccountId) -> Result<BalanceView> {
@@ -1923,15 +2002,7 @@ impl Store for SqliteStore {
         let clock = self.clock.clone();
         self.write(move |c| {
             let now = to_millis(clock.now());
-            let n = c
-                .prepare_cached(
-                    "INSERT INTO sessions (id, owner, package_id, model, title, turn_count, share_token, created_ms, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 0, NULL, ?6, ?6) ON CONFLICT (id) DO NOTHING",
-                )?
-                .execute(params![s.id.as_str(), s.owner.as_str(), s.package_id, s.model, s.title, ms(now)])?;
-            if n == 0 {
-                return Err(Error::invalid("session_id", "a session with this id exists"));
-            }
+            insert_session(c, &s, now)?;
             Ok(SessionSummary {
                 id: s.id,
                 owner: s.owner,
