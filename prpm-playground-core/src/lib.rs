@@ -12,7 +12,10 @@
 //! * [`jobs`]: maintenance steps (hold expiry, rollover, rollover expiry) over any store.
 //! * [`history`]: CSV export of the transaction log.
 //! * [`conformance`]: the behaviour every backend must show, as library code.
+//! * [`auth`]: HS256 bearer tokens (feature `auth`).
 
+#[cfg(feature = "auth")]
+pub mod auth;
 #[cfg(feature = "stripe")]
 pub mod billing;
 pub mod clock;

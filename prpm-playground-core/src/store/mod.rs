@@ -28,6 +28,40 @@ use crate::session::{
 /// Largest page of history.
 pub const MAX_PAGE: u32 = 1_000;
 
+/// Which backend a database URL names: `postgres://` or `postgresql://` (PostgreSQL), else a
+/// SQLite file (`sqlite://path`, `sqlite:path` or a plain path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<Self> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseUrl::Postgres(url.to_owned()));
+        }
+        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+        if path.is_empty() {
+            return Err(Error::invalid("database_url", "names no database"));
+        }
+        if path == ":memory:" {
+            return Err(Error::invalid("database_url", "an in-memory database cannot be shared; name a file"));
+        }
+        Ok(DatabaseUrl::Sqlite(path.into()))
+    }
+}
+
+/// Opens the store a database URL names (see [`DatabaseUrl`]) with the given clock and ledger
+/// rules, applying pending migrations.
+pub async fn open_url(url: &str, clock: Arc<dyn Clock>, ledger: LedgerConfig) -> Result<Arc<dyn Store>> {
+    Ok(match DatabaseUrl::parse(url)? {
+        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open_with(sqlite::SqliteOptions::file(path).clock(clock).ledger(ledger))?),
+        DatabaseUrl::Postgres(url) => Arc::new(postgres::PgStore::open(postgres::PgOptions::new(url).clock(clock).ledger(ledger)).await?),
+    })
+}
+
 /// A run to settle and record in one step (see [`Store::settle_run`]).
 #[derive(Debug, Clone)]
 pub struct SettleRun {
@@ -771,5 +805,22 @@ impl dyn Store + '_ {
     }
     pub async fn set_tier(&self, limits: TierLimits, key: IdempotencyKey) -> Result<Outcome> {
         self.execute(Command::SetTier(SetTier { limits, key })).await
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::DatabaseUrl;
+
+    #[test]
+    fn database_urls_name_their_backend() {
+        assert_eq!(DatabaseUrl::parse("postgres://u@h/db").unwrap(), DatabaseUrl::Postgres("postgres://u@h/db".into()));
+        assert_eq!(DatabaseUrl::parse("postgresql://h/db").unwrap(), DatabaseUrl::Postgres("postgresql://h/db".into()));
+        for (url, path) in [("sqlite:///tmp/a.db", "/tmp/a.db"), ("sqlite:a.db", "a.db"), ("data/prpm.db", "data/prpm.db")] {
+            assert_eq!(DatabaseUrl::parse(url).unwrap(), DatabaseUrl::Sqlite(path.into()));
+        }
+        for bad in ["", "sqlite:", "sqlite://", ":memory:"] {
+            assert!(DatabaseUrl::parse(bad).is_err(), "{bad}");
+        }
     }
 }
