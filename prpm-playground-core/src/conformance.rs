@@ -63,7 +63,8 @@ macro_rules! conformance_suite {
             monthly_limit_outranks_a_daily_throttle, a_clock_that_steps_back_never_restarts_a_period,
             packages_round_trip_and_bad_input, sessions_belong_to_their_owner, sessions_list_newest_first_paginated,
             runs_append_turns_in_order, settle_run_settles_and_records_at_once, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense,
-            purchases_round_trip_and_cas, purchase_cas_under_concurrency, stripe_events_once_by_id, customers_and_debts);
+            purchases_round_trip_and_cas, purchase_cas_under_concurrency, stripe_events_once_by_id, customers_and_debts,
+            keyed_responses_are_stored_once);
         $crate::conformance_suite!(@ $mode $open; rollover_first; rollover_first_spend_order);
     };
     (@skippable $open:path; $cfg:ident; $($name:ident),*) => {
@@ -2228,4 +2229,40 @@ pub async fn customers_and_debts(store: &dyn Store, _clock: &ManualClock) {
     }
     assert_eq!(store.debt(&carol).await.unwrap(), 30);
     assert_eq!(store.debt(&bob).await.unwrap(), 1);
+}
+
+/// A keyed response is stored once per (account, key): the first writer wins, others read it
+/// back; accounts do not see each other's keys; bad input stores nothing.
+pub async fn keyed_responses_are_stored_once(store: &dyn Store, clock: &ManualClock) {
+    use crate::store::KeyedResponse;
+    let (alice, bob) = (acct("alice"), acct("bob"));
+    let first = KeyedResponse { account: alice.clone(), key: "k-1".into(), fingerprint: "f1".into(), status: 201, body: "{\"ok\":1}".into(), at: clock.now() };
+    assert_eq!(store.keyed_response(&alice, "k-1").await.unwrap(), None);
+    assert_eq!(store.remember_response(&first).await.unwrap(), first);
+    let second = KeyedResponse { fingerprint: "f2".into(), status: 402, body: "other".into(), ..first.clone() };
+    assert_eq!(store.remember_response(&second).await.unwrap(), first, "the first response stays");
+    assert_eq!(store.keyed_response(&alice, "k-1").await.unwrap(), Some(first.clone()));
+    assert_eq!(store.keyed_response(&bob, "k-1").await.unwrap(), None);
+    let bobs = KeyedResponse { account: bob.clone(), ..second.clone() };
+    assert_eq!(store.remember_response(&bobs).await.unwrap(), bobs);
+
+    // Racing writers of one key: all read back the same stored response.
+    let racers: Vec<KeyedResponse> = (0..8).map(|i| KeyedResponse { key: "race".into(), fingerprint: format!("f{i}"), ..first.clone() }).collect();
+    let stored = join_all(racers.iter().map(|r| store.remember_response(r))).await;
+    let stored: Vec<KeyedResponse> = stored.into_iter().map(Result::unwrap).collect();
+    assert!(stored.iter().all(|r| r == &stored[0]));
+    assert_eq!(store.keyed_response(&alice, "race").await.unwrap().as_ref(), Some(&stored[0]));
+
+    for bad in [
+        KeyedResponse { key: String::new(), ..first.clone() },
+        KeyedResponse { key: "has space".into(), ..first.clone() },
+        KeyedResponse { key: "k".repeat(256), ..first.clone() },
+    ] {
+        assert_eq!(invalid_field(store.remember_response(&bad).await), "idempotency_key");
+    }
+    assert_eq!(invalid_field(store.remember_response(&KeyedResponse { key: "k-2".into(), status: 99, ..first.clone() }).await), "status");
+    let big = KeyedResponse { key: "k-2".into(), body: "x".repeat(crate::store::MAX_KEYED_BODY_BYTES + 1), ..first.clone() };
+    assert_eq!(invalid_field(store.remember_response(&big).await), "body");
+    assert_eq!(store.keyed_response(&alice, "k-2").await.unwrap(), None, "bad input stored nothing");
+    assert_eq!(invalid_field(store.keyed_response(&alice, "").await), "idempotency_key");
 }

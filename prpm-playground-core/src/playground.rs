@@ -159,6 +159,32 @@ pub struct Playground {
     packages: Arc<dyn PackageSource>,
     clients: Arc<HashMap<Provider, ProviderClient>>,
     cfg: PlaygroundConfig,
+    in_flight: Arc<InFlight>,
+}
+
+/// Runs holding credits: from their hold until they settle or release.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts a run in flight while it lives (it lives in the run's [`Prepared`]).
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(f: &Arc<InFlight>) -> Self {
+        f.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(f.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Everything decided before the provider is called.
@@ -176,11 +202,42 @@ struct Prepared {
     hold: HoldId,
     /// The session this run starts, created when it settles (`session` is its id).
     new_session: Option<NewSession>,
+    _in_flight: InFlightGuard,
 }
 
 impl Playground {
     pub fn new(store: Arc<dyn Store>, pricing: Pricing, packages: Arc<dyn PackageSource>) -> Self {
-        Playground { store, pricing: Arc::new(pricing), packages, clients: Arc::new(HashMap::new()), cfg: PlaygroundConfig::default() }
+        Playground {
+            store,
+            pricing: Arc::new(pricing),
+            packages,
+            clients: Arc::new(HashMap::new()),
+            cfg: PlaygroundConfig::default(),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Runs holding credits now (held, not yet settled or released), streamed ones whose
+    /// caller left included.
+    pub fn runs_in_flight(&self) -> usize {
+        self.in_flight.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until no run holds credits, at most `timeout`; `true` if none does. For a host's
+    /// graceful shutdown: stop taking runs, then wait.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let f = &self.in_flight;
+        tokio::time::timeout(timeout, async {
+            loop {
+                let idle = f.idle.notified();
+                if f.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// Adds (or replaces) the client of its provider.
@@ -399,6 +456,7 @@ impl Playground {
             input: req.input.clone(),
             hold,
             new_session,
+            _in_flight: InFlightGuard::new(&self.in_flight),
         }))
     }
 

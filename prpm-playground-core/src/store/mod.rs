@@ -28,6 +28,50 @@ use crate::session::{
 /// Largest page of history.
 pub const MAX_PAGE: u32 = 1_000;
 
+/// A stored response to a request that carried an idempotency key (see
+/// [`Store::remember_response`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedResponse {
+    pub account: AccountId,
+    /// 1..=255 printable ASCII characters.
+    pub key: String,
+    /// What identifies the request (a hash of its method, path and body): the same key with
+    /// another fingerprint is a different request.
+    pub fingerprint: String,
+    /// An HTTP status, 100..=599.
+    pub status: u16,
+    /// At most [`MAX_KEYED_BODY_BYTES`].
+    pub body: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Largest response body stored for an idempotency key.
+pub const MAX_KEYED_BODY_BYTES: usize = 1 << 20;
+
+impl KeyedResponse {
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_request_key(&self.key)?;
+        if self.fingerprint.is_empty() || self.fingerprint.len() > 128 {
+            return Err(Error::invalid("fingerprint", "must be 1..=128 bytes"));
+        }
+        if !(100..=599).contains(&self.status) {
+            return Err(Error::invalid("status", format!("{} is not an HTTP status", self.status)));
+        }
+        if self.body.len() > MAX_KEYED_BODY_BYTES {
+            return Err(Error::invalid("body", format!("more than {MAX_KEYED_BODY_BYTES} bytes")));
+        }
+        Ok(())
+    }
+}
+
+/// An idempotency key as a client sends it: 1..=255 printable ASCII characters.
+pub fn check_request_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid("idempotency_key", "must be 1 to 255 printable ASCII characters"));
+    }
+    Ok(())
+}
+
 /// Which backend a database URL names: `postgres://` or `postgresql://` (PostgreSQL), else a
 /// SQLite file (`sqlite://path`, `sqlite:path` or a plain path).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -754,6 +798,13 @@ pub trait Store: Send + Sync {
 
     /// The account's credit debt (0 if it never had one).
     async fn debt(&self, account: &AccountId) -> Result<i64>;
+
+    /// The response stored for `account`'s idempotency key, if any.
+    async fn keyed_response(&self, account: &AccountId, key: &str) -> Result<Option<KeyedResponse>>;
+
+    /// Stores `r` (validated) unless a response is stored for its account and key already;
+    /// returns the one stored (the first writer's when two race).
+    async fn remember_response(&self, r: &KeyedResponse) -> Result<KeyedResponse>;
 
     /// The store's clock.
     fn clock(&self) -> Arc<dyn Clock>;

@@ -1598,6 +1598,26 @@ impl PgStore {
         Ok(row.get(0))
     }
 
+    async fn keyed_once(&self, account: &AccountId, key: &str) -> Result<Option<KeyedResponse>> {
+        let client = self.core.client().await?;
+        let row = client
+            .query_opt("SELECT fingerprint, status, body, at_ms FROM keyed_responses WHERE account = $1 AND key = $2", &[&account.as_str(), &key])
+            .await?;
+        row.map(|r| {
+            let status: i32 = r.get(1);
+            let at_ms: i64 = r.get(3);
+            Ok(KeyedResponse {
+                account: account.clone(),
+                key: key.to_owned(),
+                fingerprint: r.get(0),
+                status: u16::try_from(status).map_err(|_| Error::Invariant(format!("stored status {status}")))?,
+                body: r.get(2),
+                at: DateTime::<Utc>::from_timestamp_millis(at_ms).ok_or_else(|| Error::Invariant(format!("stored time {at_ms}")))?,
+            })
+        })
+        .transpose()
+    }
+
     async fn debt_once(&self, account: &AccountId) -> Result<i64> {
         let client = self.core.client().await?;
         let row = client.query_opt("SELECT credits FROM credit_debts WHERE account = $1", &[&account.as_str()]).await?;
@@ -1819,6 +1839,25 @@ impl Store for PgStore {
 
     async fn debt(&self, account: &AccountId) -> Result<i64> {
         retrying(|| self.debt_once(account)).await
+    }
+
+    async fn keyed_response(&self, account: &AccountId, key: &str) -> Result<Option<KeyedResponse>> {
+        check_request_key(key)?;
+        retrying(|| self.keyed_once(account, key)).await
+    }
+
+    async fn remember_response(&self, r: &KeyedResponse) -> Result<KeyedResponse> {
+        r.validate()?;
+        let client = self.core.client().await?;
+        client
+            .execute(
+                "INSERT INTO keyed_responses (account, key, fingerprint, status, body, at_ms) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (account, key) DO NOTHING",
+                &[&r.account.as_str(), &r.key, &r.fingerprint, &i32::from(r.status), &r.body, &to_millis(r.at).timestamp_millis()],
+            )
+            .await?;
+        drop(client);
+        self.keyed_once(&r.account, &r.key).await?.ok_or_else(|| Error::Invariant("a keyed response vanished".into()))
     }
 
     fn clock(&self) -> Arc<dyn Clock> {

@@ -1694,6 +1694,15 @@ fn query_shared(conn: &Connection, token: &ShareToken) -> Result<Option<SharedSe
     Ok(Some(SharedSession { title, package_id, model, turns }))
 }
 
+fn query_keyed(c: &Connection, account: &AccountId, key: &str) -> Result<Option<KeyedResponse>> {
+    let row = c
+        .prepare_cached("SELECT fingerprint, status, body, at_ms FROM keyed_responses WHERE account = ?1 AND key = ?2")?
+        .query_row([account.as_str(), key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))
+        .optional()?;
+    row.map(|(fingerprint, status, body, at_ms)| Ok(KeyedResponse { account: account.clone(), key: key.to_owned(), fingerprint, status, body, at: at(at_ms)? }))
+        .transpose()
+}
+
 /// Inserts a new session; an id that exists is [`Error::InvalidInput`].
 fn insert_session(conn: &Connection, s: &NewSession, now: DateTime<Utc>) -> Result<()> {
     let n = conn
@@ -2278,6 +2287,26 @@ impl Store for SqliteStore {
             let debt: Option<i64> =
                 c.prepare_cached("SELECT credits FROM credit_debts WHERE account = ?1")?.query_row([account.as_str()], |r| r.get(0)).optional()?;
             Ok(debt.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn keyed_response(&self, account: &AccountId, key: &str) -> Result<Option<KeyedResponse>> {
+        check_request_key(key)?;
+        let (account, key) = (account.clone(), key.to_owned());
+        self.read(move |c| query_keyed(c, &account, &key)).await
+    }
+
+    async fn remember_response(&self, r: &KeyedResponse) -> Result<KeyedResponse> {
+        r.validate()?;
+        let r = KeyedResponse { at: to_millis(r.at), ..r.clone() };
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO keyed_responses (account, key, fingerprint, status, body, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (account, key) DO NOTHING",
+            )?
+            .execute(params![r.account.as_str(), r.key, r.fingerprint, r.status, r.body, ms(r.at)])?;
+            query_keyed(c, &r.account, &r.key)?.ok_or_else(|| Error::Invariant("a keyed response vanished".into()))
         })
         .await
     }

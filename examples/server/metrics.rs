@@ -1,0 +1,98 @@
+//! Prometheus text exposition (format 0.0.4) of the server's counters: runs, credits spent,
+//! USD cost (micro-dollars), rejections by reason, a provider latency histogram, job runs.
+//! Lock-free counters; the label sets are small and fixed at the call sites.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds of the provider latency buckets, in seconds.
+const LATENCY_BUCKETS_SECS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    runs: Mutex<BTreeMap<(String, String), u64>>,
+    credits_spent: AtomicU64,
+    cost_micros: AtomicU64,
+    rejections: Mutex<BTreeMap<String, u64>>,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_SECS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+    jobs: Mutex<BTreeMap<(String, String), u64>>,
+    http: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl Metrics {
+    /// A run that reached the provider: its outcome, model, credits, cost and latency.
+    pub fn run(&self, model: &str, outcome: &str, credits: i64, cost_micros: i64, latency_ms: u64) {
+        *self.runs.lock().unwrap().entry((model.to_owned(), outcome.to_owned())).or_default() += 1;
+        self.credits_spent.fetch_add(credits.max(0) as u64, Ordering::Relaxed);
+        self.cost_micros.fetch_add(cost_micros.max(0) as u64, Ordering::Relaxed);
+        let secs = latency_ms as f64 / 1000.0;
+        for (i, bound) in LATENCY_BUCKETS_SECS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(latency_ms.saturating_mul(1000), Ordering::Relaxed);
+    }
+
+    pub fn rejection(&self, reason: &str) {
+        *self.rejections.lock().unwrap().entry(reason.to_owned()).or_default() += 1;
+    }
+
+    pub fn job(&self, job: &str, result: &str) {
+        *self.jobs.lock().unwrap().entry((job.to_owned(), result.to_owned())).or_default() += 1;
+    }
+
+    pub fn response(&self, status: u16) {
+        *self.http.lock().unwrap().entry(status).or_default() += 1;
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(out, "# HELP prpm_runs_total Playground runs that reached the provider, by model and outcome.");
+        let _ = writeln!(out, "# TYPE prpm_runs_total counter");
+        for ((model, outcome), n) in self.runs.lock().unwrap().iter() {
+            let _ = writeln!(out, "prpm_runs_total{{model=\"{}\",outcome=\"{}\"}} {n}", escape(model), escape(outcome));
+        }
+        let _ = writeln!(out, "# HELP prpm_credits_spent_total Credits charged.");
+        let _ = writeln!(out, "# TYPE prpm_credits_spent_total counter");
+        let _ = writeln!(out, "prpm_credits_spent_total {}", self.credits_spent.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP prpm_cost_usd_micros_total Provider cost in micro-dollars.");
+        let _ = writeln!(out, "# TYPE prpm_cost_usd_micros_total counter");
+        let _ = writeln!(out, "prpm_cost_usd_micros_total {}", self.cost_micros.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP prpm_rejections_total Refused requests, by reason.");
+        let _ = writeln!(out, "# TYPE prpm_rejections_total counter");
+        for (reason, n) in self.rejections.lock().unwrap().iter() {
+            let _ = writeln!(out, "prpm_rejections_total{{reason=\"{}\"}} {n}", escape(reason));
+        }
+        let _ = writeln!(out, "# HELP prpm_provider_latency_seconds Latency of provider calls.");
+        let _ = writeln!(out, "# TYPE prpm_provider_latency_seconds histogram");
+        for (i, bound) in LATENCY_BUCKETS_SECS.iter().enumerate() {
+            let _ = writeln!(out, "prpm_provider_latency_seconds_bucket{{le=\"{bound}\"}} {}", self.latency_buckets[i].load(Ordering::Relaxed));
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "prpm_provider_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let sum_micros = self.latency_sum_micros.load(Ordering::Relaxed);
+        let _ = writeln!(out, "prpm_provider_latency_seconds_sum {}.{:06}", sum_micros / 1_000_000, sum_micros % 1_000_000);
+        let _ = writeln!(out, "prpm_provider_latency_seconds_count {count}");
+        let _ = writeln!(out, "# HELP prpm_job_runs_total Maintenance job runs, by job and result.");
+        let _ = writeln!(out, "# TYPE prpm_job_runs_total counter");
+        for ((job, result), n) in self.jobs.lock().unwrap().iter() {
+            let _ = writeln!(out, "prpm_job_runs_total{{job=\"{}\",result=\"{}\"}} {n}", escape(job), escape(result));
+        }
+        let _ = writeln!(out, "# HELP prpm_http_responses_total HTTP responses, by status.");
+        let _ = writeln!(out, "# TYPE prpm_http_responses_total counter");
+        for (status, n) in self.http.lock().unwrap().iter() {
+            let _ = writeln!(out, "prpm_http_responses_total{{status=\"{status}\"}} {n}");
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
