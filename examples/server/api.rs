@@ -1148,9 +1148,8 @@ async fn set_throttle(state: AppStateRef, admin: Admin, id: String, body: Bytes,
     let b: ThrottleBody = json_body(&body)?;
     let account = AccountId::new(&id).map_err(|_| ApiError::not_found("user"))?;
     let why = b.reason.unwrap_or_else(|| if throttle { "throttled by an admin" } else { "unthrottled by an admin" }.into());
-    let now = state.clock.now();
-    let key =
-        IdempotencyKey::new(format!("admin:{}:{}:{}:{}", if throttle { "throttle" } else { "unthrottle" }, account, admin.account, now.timestamp_millis()))?;
+    // Each admin action is its own command (repeating one is harmless: already in that state).
+    let key = IdempotencyKey::generate();
     let cmd = AdminThrottle { account, by: admin.account.to_string(), why, key };
     let outcome = if throttle { state.store.throttle(cmd).await? } else { state.store.unthrottle(cmd).await? };
     match outcome {
@@ -1230,7 +1229,7 @@ async fn put_tier(State(state): State<AppStateRef>, _admin: Admin, P(name): P<St
         alert_threshold_pct: t.alert_threshold_pct,
         throttle_on_exceed: t.throttle_on_exceed,
     };
-    let key = IdempotencyKey::new(format!("tier:{}:{}", name, state.clock.now().timestamp_micros()))?;
+    let key = IdempotencyKey::generate();
     match state.store.set_tier(limits, key).await? {
         Ok(_) => Ok(Json(t)),
         Err(r) => Err(state.rejected(r)),

@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// A stable code (`invalid_input`, `insufficient_credits`, `rate_limited`, ...).
     pub error: String,

@@ -32,8 +32,9 @@ struct Config {
     billing: Option<BillingConfig>,
     price_table: Option<String>,
     scheduler: bool,
-    /// `PRPM_TEST_CLOCK=1`: a settable clock (admin route), for end-to-end tests only.
-    test_clock: bool,
+    /// `PRPM_TEST_CLOCK=1`: a settable clock (admin route), for end-to-end tests only,
+    /// starting at `PRPM_TEST_CLOCK_START` (RFC 3339) or now.
+    test_clock: Option<chrono::DateTime<chrono::Utc>>,
     max_body_bytes: usize,
     shutdown_grace: Duration,
 }
@@ -64,7 +65,14 @@ impl Config {
             billing,
             price_table: var("PRPM_PRICE_TABLE"),
             scheduler: flag("PRPM_SCHEDULER", true)?,
-            test_clock: flag("PRPM_TEST_CLOCK", false)?,
+            test_clock: if flag("PRPM_TEST_CLOCK", false)? {
+                Some(match var("PRPM_TEST_CLOCK_START") {
+                    Some(t) => chrono::DateTime::parse_from_rfc3339(&t).map_err(|e| format!("PRPM_TEST_CLOCK_START: {e}"))?.with_timezone(&chrono::Utc),
+                    None => chrono::Utc::now(),
+                })
+            } else {
+                None
+            },
             max_body_bytes: num("PRPM_MAX_BODY_BYTES", 1 << 20)? as usize,
             shutdown_grace: Duration::from_secs(num("PRPM_SHUTDOWN_GRACE_SECS", 30)?),
         })
@@ -100,7 +108,7 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> Result<(), String> {
-    let manual = cfg.test_clock.then(|| Arc::new(ManualClock::new(chrono::Utc::now())));
+    let manual = cfg.test_clock.map(|start| Arc::new(ManualClock::new(start)));
     let clock: Arc<dyn Clock> = match &manual {
         Some(m) => m.clone(),
         None => Arc::new(SystemClock),
