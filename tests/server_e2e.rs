@@ -553,3 +553,46 @@ async fn graceful_shutdown_settles_runs_in_flight() {
     let b = (&store as &dyn Store).balance(&AccountId::new("alice").unwrap()).await.unwrap();
     assert_eq!((b.held, b.total), (0, 4), "settled, no hold left open");
 }
+
+/// 200 clients at once against one account with credits for 50 runs: exactly 50 run, the
+/// others get 402, and the ledger is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_fifty_runs() {
+    let (s, anthropic, _stripe, start) = stack().await;
+    anthropic.set_default(Reply::ok(fake::anthropic_message(MODEL, "ok", TokenUsage { input: 20, output: 2, ..Default::default() })));
+    let key = JwtKey::new(JWT_SECRET).unwrap();
+    let tok =
+        |sub: &str, role: Role| key.sign(&Claims { sub: AccountId::new(sub).unwrap(), role, exp: start.timestamp() + 86_400, iat: start.timestamp() }).unwrap();
+    let (user, admin) = (tok("crowd", Role::User), tok("ops", Role::Admin));
+    // The free tier without an hourly limit and with room in dollars: credits are the limit.
+    let (_, tiers) = s.get("/api/v1/admin/cost-analytics/tier-limits", &admin).await;
+    let mut free = tiers.as_array().unwrap().iter().find(|t| t["name"] == "free").unwrap().clone();
+    free["hourlyRequestLimit"] = Value::Null;
+    free["dailyCostLimit"] = json!("100.00");
+    free["monthlyCostLimit"] = json!("100.00");
+    let (st, _, v) = s.call(reqwest::Method::PUT, "/api/v1/admin/cost-analytics/tier-limits/free", Some(&admin), Some(free)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    // 5 sign-up credits + 45: fifty one-credit runs.
+    let (st, b) = s.post("/api/v1/admin/users/crowd/credits", &admin, json!({"credits": 45, "reference": "load test"})).await;
+    assert_eq!((st, b["total"].as_i64()), (StatusCode::OK, Some(50)), "{b}");
+
+    let runs = (0..200).map(|i| {
+        let (http, url, user) = (s.http.clone(), s.url("/api/v1/playground/run"), user.clone());
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(user)
+                .json(&json!({"userInput": format!("question {i}"), "model": MODEL, "maxTokens": 10}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    });
+    let statuses: Vec<StatusCode> = futures_util::future::join_all(runs).await.into_iter().map(Result::unwrap).collect();
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::PAYMENT_REQUIRED).count();
+    assert_eq!((ok, refused), (50, 150), "{statuses:?}");
+    let (_, b) = s.get("/api/v1/playground/credits", &user).await;
+    assert_eq!((b["total"].as_i64(), b["held"].as_i64()), (Some(0), Some(0)), "{b}");
+    s.verify().await;
+}

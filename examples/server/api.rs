@@ -1236,6 +1236,69 @@ async fn put_tier(State(state): State<AppStateRef>, _admin: Admin, P(name): P<St
     }
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantBody {
+    /// Credits to add, 1..=1,000,000.
+    pub credits: i64,
+    /// `purchased` (default, never expires), `monthly` or `rollover` (expiring at `expiresAt`,
+    /// by default a month from now).
+    pub bucket: Option<String>,
+    /// `admin` (default) or `bonus`.
+    pub source: Option<String>,
+    pub expires_at: Option<String>,
+    /// Kept in the log.
+    pub reference: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/admin/users/{id}/credits", tag = "admin", params(("id" = String, Path)), request_body = GrantBody,
+    description = "Grants credits to a user (created if new). With an `Idempotency-Key`, a repeat grants nothing more.",
+    responses((status = 200, body = BalanceDto), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn grant_credits(State(state): State<AppStateRef>, admin: Admin, P(id): P<String>, method: Method, headers: HeaderMap, body: Bytes) -> Response {
+    let path = format!("/api/v1/admin/users/{id}/credits");
+    let st = state.clone();
+    let b = body.clone();
+    let by = admin.account.clone();
+    keyed(&state, &by, &headers, &method, &path, &b, async move {
+        let r: ApiResult<Json<BalanceDto>> = async {
+            let g: GrantBody = json_body(&body)?;
+            let account = AccountId::new(&id)?;
+            let bucket = match g.bucket.as_deref() {
+                None | Some("purchased") => Bucket::Purchased,
+                Some("monthly") => Bucket::Monthly,
+                Some("rollover") => Bucket::Rollover,
+                Some(_) => return Err(ApiError::invalid("bucket", "purchased, monthly or rollover")),
+            };
+            let source = match g.source.as_deref() {
+                None | Some("admin") => GrantSource::Admin,
+                Some("bonus") => GrantSource::Bonus,
+                Some(_) => return Err(ApiError::invalid("source", "admin or bonus")),
+            };
+            if !(1..=1_000_000).contains(&g.credits) {
+                return Err(ApiError::invalid("credits", "must be in 1..=1000000"));
+            }
+            st.ensure_account(&account).await?;
+            let grant = Grant {
+                account: account.clone(),
+                bucket,
+                amount: g.credits,
+                source,
+                expires_at: g.expires_at.as_deref().map(|t| parse_time("expiresAt", t)).transpose()?,
+                reference: g.reference.unwrap_or_else(|| format!("granted by {}", admin.account)),
+                key: IdempotencyKey::generate(),
+            };
+            match st.store.grant(grant).await? {
+                Ok(_) => credits(State(st.clone()), Caller { account, role: AuthRole::User }).await,
+                Err(r) => Err(st.rejected(r)),
+            }
+        }
+        .await;
+        r.into_response()
+    })
+    .await
+}
+
 #[utoipa::path(post, path = "/api/v1/admin/jobs/{job}", tag = "admin",
     params(("job" = String, Path, description = "cost-reset, analytics-refresh, monthly-credit-reset, rollover-expiration or expire-holds")),
     responses((status = 200, body = JobResult), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
@@ -1376,6 +1439,7 @@ pub fn api() -> (axum::Router<AppStateRef>, utoipa::openapi::OpenApi) {
         .routes(routes!(tier_limits))
         .routes(routes!(put_tier))
         .routes(routes!(run_job))
+        .routes(routes!(grant_credits))
         .routes(routes!(put_package))
         .routes(routes!(test_clock))
         .routes(routes!(healthz))
