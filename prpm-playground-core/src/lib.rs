@@ -12,7 +12,10 @@
 //! * [`jobs`]: maintenance steps (hold expiry, rollover, rollover expiry) over any store.
 //! * [`history`]: CSV export of the transaction log.
 //! * [`conformance`]: the behaviour every backend must show, as library code.
+//! * [`analysis`]: read-only queries across accounts for cost analysis.
+//! * [`simulate`]: what-if pricing, replaying real usage under other limits and prices.
 
+pub mod analysis;
 #[cfg(feature = "stripe")]
 pub mod billing;
 pub mod clock;
@@ -30,6 +33,7 @@ pub mod pricing;
 pub mod provider;
 pub mod purchase;
 pub mod session;
+pub mod simulate;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
