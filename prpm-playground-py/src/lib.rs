@@ -459,6 +459,64 @@ impl Store {
         self.execute(py, "set_cost_profile", cmd)
     }
 
+    /// Records a model call (the runs table): its tokens, credits, cost (default: priced from
+    /// the tokens), latency and outcome (`completed`, `failed`, `interrupted`), at the store's
+    /// time unless `at` is given. Idempotent by `run_id` (32 hex digits; default: a new one);
+    /// returns the run id. Recording charges nothing: settle or spend for that.
+    #[pyo3(signature = (account, *, model, input_tokens = 0, output_tokens = 0, cache_read_tokens = 0, cache_write_tokens = 0, credits = 0,
+                        cost_usd = None, latency_ms = 0, outcome = "completed", error = None, hold = None, package = None, with_prompt = true,
+                        at = None, run_id = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn record_run(
+        &self,
+        py: Python<'_>,
+        account: &str,
+        model: String,
+        input_tokens: i64,
+        output_tokens: i64,
+        cache_read_tokens: i64,
+        cache_write_tokens: i64,
+        credits: i64,
+        cost_usd: Option<&Bound<'_, PyAny>>,
+        latency_ms: i64,
+        outcome: &str,
+        error: Option<String>,
+        hold: Option<i64>,
+        package: Option<String>,
+        with_prompt: bool,
+        at: Option<&Bound<'_, PyAny>>,
+        run_id: Option<&str>,
+    ) -> PlayResult<String> {
+        let o = self.writing("record_run")?;
+        let usage =
+            self.make_usage(Some(model), String::new(), input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd)?.expect("a model");
+        let run = RunRecord {
+            id: match run_id {
+                Some(id) => prpm_playground_core::RunId::parse(id)?,
+                None => prpm_playground_core::RunId::generate(),
+            },
+            account: convert::account(account)?,
+            session: None,
+            package_id: package,
+            model: usage.model,
+            with_prompt,
+            tokens: usage.tokens,
+            credits,
+            cost_micros: usage.cost_micros,
+            latency_ms: nonneg("latency_ms", latency_ms)?,
+            outcome: prpm_playground_core::RunOutcome::parse(outcome)?,
+            error,
+            hold: hold.map(HoldId),
+            at: match opt_time("at", at)? {
+                Some(t) => t,
+                None => o.store.clock().now(),
+            },
+        };
+        let id = run.id.as_str().to_owned();
+        block(py, async move { Ok(o.store.record_run(&run, &[]).await?) })?;
+        Ok(id)
+    }
+
     /// An admin throttles the account.
     #[pyo3(signature = (account, *, by, why, key = None))]
     fn throttle(&self, py: Python<'_>, account: &str, by: String, why: String, key: Option<&str>) -> PlayResult<Receipt> {

@@ -296,6 +296,26 @@ class Store:
         key: Optional[str] = None,
     ) -> Receipt: ...
     def set_cost_profile(self, account: str, *, org_member: bool = False, tier: Optional[str] = None, key: Optional[str] = None) -> Receipt: ...
+    def record_run(
+        self,
+        account: str,
+        *,
+        model: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        credits: int = 0,
+        cost_usd: Optional[Money] = None,
+        latency_ms: int = 0,
+        outcome: str = "completed",
+        error: Optional[str] = None,
+        hold: Optional[int] = None,
+        package: Optional[str] = None,
+        with_prompt: bool = True,
+        at: Optional[Time] = None,
+        run_id: Optional[str] = None,
+    ) -> str: ...
     def throttle(self, account: str, *, by: str, why: str, key: Optional[str] = None) -> Receipt: ...
     def unthrottle(self, account: str, *, by: str, why: str, key: Optional[str] = None) -> Receipt: ...
     # Tables
