@@ -26,7 +26,7 @@ use prpm_playground_core::pricing::{EstimateRequest, ModelPrice, PriceTable, Pri
 use prpm_playground_core::purchase::Purchase;
 use prpm_playground_core::simulate::{self, Scenario, SimUsage, SimUser};
 use prpm_playground_core::store::postgres::{PgOptions, PgStore, is_postgres_url};
-use prpm_playground_core::store::{CostFilter, CostView, Entry, Store as CoreStore};
+use prpm_playground_core::store::{CostFilter, CostView, Store as CoreStore};
 use prpm_playground_core::{ManualClock, RunRecord, SqliteOptions, SqliteStore};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -151,17 +151,36 @@ fn filter(start: Option<&Bound<'_, PyAny>>, end: Option<&Bound<'_, PyAny>>, acco
     Ok(Filter { from: opt_time("start", start)?, until: opt_time("end", end)?, account: opt_account(account)?, model })
 }
 
+/// Reads every page of a keyset-paginated list: `fetch(after)` gives the page after a key
+/// (the first page for `None`), `key` the key of a row, `pages` gets each page (a short one
+/// is the last). `limit` is the page size `fetch` asks for.
+async fn each_page<T, K, Fut>(limit: u32, mut fetch: impl FnMut(Option<K>) -> Fut, key: impl Fn(&T) -> K, mut pages: impl FnMut(Vec<T>)) -> PlayResult<()>
+where
+    Fut: Future<Output = prpm_playground_core::Result<Vec<T>>>,
+{
+    let mut after = None;
+    loop {
+        let page = fetch(after.take()).await?;
+        after = page.last().map(&key);
+        let last = page.len() < limit as usize;
+        pages(page);
+        if last {
+            return Ok(());
+        }
+    }
+}
+
 /// Every cost view (paged through the store).
 async fn all_costs(store: &dyn CoreStore) -> PlayResult<Vec<CostView>> {
     let mut out: Vec<CostView> = Vec::new();
-    loop {
-        let page = store.cost_accounts(CostFilter::All, out.last().map(|v| &v.account), 1_000).await?;
-        let last = page.len() < 1_000;
-        out.extend(page);
-        if last {
-            return Ok(out);
-        }
-    }
+    each_page(
+        1_000,
+        |after: Option<AccountId>| async move { store.cost_accounts(CostFilter::All, after.as_ref(), 1_000).await },
+        |v| v.account.clone(),
+        |p| out.extend(p),
+    )
+    .await?;
+    Ok(out)
 }
 
 #[pymethods]
@@ -545,32 +564,32 @@ impl Store {
         let (o, f) = (self.open()?, filter(start, end, account, model)?);
         block(py, async move {
             let mut batches = Vec::new();
-            let mut after = None;
-            loop {
-                let page = o.reader.usage_records(&f, after, PAGE).await?;
-                after = page.last().map(|r| r.entry);
-                let last = page.len() < PAGE as usize;
-                batches.push(
-                    Columns::new(&page)
-                        .int("entry", |r| r.entry.0)
-                        .str("account", |r| r.account.as_str())
-                        .time("at", |r| r.at)
-                        .opt_int("hold", |r| r.hold.map(|h| h.0))
-                        .str("operation", |r| &r.operation)
-                        .str("model", |r| &r.model)
-                        .int("input_tokens", |r| r.tokens.input as i64)
-                        .int("output_tokens", |r| r.tokens.output as i64)
-                        .int("cache_read_tokens", |r| r.tokens.cache_read as i64)
-                        .int("cache_write_tokens", |r| r.tokens.cache_write as i64)
-                        .int("total_tokens", |r| r.tokens.total() as i64)
-                        .int("credits", |r| r.credits)
-                        .usd("cost_usd", |r| r.cost_micros)
-                        .batch(),
-                );
-                if last {
-                    return Ok(Table::new(batches));
-                }
-            }
+            each_page(
+                PAGE,
+                |after| o.reader.usage_records(&f, after, PAGE),
+                |r| r.entry,
+                |page| {
+                    batches.push(
+                        Columns::new(&page)
+                            .int("entry", |r| r.entry.0)
+                            .str("account", |r| r.account.as_str())
+                            .time("at", |r| r.at)
+                            .opt_int("hold", |r| r.hold.map(|h| h.0))
+                            .str("operation", |r| &r.operation)
+                            .str("model", |r| &r.model)
+                            .int("input_tokens", |r| r.tokens.input as i64)
+                            .int("output_tokens", |r| r.tokens.output as i64)
+                            .int("cache_read_tokens", |r| r.tokens.cache_read as i64)
+                            .int("cache_write_tokens", |r| r.tokens.cache_write as i64)
+                            .int("total_tokens", |r| r.tokens.total() as i64)
+                            .int("credits", |r| r.credits)
+                            .usd("cost_usd", |r| r.cost_micros)
+                            .batch(),
+                    )
+                },
+            )
+            .await?;
+            Ok(Table::new(batches))
         })
     }
 
@@ -587,36 +606,39 @@ impl Store {
         let (o, f) = (self.open()?, filter(start, end, account, model)?);
         block(py, async move {
             let mut batches = Vec::new();
-            let mut after: Option<analysis::RunCursor> = None;
-            loop {
-                let page: Vec<RunRecord> = o.reader.runs(&f, after.as_ref(), PAGE).await?;
-                after = page.last().map(|r| (r.at, r.id.clone()));
-                let last = page.len() < PAGE as usize;
-                batches.push(
-                    Columns::new(&page)
-                        .str("id", |r| r.id.as_str())
-                        .str("account", |r| r.account.as_str())
-                        .time("at", |r| r.at)
-                        .opt_str("session", |r| r.session.as_ref().map(|s| s.as_str()))
-                        .opt_str("package", |r| r.package_id.as_deref())
-                        .str("model", |r| &r.model)
-                        .bool("with_prompt", |r| r.with_prompt)
-                        .int("input_tokens", |r| r.tokens.input as i64)
-                        .int("output_tokens", |r| r.tokens.output as i64)
-                        .int("cache_read_tokens", |r| r.tokens.cache_read as i64)
-                        .int("cache_write_tokens", |r| r.tokens.cache_write as i64)
-                        .int("credits", |r| r.credits)
-                        .usd("cost_usd", |r| r.cost_micros)
-                        .int("latency_ms", |r| r.latency_ms as i64)
-                        .str("outcome", |r| r.outcome.as_str())
-                        .opt_str("error", |r| r.error.as_deref())
-                        .opt_int("hold", |r| r.hold.map(|h| h.0))
-                        .batch(),
-                );
-                if last {
-                    return Ok(Table::new(batches));
-                }
-            }
+            each_page(
+                PAGE,
+                |after: Option<analysis::RunCursor>| {
+                    let (o, f) = (&o, &f);
+                    async move { o.reader.runs(f, after.as_ref(), PAGE).await }
+                },
+                |r| (r.at, r.id.clone()),
+                |page| {
+                    batches.push(
+                        Columns::new(&page)
+                            .str("id", |r| r.id.as_str())
+                            .str("account", |r| r.account.as_str())
+                            .time("at", |r| r.at)
+                            .opt_str("session", |r| r.session.as_ref().map(|s| s.as_str()))
+                            .opt_str("package", |r| r.package_id.as_deref())
+                            .str("model", |r| &r.model)
+                            .bool("with_prompt", |r| r.with_prompt)
+                            .int("input_tokens", |r| r.tokens.input as i64)
+                            .int("output_tokens", |r| r.tokens.output as i64)
+                            .int("cache_read_tokens", |r| r.tokens.cache_read as i64)
+                            .int("cache_write_tokens", |r| r.tokens.cache_write as i64)
+                            .int("credits", |r| r.credits)
+                            .usd("cost_usd", |r| r.cost_micros)
+                            .int("latency_ms", |r| r.latency_ms as i64)
+                            .str("outcome", |r| r.outcome.as_str())
+                            .opt_str("error", |r| r.error.as_deref())
+                            .opt_int("hold", |r| r.hold.map(|h| h.0))
+                            .batch(),
+                    )
+                },
+            )
+            .await?;
+            Ok(Table::new(batches))
         })
     }
 
@@ -634,35 +656,35 @@ impl Store {
         let kinds = kinds.unwrap_or_default().iter().map(|k| EntryKind::parse(k)).collect::<prpm_playground_core::Result<Vec<_>>>()?;
         block(py, async move {
             let mut batches = Vec::new();
-            let mut after = None;
-            loop {
-                let page: Vec<Entry> = o.reader.entries(&f, &kinds, after, PAGE).await?;
-                after = page.last().map(|e| e.id);
-                let last = page.len() < PAGE as usize;
-                batches.push(
-                    Columns::new(&page)
-                        .int("id", |e| e.id.0)
-                        .str("account", |e| e.account.as_str())
-                        .time("at", |e| e.at)
-                        .str("kind", |e| e.kind.as_str())
-                        .opt_str("source", |e| e.source.map(|s| s.as_str()))
-                        .int("monthly", |e| e.delta.monthly)
-                        .int("rollover", |e| e.delta.rollover)
-                        .int("purchased", |e| e.delta.purchased)
-                        .int("total", |e| e.delta.total())
-                        .int("held", |e| e.held_delta)
-                        .int("balance_after", |e| e.balance_after)
-                        .int("held_after", |e| e.held_after)
-                        .opt_int("hold", |e| e.hold.map(|h| h.0))
-                        .opt_int("ref_entry", |e| e.ref_entry.map(|r| r.0))
-                        .str("reference", |e| &e.reference)
-                        .opt_time("rollover_expires_at", |e| e.rollover_expires_at)
-                        .batch(),
-                );
-                if last {
-                    return Ok(Table::new(batches));
-                }
-            }
+            each_page(
+                PAGE,
+                |after| o.reader.entries(&f, &kinds, after, PAGE),
+                |e| e.id,
+                |page| {
+                    batches.push(
+                        Columns::new(&page)
+                            .int("id", |e| e.id.0)
+                            .str("account", |e| e.account.as_str())
+                            .time("at", |e| e.at)
+                            .str("kind", |e| e.kind.as_str())
+                            .opt_str("source", |e| e.source.map(|s| s.as_str()))
+                            .int("monthly", |e| e.delta.monthly)
+                            .int("rollover", |e| e.delta.rollover)
+                            .int("purchased", |e| e.delta.purchased)
+                            .int("total", |e| e.delta.total())
+                            .int("held", |e| e.held_delta)
+                            .int("balance_after", |e| e.balance_after)
+                            .int("held_after", |e| e.held_after)
+                            .opt_int("hold", |e| e.hold.map(|h| h.0))
+                            .opt_int("ref_entry", |e| e.ref_entry.map(|r| r.0))
+                            .str("reference", |e| &e.reference)
+                            .opt_time("rollover_expires_at", |e| e.rollover_expires_at)
+                            .batch(),
+                    )
+                },
+            )
+            .await?;
+            Ok(Table::new(batches))
         })
     }
 
@@ -679,16 +701,13 @@ impl Store {
                 usage.into_iter().map(|d| ((d.day, d.account.clone()), (Some(d), 0))).collect();
             if f.model.is_none() {
                 let mut grants = Vec::new();
-                let mut after = None;
-                loop {
-                    let page = o.reader.entries(&Filter { model: None, ..f.clone() }, &[EntryKind::Grant], after, PAGE).await?;
-                    after = page.last().map(|e| e.id);
-                    let last = page.len() < PAGE as usize;
-                    grants.extend(page.into_iter().filter(|e| e.source == Some(GrantSource::Plan)));
-                    if last {
-                        break;
-                    }
-                }
+                each_page(
+                    PAGE,
+                    |after| o.reader.entries(&f, &[EntryKind::Grant], after, PAGE),
+                    |e| e.id,
+                    |page| grants.extend(page.into_iter().filter(|e| e.source == Some(GrantSource::Plan))),
+                )
+                .await?;
                 if !grants.is_empty() {
                     let tiers = o.store.tiers().await?;
                     let views: HashMap<AccountId, CostView> = all_costs(&*o.store).await?.into_iter().map(|v| (v.account.clone(), v)).collect();
@@ -729,16 +748,14 @@ impl Store {
                 None => all_costs(&*o.store).await?,
             };
             let mut balances: HashMap<AccountId, AccountRow> = HashMap::new();
-            let mut after: Option<AccountId> = None;
-            loop {
-                let page = o.reader.accounts(account.as_ref(), after.as_ref(), PAGE).await?;
-                after = page.last().map(|r| r.account.clone());
-                let last = page.len() < PAGE as usize;
-                balances.extend(page.into_iter().map(|r| (r.account.clone(), r)));
-                if last {
-                    break;
-                }
-            }
+            let (reader, account) = (&o.reader, &account);
+            each_page(
+                PAGE,
+                |after: Option<AccountId>| async move { reader.accounts(account.as_ref(), after.as_ref(), PAGE).await },
+                |r| r.account.clone(),
+                |page| balances.extend(page.into_iter().map(|r| (r.account.clone(), r))),
+            )
+            .await?;
             let tiers = o.store.tiers().await?;
             let rows: Vec<(CostView, Option<AccountRow>, i64)> = views
                 .into_iter()
@@ -789,18 +806,20 @@ impl Store {
         f.validate()?;
         block(py, async move {
             let mut rows: Vec<Purchase> = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let page = o.store.purchases(after.as_deref(), 1_000).await?;
-                after = page.last().map(|p| p.id.clone());
-                let last = page.len() < 1_000;
-                rows.extend(page.into_iter().filter(|p| {
-                    f.account.as_ref().is_none_or(|a| &p.account == a) && f.from.is_none_or(|t| p.created_at >= t) && f.until.is_none_or(|t| p.created_at < t)
-                }));
-                if last {
-                    break;
-                }
-            }
+            let store = &o.store;
+            each_page(
+                1_000,
+                |after: Option<String>| async move { store.purchases(after.as_deref(), 1_000).await },
+                |p| p.id.clone(),
+                |page| {
+                    rows.extend(page.into_iter().filter(|p| {
+                        f.account.as_ref().is_none_or(|a| &p.account == a)
+                            && f.from.is_none_or(|t| p.created_at >= t)
+                            && f.until.is_none_or(|t| p.created_at < t)
+                    }))
+                },
+            )
+            .await?;
             let batch = Columns::new(&rows)
                 .str("id", |p| &p.id)
                 .str("account", |p| p.account.as_str())
@@ -875,16 +894,21 @@ impl Store {
             let users: Vec<SimUser> =
                 all_costs(&*o.store).await?.into_iter().map(|v| SimUser { account: v.account, tier: v.tier, paying: v.plan_active }).collect();
             let mut usage = Vec::new();
-            let mut after = None;
-            loop {
-                let page = o.reader.usage_records(&f, after, PAGE).await?;
-                after = page.last().map(|r| r.entry);
-                let last = page.len() < PAGE as usize;
-                usage.extend(page.into_iter().map(|r| SimUsage { account: r.account, at: r.at, model: r.model, tokens: r.tokens, cost_micros: r.cost_micros }));
-                if last {
-                    break;
-                }
-            }
+            each_page(
+                PAGE,
+                |after| o.reader.usage_records(&f, after, PAGE),
+                |r| r.entry,
+                |page| {
+                    usage.extend(page.into_iter().map(|r| SimUsage {
+                        account: r.account,
+                        at: r.at,
+                        model: r.model,
+                        tokens: r.tokens,
+                        cost_micros: r.cost_micros,
+                    }))
+                },
+            )
+            .await?;
             Ok(simulate::simulate(&base_tiers, &table, &scenario, &users, &usage, simulate::months_in(from, until))?)
         })?;
         Ok(Simulation::new(projection))
