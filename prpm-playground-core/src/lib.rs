@@ -13,7 +13,10 @@
 //! * [`history`]: CSV export of the transaction log.
 //! * [`conformance`]: the behaviour every backend must show, as library code.
 //! * [`auth`]: HS256 bearer tokens (feature `auth`).
+//! * [`analysis`]: read-only queries across accounts for cost analysis.
+//! * [`simulate`]: what-if pricing, replaying real usage under other limits and prices.
 
+pub mod analysis;
 #[cfg(feature = "auth")]
 pub mod auth;
 #[cfg(feature = "stripe")]
@@ -33,6 +36,7 @@ pub mod pricing;
 pub mod provider;
 pub mod purchase;
 pub mod session;
+pub mod simulate;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
