@@ -197,6 +197,12 @@ impl Store for Counting {
     async fn debt(&self, account: &AccountId) -> Result<i64> {
         self.inner.debt(account).await
     }
+    async fn keyed_response(&self, account: &AccountId, key: &str) -> Result<Option<prpm_playground_core::store::KeyedResponse>> {
+        self.inner.keyed_response(account, key).await
+    }
+    async fn remember_response(&self, r: &prpm_playground_core::store::KeyedResponse) -> Result<prpm_playground_core::store::KeyedResponse> {
+        self.inner.remember_response(r).await
+    }
     fn clock(&self) -> Arc<dyn Clock> {
         self.inner.clock()
     }
