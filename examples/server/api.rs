@@ -964,7 +964,7 @@ pub struct UserCostDto {
     pub throttled: bool,
     pub throttle_reason: Option<String>,
     pub throttled_since: Option<String>,
-    /// `normal`, `at_risk` or `high_risk` (as the library names them).
+    /// The library's risk level (`RiskLevel::as_str`).
     pub risk: String,
 }
 
@@ -980,7 +980,7 @@ fn user_cost_dto(v: CostView) -> UserCostDto {
         throttled: v.throttle.is_some(),
         throttle_reason: v.throttle.as_ref().map(|t| serde_json::to_string(&t.reason).unwrap_or_default()),
         throttled_since: v.throttle.as_ref().map(|t| time(t.since)),
-        risk: serde_json::to_value(v.risk).ok().and_then(|r| r.as_str().map(str::to_owned)).unwrap_or_else(|| format!("{:?}", v.risk)),
+        risk: v.risk.as_str().into(),
     }
 }
 

@@ -23,7 +23,7 @@ fn file_is_wal_full_sync_with_our_application_id_and_schema() {
     let app: i32 = c.query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
     assert_eq!(app, prpm_playground_core::store::sqlite::APPLICATION_ID);
     let v: i64 = c.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 5);
+    assert_eq!(v, 6);
     // Opening again applies nothing and keeps the data.
     SqliteStore::open(&path).unwrap();
 }
@@ -83,7 +83,7 @@ fn refuses_a_schema_newer_than_the_code() {
             .unwrap();
     }
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found: 99, supported: 5 }) => {}
+        Err(Error::SchemaTooNew { found: 99, supported: 6 }) => {}
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
 }
