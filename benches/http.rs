@@ -124,8 +124,13 @@ fn main() {
     let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().unwrap();
     let token = JwtKey::new(SECRET).unwrap().mint(&AccountId::new("bench-user").unwrap(), Role::User, chrono::Utc::now(), 86_400).unwrap();
     let hello_t = Target { http: http.clone(), method: reqwest::Method::GET, url: format!("{}/", hello.1), token: None, body: None };
-    let credits_t =
-        Target { http: http.clone(), method: reqwest::Method::GET, url: format!("{}/api/v1/playground/credits", server.1), token: Some(token.clone()), body: None };
+    let credits_t = Target {
+        http: http.clone(),
+        method: reqwest::Method::GET,
+        url: format!("{}/api/v1/playground/credits", server.1),
+        token: Some(token.clone()),
+        body: None,
+    };
     let estimate_t = Target {
         http: http.clone(),
         method: reqwest::Method::POST,
