@@ -471,6 +471,9 @@ async fn bad_input_gets_the_right_status_and_one_error_body() {
     let (st, v) = s.post("/api/v1/playground/run", &carol, json!({"userInput": "hi", "model": "gpt-4o", "maxTokens": 10})).await;
     check(st, &v, StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable");
     assert_eq!(s.get("/api/v1/playground/credits", &carol).await.1, before);
+    // An estimate needs no provider.
+    let (st, v) = s.post("/api/v1/playground/estimate", &carol, json!({"userInput": "hi", "model": "gpt-4o", "maxTokens": 10})).await;
+    assert_eq!((st, v["model"].as_str()), (StatusCode::OK, Some("gpt-4o")), "{v}");
 
     // 429: the free tier's hourly request limit (lowered to two by the admin); the third
     // waits, with Retry-After.

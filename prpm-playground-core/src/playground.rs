@@ -350,17 +350,15 @@ impl Playground {
     // ---- the run --------------------------------------------------------------------------
 
     /// Validates the request and builds the chat request and its estimate. No writes.
-    async fn plan(&self, req: &RunRequest, with_prompt: bool) -> Result<(ChatRequest, u64, Estimate, ProviderClient, Option<Session>)> {
+    /// The client is `None` when no client is configured for the model's provider: an
+    /// estimate needs none, a run does.
+    async fn plan(&self, req: &RunRequest, with_prompt: bool) -> Result<(ChatRequest, u64, Estimate, Option<ProviderClient>, Option<Session>)> {
         NewTurn { role: Role::User, content: req.input.clone() }.validate()?;
         if req.input.trim().is_empty() {
             return Err(Error::invalid("input", "must not be empty"));
         }
         let price = self.pricing.table.get(&req.model)?;
-        let client = self
-            .clients
-            .get(&price.provider)
-            .cloned()
-            .ok_or_else(|| Error::Provider(ProviderError::Unavailable(format!("no client is configured for {:?} models", price.provider))))?;
+        let client = self.clients.get(&price.provider).cloned();
         if let Some(t) = req.temperature {
             let max = if price.provider == Provider::Anthropic { 1.0 } else { 2.0 };
             if !(t.is_finite() && (0.0..=max).contains(&t)) {
@@ -407,6 +405,12 @@ impl Playground {
     /// run continues its session or starts one (a comparison's halves stay outside).
     async fn prepare(&self, req: &RunRequest, with_prompt: bool, in_session: bool) -> Result<Result<Prepared, Rejection>> {
         let (chat, input_tokens, estimate, client, session) = self.plan(req, with_prompt).await?;
+        let client = client.ok_or_else(|| {
+            Error::Provider(ProviderError::Unavailable(match client_provider(&self.pricing, &chat.model) {
+                Some(p) => format!("no client is configured for {p:?} models"),
+                None => format!("no client is configured for {}", chat.model),
+            }))
+        })?;
         if self.cfg.check_debt {
             let credits = self.store.debt(&req.account).await?;
             if credits > 0 {
@@ -463,6 +467,10 @@ impl Playground {
     fn driver(&self) -> Driver {
         Driver { store: self.store.clone(), pricing: self.pricing.clone() }
     }
+}
+
+fn client_provider(pricing: &Pricing, model: &str) -> Option<Provider> {
+    pricing.table.get(model).ok().map(|p| p.provider)
 }
 
 /// Runs `f` on its own task, so that it completes even if the caller's future is dropped.
