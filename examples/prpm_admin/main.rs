@@ -27,7 +27,6 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use prpm_playground_core::store::postgres::{PgOptions, PgStore, is_postgres_url};
 use prpm_playground_core::store::{DatabaseUrl, open_url};
 use prpm_playground_core::{AccountId, Bucket, EntryKind, GrantSource, IdempotencyKey, LedgerConfig, Store, SystemClock};
 
@@ -398,11 +397,6 @@ pub enum Target {
 
 impl Target {
     fn parse(url: &str) -> CliResult<Target> {
-        // `host=... dbname=...` pairs are PostgreSQL too (the library's URL parser knows only
-        // the URL form and would take them for a file name).
-        if is_postgres_url(url.trim()) {
-            return Ok(Target::Postgres(url.trim().to_owned()));
-        }
         Ok(match DatabaseUrl::parse(url)? {
             DatabaseUrl::Sqlite(path) => Target::Sqlite(path),
             DatabaseUrl::Postgres(url) => Target::Postgres(url),
@@ -455,12 +449,7 @@ impl Db {
             )));
         }
         let clock = Arc::new(SystemClock);
-        Ok(match &self.target {
-            Target::Postgres(conninfo) if !conninfo.starts_with("postgres://") && !conninfo.starts_with("postgresql://") => {
-                Arc::new(PgStore::open(PgOptions::new(conninfo.clone()).clock(clock).pool_size(4)).await?)
-            }
-            _ => open_url(&self.url, clock, LedgerConfig::default()).await?,
-        })
+        Ok(open_url(&self.url, clock, LedgerConfig::default()).await?)
     }
 }
 

@@ -72,7 +72,8 @@ pub fn check_request_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-/// Which backend a database URL names: `postgres://` or `postgresql://` (PostgreSQL), else a
+/// Which backend a database URL names: PostgreSQL for what [`postgres::is_postgres_url`]
+/// accepts (a `postgres://` / `postgresql://` URL or `key=value` pairs with a `dbname`), else a
 /// SQLite file (`sqlite://path`, `sqlite:path` or a plain path).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
@@ -83,7 +84,7 @@ pub enum DatabaseUrl {
 impl DatabaseUrl {
     pub fn parse(url: &str) -> Result<Self> {
         let url = url.trim();
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if postgres::is_postgres_url(url) {
             return Ok(DatabaseUrl::Postgres(url.to_owned()));
         }
         let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
@@ -867,6 +868,7 @@ mod url_tests {
     fn database_urls_name_their_backend() {
         assert_eq!(DatabaseUrl::parse("postgres://u@h/db").unwrap(), DatabaseUrl::Postgres("postgres://u@h/db".into()));
         assert_eq!(DatabaseUrl::parse("postgresql://h/db").unwrap(), DatabaseUrl::Postgres("postgresql://h/db".into()));
+        assert_eq!(DatabaseUrl::parse("host=/tmp dbname=db").unwrap(), DatabaseUrl::Postgres("host=/tmp dbname=db".into()));
         for (url, path) in [("sqlite:///tmp/a.db", "/tmp/a.db"), ("sqlite:a.db", "a.db"), ("data/prpm.db", "data/prpm.db")] {
             assert_eq!(DatabaseUrl::parse(url).unwrap(), DatabaseUrl::Sqlite(path.into()));
         }
