@@ -6,10 +6,8 @@ use chrono::{SecondsFormat, Utc};
 use prpm_playground_core::auth::{JwtKey, MIN_SECRET_BYTES, Role};
 use prpm_playground_core::cost::ThrottleReason;
 use prpm_playground_core::history::{CSV_HEADER, csv_row};
-use prpm_playground_core::pricing::micros_to_usd;
 use prpm_playground_core::store::{HistoryQuery, MAX_PAGE};
 use prpm_playground_core::*;
-use rust_decimal::Decimal;
 
 use crate::progress::{self, Counting};
 use crate::{CliResult, CreateArgs, Db, Fail, GrantArgs, HistoryArgs, JobName, MintArgs, RoleArg, Target, ThrottleArgs};
@@ -26,11 +24,7 @@ fn derived_key(s: String) -> CliResult<IdempotencyKey> {
 
 /// USD, exact, with at least two decimals.
 pub fn usd(micros: i64) -> String {
-    let mut d: Decimal = micros_to_usd(micros).normalize();
-    if d.scale() < 2 {
-        d.rescale(2);
-    }
-    format!("${d}")
+    format!("${}", prpm_playground_core::pricing::format_usd(micros))
 }
 
 fn time(t: chrono::DateTime<Utc>) -> String {

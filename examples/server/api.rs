@@ -163,14 +163,7 @@ fn json_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 
 // ---- money and times --------------------------------------------------------------------------
 
-/// Micro-dollars as exact USD text, at least two decimals (`"0.0087"`, `"120.00"`).
-pub fn usd(micros: i64) -> String {
-    let mut d = Decimal::new(micros, 6).normalize();
-    if d.scale() < 2 {
-        d.rescale(2);
-    }
-    d.to_string()
-}
+use prpm_playground_core::pricing::format_usd as usd;
 
 fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -205,7 +198,7 @@ where
     h.update(path.as_bytes());
     h.update(b"\n");
     h.update(body);
-    let fingerprint: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let fingerprint = hex(&h.finalize());
     match state.store.keyed_response(account, key).await {
         Ok(Some(stored)) => return replay(stored, &fingerprint),
         Ok(None) => {}
@@ -258,8 +251,11 @@ fn run_id_for_key(account: &AccountId, headers: &HeaderMap) -> Option<RunId> {
     h.update(account.as_str().as_bytes());
     h.update(b"\0");
     h.update(key.as_bytes());
-    let hex: String = h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
-    RunId::parse(&hex).ok()
+    RunId::parse(&hex(&h.finalize()[..16])).ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ---- playground -------------------------------------------------------------------------------
@@ -1186,11 +1182,10 @@ pub struct TierDto {
 
 fn micros(field: &str, s: &str) -> ApiResult<i64> {
     let d: Decimal = s.parse().map_err(|_| ApiError::invalid(field, "must be a decimal USD amount"))?;
-    let m = d * Decimal::from(1_000_000);
-    if m.fract() != Decimal::ZERO || m < Decimal::ZERO {
-        return Err(ApiError::invalid(field, "must be a non-negative amount with at most 6 decimals"));
-    }
-    i64::try_from(m).map_err(|_| ApiError::invalid(field, "too large"))
+    prpm_playground_core::cost::usd_to_micros(d).map_err(|e| match e {
+        Error::InvalidInput { reason, .. } => ApiError::invalid(field, reason),
+        other => other.into(),
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/admin/cost-analytics/tier-limits", tag = "admin",

@@ -7,8 +7,8 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Upper bounds of the provider latency buckets, in seconds.
-const LATENCY_BUCKETS_SECS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Upper bounds of the provider latency buckets, in milliseconds (exposed in seconds).
+const LATENCY_BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -16,7 +16,7 @@ pub struct Metrics {
     credits_spent: AtomicU64,
     cost_micros: AtomicU64,
     rejections: Mutex<BTreeMap<String, u64>>,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS_SECS.len()],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
     jobs: Mutex<BTreeMap<(String, String), u64>>,
@@ -29,9 +29,8 @@ impl Metrics {
         *self.runs.lock().unwrap().entry((model.to_owned(), outcome.to_owned())).or_default() += 1;
         self.credits_spent.fetch_add(credits.max(0) as u64, Ordering::Relaxed);
         self.cost_micros.fetch_add(cost_micros.max(0) as u64, Ordering::Relaxed);
-        let secs = latency_ms as f64 / 1000.0;
-        for (i, bound) in LATENCY_BUCKETS_SECS.iter().enumerate() {
-            if secs <= *bound {
+        for (i, bound) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            if latency_ms <= *bound {
                 self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -71,8 +70,10 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP prpm_provider_latency_seconds Latency of provider calls.");
         let _ = writeln!(out, "# TYPE prpm_provider_latency_seconds histogram");
-        for (i, bound) in LATENCY_BUCKETS_SECS.iter().enumerate() {
-            let _ = writeln!(out, "prpm_provider_latency_seconds_bucket{{le=\"{bound}\"}} {}", self.latency_buckets[i].load(Ordering::Relaxed));
+        for (i, bound) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            let le = format!("{}.{:03}", bound / 1000, bound % 1000);
+            let le = le.trim_end_matches('0').trim_end_matches('.');
+            let _ = writeln!(out, "prpm_provider_latency_seconds_bucket{{le=\"{le}\"}} {}", self.latency_buckets[i].load(Ordering::Relaxed));
         }
         let count = self.latency_count.load(Ordering::Relaxed);
         let _ = writeln!(out, "prpm_provider_latency_seconds_bucket{{le=\"+Inf\"}} {count}");

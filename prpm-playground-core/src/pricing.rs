@@ -212,6 +212,15 @@ pub fn micros_to_usd(cost_micros: i64) -> Decimal {
     Decimal::new(cost_micros, 6)
 }
 
+/// Micro-dollars as exact USD text with at least two decimals (`"0.0087"`, `"120.00"`).
+pub fn format_usd(cost_micros: i64) -> String {
+    let mut d = micros_to_usd(cost_micros).normalize();
+    if d.scale() < 2 {
+        d.rescale(2);
+    }
+    d.to_string()
+}
+
 /// Credits and cost of one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quote {
