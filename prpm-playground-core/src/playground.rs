@@ -23,7 +23,7 @@ use crate::pricing::{Estimate, EstimateRequest, Pricing, Provider, TokenUsage};
 use crate::provider::tokens::Counter;
 use crate::provider::{ChatMessage, ChatRequest, ChatResponse, ProviderClient, ProviderError, StreamEvent};
 use crate::session::*;
-use crate::store::{SettleRun, Store};
+use crate::store::{SettleRun, Store, record_settled_run};
 
 /// Where package prompts come from: the embedding registry implements this; self-hosters use
 /// [`StorePackages`] (the store's `packages` table).
@@ -623,14 +623,8 @@ impl Driver {
                 // the hold's life): no credits, but the cost still counts toward the limits.
                 let meter = Meter { account: p.account.clone(), usage: record, reference: format!("run {}", p.run_id), key: run_key(&p.run_id, "meter")? };
                 self.store.meter(meter).await?.map_err(|r| Error::Invariant(format!("meter of run {}: {r}", p.run_id)))?;
-                if let Some(ns) = &p.new_session {
-                    let _ = self.store.create_session(ns).await;
-                }
-                let mut session = p.session.clone();
-                if session.is_none() || self.store.record_run(&run, &turns).await.is_err() {
-                    session = None;
-                    let _ = self.store.record_run(&RunRecord { session: None, ..run }, &[]).await;
-                }
+                // Best effort, as for a failure: the caller hears of the run either way.
+                let session = record_settled_run(&*self.store, run, &turns, p.new_session.as_ref()).await.unwrap_or(None);
                 (0, false, session)
             }
             Err(r) => return Err(Error::Invariant(format!("settle of run {}: {r}", p.run_id))),

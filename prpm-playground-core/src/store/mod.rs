@@ -149,6 +149,25 @@ pub struct SettledRun {
     pub session: Option<SessionId>,
 }
 
+/// Records a run whose credits are settled, step by step: creates `new_session` (already there
+/// on a retry: the record below tells), records the run with its turns in its session, and
+/// outside it if that fails (the session is gone or full). Returns where the turns went.
+pub(crate) async fn record_settled_run<S: Store + ?Sized>(
+    store: &S,
+    run: RunRecord,
+    turns: &[NewTurn],
+    new_session: Option<&NewSession>,
+) -> Result<Option<SessionId>> {
+    if let Some(ns) = new_session {
+        let _ = store.create_session(ns).await;
+    }
+    if run.session.is_some() && store.record_run(&run, turns).await.is_ok() {
+        return Ok(run.session);
+    }
+    store.record_run(&RunRecord { session: None, ..run }, &[]).await?;
+    Ok(None)
+}
+
 /// The credits a settlement charged, if it is one.
 pub(crate) fn settled_credits(outcome: &Outcome) -> Result<Option<Credits>> {
     match outcome {
@@ -711,16 +730,8 @@ pub trait Store: Send + Sync {
         let Some(credits) = settled_credits(&settled)? else {
             return Ok(SettledRun { settled, session: None });
         };
-        let run = RunRecord { credits, ..r.run };
-        if let Some(ns) = &r.new_session {
-            // Already there on a retry: the run's record below tells.
-            let _ = self.create_session(ns).await;
-        }
-        if run.session.is_some() && self.record_run(&run, &r.turns).await.is_ok() {
-            return Ok(SettledRun { settled, session: run.session });
-        }
-        self.record_run(&RunRecord { session: None, ..run }, &[]).await?;
-        Ok(SettledRun { settled, session: None })
+        let session = record_settled_run(self, RunRecord { credits, ..r.run }, &r.turns, r.new_session.as_ref()).await?;
+        Ok(SettledRun { settled, session })
     }
 
     /// The account's runs, newest first (at desc, then id desc), `limit` in
