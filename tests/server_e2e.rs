@@ -343,6 +343,7 @@ async fn full_story_over_http() {
     let m = s.http.get(s.url("/metrics")).bearer_auth(&admin).send().await.unwrap().text().await.unwrap();
     assert!(m.contains(&format!("prpm_runs_total{{model=\"{MODEL}\",outcome=\"completed\"}} 1")), "{m}");
     assert!(m.contains("prpm_job_runs_total{job=\"monthly-credit-reset\",result=\"ok\"}"), "{m}");
+    assert!(m.contains("prpm_http_responses_total{status=\"200\"} "), "{m}");
     s.verify().await;
 }
 

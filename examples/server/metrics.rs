@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Upper bounds of the provider latency buckets, in milliseconds (exposed in seconds).
 const LATENCY_BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000];
 
-#[derive(Default)]
+/// HTTP statuses are 100..=599: one counter each, indexed by `status - 100`.
+const STATUSES: usize = 500;
+
 pub struct Metrics {
     runs: Mutex<BTreeMap<(String, String), u64>>,
     credits_spent: AtomicU64,
@@ -20,7 +22,25 @@ pub struct Metrics {
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
     jobs: Mutex<BTreeMap<(String, String), u64>>,
-    http: Mutex<BTreeMap<u16, u64>>,
+    /// Per response, so lock-free: an atomic per status (a map behind a mutex costs every
+    /// request a lock and a tree walk).
+    http: Box<[AtomicU64]>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            runs: Mutex::default(),
+            credits_spent: AtomicU64::default(),
+            cost_micros: AtomicU64::default(),
+            rejections: Mutex::default(),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::default(),
+            latency_sum_micros: AtomicU64::default(),
+            jobs: Mutex::default(),
+            http: (0..STATUSES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl Metrics {
@@ -47,7 +67,10 @@ impl Metrics {
     }
 
     pub fn response(&self, status: u16) {
-        *self.http.lock().unwrap().entry(status).or_default() += 1;
+        // axum's `StatusCode` is always 100..=999; statuses past 599 are not HTTP's and are
+        // counted as 599 rather than dropped.
+        let i = usize::from(status.clamp(100, 599) - 100);
+        self.http[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -87,8 +110,11 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP prpm_http_responses_total HTTP responses, by status.");
         let _ = writeln!(out, "# TYPE prpm_http_responses_total counter");
-        for (status, n) in self.http.lock().unwrap().iter() {
-            let _ = writeln!(out, "prpm_http_responses_total{{status=\"{status}\"}} {n}");
+        for (i, n) in self.http.iter().enumerate() {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "prpm_http_responses_total{{status=\"{}\"}} {n}", i + 100);
+            }
         }
         out
     }
@@ -96,4 +122,24 @@ impl Metrics {
 
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_counted_per_status() {
+        let m = Metrics::default();
+        for s in [200, 200, 402, 100, 599, 999] {
+            m.response(s);
+        }
+        let out = m.render();
+        assert!(out.contains("prpm_http_responses_total{status=\"200\"} 2\n"), "{out}");
+        assert!(out.contains("prpm_http_responses_total{status=\"402\"} 1\n"), "{out}");
+        assert!(out.contains("prpm_http_responses_total{status=\"100\"} 1\n"), "{out}");
+        // A status past HTTP's range is counted at 599, never lost and never out of bounds.
+        assert!(out.contains("prpm_http_responses_total{status=\"599\"} 2\n"), "{out}");
+        assert_eq!(out.matches("prpm_http_responses_total{").count(), 4, "{out}");
+    }
 }

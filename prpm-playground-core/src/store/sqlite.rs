@@ -304,6 +304,27 @@ impl SqliteStore {
         }
     }
 
+    /// Runs a small indexed read (a point lookup of a few rows: a balance, a package, a
+    /// session) on a read connection on the caller's own thread. Handing such a read to a
+    /// blocking thread and back costs two thread wake-ups, several times the read itself; in
+    /// WAL mode a reader never waits for the writer, so it cannot hold the runtime's thread for
+    /// long. Scans (history, verify, analytics) go through [`SqliteStore::read`].
+    async fn read_now<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        match &self.readers {
+            Some(pool) => {
+                let conn = pool.get()?;
+                let r = f(&conn);
+                pool.put(conn);
+                r
+            }
+            None => self.read(f).await,
+        }
+    }
+
     /// Runs `f` on the writer's connection in its own write transaction (see [`in_write`]).
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
@@ -1897,7 +1918,7 @@ impl Store for SqliteStore {
     async fn balance(&self, account: &AccountId) -> Result<BalanceView> {
         let account = account.clone();
         let now = to_millis(self.clock.now());
-        self.read(move |c| query_balance(c, &account, now)).await
+        self.read_now(move |c| query_balance(c, &account, now)).await
     }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
@@ -1931,13 +1952,13 @@ impl Store for SqliteStore {
     }
 
     async fn tiers(&self) -> Result<TierTable> {
-        self.read(load_tiers).await
+        self.read_now(load_tiers).await
     }
 
     async fn cost(&self, account: &AccountId) -> Result<CostView> {
         let account = account.clone();
         let now = to_millis(self.clock.now());
-        self.read(move |c| query_cost(c, &account, now)).await
+        self.read_now(move |c| query_cost(c, &account, now)).await
     }
 
     async fn cost_accounts(&self, filter: CostFilter, after: Option<&AccountId>, limit: u32) -> Result<Vec<CostView>> {
@@ -1997,7 +2018,7 @@ impl Store for SqliteStore {
 
     async fn package(&self, id: &str) -> Result<Option<Package>> {
         let id = id.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             Ok(c.prepare_cached("SELECT id, name, version, prompt FROM packages WHERE id = ?1")?
                 .query_row([&id], |r| Ok(Package { id: r.get(0)?, name: r.get(1)?, version: r.get(2)?, prompt: r.get(3)? }))
                 .optional()?)
@@ -2029,7 +2050,7 @@ impl Store for SqliteStore {
 
     async fn session(&self, owner: &AccountId, id: &SessionId) -> Result<Option<Session>> {
         let (owner, id) = (owner.clone(), id.clone());
-        self.read(move |c| in_snapshot(c, |c| query_session(c, &owner, &id))).await
+        self.read_now(move |c| in_snapshot(c, |c| query_session(c, &owner, &id))).await
     }
 
     async fn sessions(&self, owner: &AccountId, cursor: Option<&str>, limit: u32) -> Result<SessionPage> {
@@ -2090,7 +2111,7 @@ impl Store for SqliteStore {
 
     async fn shared_session(&self, token: &ShareToken) -> Result<Option<SharedSession>> {
         let token = token.clone();
-        self.read(move |c| in_snapshot(c, |c| query_shared(c, &token))).await
+        self.read_now(move |c| in_snapshot(c, |c| query_shared(c, &token))).await
     }
 
     async fn create_purchase(&self, p: &Purchase) -> Result<Purchase> {
@@ -2128,13 +2149,13 @@ impl Store for SqliteStore {
     async fn purchase(&self, id: &str) -> Result<Option<Purchase>> {
         check_purchase_id(id)?;
         let id = id.to_owned();
-        self.read(move |c| query_purchase(c, &id)).await
+        self.read_now(move |c| query_purchase(c, &id)).await
     }
 
     async fn purchase_by_stripe_id(&self, stripe_id: &str) -> Result<Option<Purchase>> {
         check_stripe_id(stripe_id)?;
         let stripe_id = stripe_id.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {PURCHASE_COLUMNS}, 0 AS pref FROM purchases WHERE checkout_session = ?1
                  UNION ALL SELECT {PURCHASE_COLUMNS}, 1 AS pref FROM purchases WHERE payment_intent = ?1
@@ -2205,7 +2226,7 @@ impl Store for SqliteStore {
     async fn stripe_event(&self, id: &str) -> Result<Option<StripeEventRecord>> {
         check_stripe_id(id)?;
         let id = id.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             let mut stmt = c.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM stripe_events WHERE id = ?1"))?;
             let mut rows = stmt.query([&id])?;
             rows.next()?.map(event_from_row).transpose()
@@ -2256,7 +2277,7 @@ impl Store for SqliteStore {
     async fn customer_account(&self, customer: &str) -> Result<Option<AccountId>> {
         check_stripe_id(customer)?;
         let customer = customer.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             let account: Option<String> =
                 c.prepare_cached("SELECT account FROM stripe_customers WHERE customer = ?1")?.query_row([&customer], |r| r.get(0)).optional()?;
             account.map(|a| stored("customer account", AccountId::new(a))).transpose()
@@ -2283,7 +2304,7 @@ impl Store for SqliteStore {
 
     async fn debt(&self, account: &AccountId) -> Result<i64> {
         let account = account.clone();
-        self.read(move |c| {
+        self.read_now(move |c| {
             let debt: Option<i64> =
                 c.prepare_cached("SELECT credits FROM credit_debts WHERE account = ?1")?.query_row([account.as_str()], |r| r.get(0)).optional()?;
             Ok(debt.unwrap_or(0))
@@ -2294,7 +2315,7 @@ impl Store for SqliteStore {
     async fn keyed_response(&self, account: &AccountId, key: &str) -> Result<Option<KeyedResponse>> {
         check_request_key(key)?;
         let (account, key) = (account.clone(), key.to_owned());
-        self.read(move |c| query_keyed(c, &account, &key)).await
+        self.read_now(move |c| query_keyed(c, &account, &key)).await
     }
 
     async fn remember_response(&self, r: &KeyedResponse) -> Result<KeyedResponse> {
