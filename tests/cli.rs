@@ -531,13 +531,24 @@ fn usage_export_matches_the_store() {
     assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
 }
 
+/// The usage records of an account straight from the SQLite file, oldest first: (entry id,
+/// cost in micro-dollars).
+fn stored_usage(db: &std::path::Path, account: &str) -> Vec<(i64, i64)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = c
+        .prepare("SELECT u.entry_id, u.cost_micros FROM usage_records u JOIN accounts a ON a.id = u.account_id WHERE a.external_id = ?1 ORDER BY u.entry_id")
+        .unwrap();
+    stmt.query_map([account], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
 #[test]
-fn usage_export_refuses_to_leave_records_out() {
+fn usage_export_pages_past_the_stores_page_size() {
     let cli = Cli::new();
     cli.run(&["create-user", "big"]).ok();
     cli.run(&["create-user", "small"]).ok();
+    // 2,100 records: more than two of the store's pages of 1,000.
     let mid = cli.with_store(async |s| {
-        for chunk in 0..10 {
+        for chunk in 0..21 {
             let ms = (0..100).map(|i| {
                 let m = Meter { account: acct("big"), usage: usage("op", "m", 1), reference: String::new(), key: key(&format!("b{chunk}-{i}")) };
                 s.meter(m)
@@ -555,15 +566,34 @@ fn usage_export_refuses_to_leave_records_out() {
         }
         mid
     });
-    let r = cli.run(&["export-usage", "--out", "all.csv"]).fails(1, "the export would be incomplete");
-    assert!(r.stderr.contains("1 account(s) may have older ones in the range (big)"), "{}", r.stderr);
-    assert!(!cli.path("all.csv").exists());
-    cli.run(&["export-usage", "--account", "big", "--out", "-"]).fails(1, "incomplete");
-    // A range inside the newest 1,000 records exports.
+    let (big, small) = (stored_usage(&cli.db, "big"), stored_usage(&cli.db, "small"));
+    assert_eq!((big.len(), small.len()), (2_103, 1));
+    let exported = |rows: &[Vec<String>], account: &str| -> Vec<(i64, i64)> {
+        rows.iter()
+            .filter(|r| r[0] == account)
+            .map(|r| (r[2].parse().unwrap(), (r[11].parse::<rust_decimal::Decimal>().unwrap() * rust_decimal::Decimal::from(1_000_000)).try_into().unwrap()))
+            .collect()
+    };
+
+    // Everything, in order, nothing twice, nothing left out.
+    let r = cli.run(&["export-usage", "--out", "all.csv"]).ok();
+    assert!(r.stderr.contains("exported 2104 usage record(s) of 2 account(s) to all.csv"), "{}", r.stderr);
+    let (_, rows) = parse_csv(&std::fs::read_to_string(cli.path("all.csv")).unwrap());
+    assert_eq!(rows.len(), 2_104);
+    assert_eq!(exported(&rows, "big"), big);
+    assert_eq!(exported(&rows, "small"), small);
+    assert_eq!(rows.iter().position(|r| r[0] == "small"), Some(2_103), "accounts in id order: big, then small");
+
+    // A range: only the late records, though the export pages backwards through the others.
     let r = cli.run(&["export-usage", "--from", &rfc3339(mid), "--out", "late.csv"]).ok();
     let (_, rows) = parse_csv(&std::fs::read_to_string(cli.path("late.csv")).unwrap());
     assert_eq!(rows.len(), 3, "{}", r.stderr);
-    assert!(rows.iter().all(|r| r[0] == "big" && r[11] == "0.000002"));
+    assert_eq!(exported(&rows, "big"), big[2_100..]);
+    // Up to the middle: every early record of both accounts.
+    let r = cli.run(&["export-usage", "--until", &rfc3339(mid), "--out", "-", "--quiet"]).ok();
+    let (_, rows) = parse_csv(&r.stdout);
+    assert_eq!(exported(&rows, "big"), big[..2_100]);
+    assert_eq!(exported(&rows, "small"), small);
 }
 
 #[test]

@@ -114,6 +114,25 @@ struct Written {
     accounts: u64,
 }
 
+/// An account's usage records in `[from, until)`, oldest first: pages of
+/// [`Store::usage_before`], newest first, until a page reaches past `from` or the records end.
+async fn account_usage(store: &dyn Store, account: &AccountId, from: Option<DateTime<Utc>>, until: Option<DateTime<Utc>>) -> CliResult<Vec<UsageRow>> {
+    let mut rows = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store.usage_before(account, before, MAX_PAGE).await?;
+        let full = page.len() == MAX_PAGE as usize;
+        let reached_from = page.last().is_some_and(|r| from.is_some_and(|f| r.at < f));
+        before = page.last().map(|r| r.entry);
+        rows.extend(page.into_iter().filter(|r| from.is_none_or(|f| r.at >= f) && until.is_none_or(|u| r.at < u)));
+        if !full || reached_from {
+            break;
+        }
+    }
+    rows.reverse();
+    Ok(rows)
+}
+
 async fn write_csv(
     store: &dyn Store,
     accounts: &[AccountId],
@@ -126,36 +145,18 @@ async fn write_csv(
     let mut w = csv::Writer::from_writer(out);
     w.write_record(HEADER).map_err(io)?;
     let bar = progress::bar(quiet, Some(accounts.len() as u64), "exporting usage");
-    let mut pages = futures_util::stream::iter(accounts).map(|a| async move { (a, store.usage(a, MAX_PAGE).await) }).buffered(CONCURRENCY);
-    let in_range = |t: DateTime<Utc>| from.is_none_or(|f| t >= f) && until.is_none_or(|u| t < u);
-    let (mut written, mut incomplete) = (Written { rows: 0, accounts: 0 }, Vec::new());
-    while let Some((account, rows)) = pages.next().await {
+    let mut pages = futures_util::stream::iter(accounts).map(|a| account_usage(store, a, from, until)).buffered(CONCURRENCY);
+    let mut written = Written { rows: 0, accounts: 0 };
+    while let Some(rows) = pages.next().await {
         let rows = rows?;
-        // Newest first, at most MAX_PAGE: if the oldest listed is still in the range (or
-        // after it), older records of the range may be missing.
-        if rows.len() == MAX_PAGE as usize && rows.last().is_some_and(|r| from.is_none_or(|f| r.at >= f)) {
-            incomplete.push(account.to_string());
-        }
-        let mut any = false;
-        for r in rows.iter().rev().filter(|r| in_range(r.at)) {
+        for r in &rows {
             w.write_record(row(r)).map_err(io)?;
-            written.rows += 1;
-            any = true;
         }
-        written.accounts += u64::from(any);
+        written.rows += rows.len() as u64;
+        written.accounts += u64::from(!rows.is_empty());
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if !incomplete.is_empty() {
-        let shown: Vec<&str> = incomplete.iter().take(20).map(String::as_str).collect();
-        return Err(Fail::Failed(format!(
-            "the export would be incomplete: the store lists at most the newest {MAX_PAGE} usage records of an account, and {} account(s) may have \
-             older ones in the range ({}{}); export a range that starts later (--from)",
-            incomplete.len(),
-            shown.join(", "),
-            if incomplete.len() > shown.len() { ", ..." } else { "" }
-        )));
-    }
     w.flush().map_err(|e| Fail::Failed(format!("writing CSV: {e}")))?;
     Ok(written)
 }

@@ -92,8 +92,8 @@ impl Store for Counting {
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
         self.inner.history(query).await
     }
-    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
-        self.inner.usage(account, limit).await
+    async fn usage_before(&self, account: &AccountId, before: Option<EntryId>, limit: u32) -> Result<Vec<UsageRow>> {
+        self.inner.usage_before(account, before, limit).await
     }
     async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
         self.inner.due(due, after, limit).await

@@ -64,7 +64,7 @@ macro_rules! conformance_suite {
             packages_round_trip_and_bad_input, sessions_belong_to_their_owner, sessions_list_newest_first_paginated,
             runs_append_turns_in_order, settle_run_settles_and_records_at_once, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense,
             purchases_round_trip_and_cas, purchase_cas_under_concurrency, stripe_events_once_by_id, customers_and_debts,
-            keyed_responses_are_stored_once);
+            keyed_responses_are_stored_once, usage_pages_newest_first);
         $crate::conformance_suite!(@ $mode $open; rollover_first; rollover_first_spend_order);
     };
     (@skippable $open:path; $cfg:ident; $($name:ident),*) => {
@@ -2265,4 +2265,38 @@ pub async fn keyed_responses_are_stored_once(store: &dyn Store, clock: &ManualCl
     assert_eq!(invalid_field(store.remember_response(&big).await), "body");
     assert_eq!(store.keyed_response(&alice, "k-2").await.unwrap(), None, "bad input stored nothing");
     assert_eq!(invalid_field(store.keyed_response(&alice, "").await), "idempotency_key");
+}
+
+/// Usage records page newest first through `usage_before`: every record once, none of another
+/// account's, bad input refused.
+pub async fn usage_pages_newest_first(store: &dyn Store, _clock: &ManualClock) {
+    let (u, other) = (create_user(store, "u").await, create_user(store, "other").await);
+    for i in 1..=25 {
+        applied(store.meter(meter_cmd(&u, i, &format!("m{i}"))).await);
+        if i % 5 == 0 {
+            applied(store.meter(meter_cmd(&other, 1_000 + i, &format!("o{i}"))).await);
+        }
+    }
+    let mut costs = Vec::new();
+    let mut before = None;
+    let mut pages = Vec::new();
+    loop {
+        let page = store.usage_before(&u, before, 10).await.unwrap();
+        pages.push(page.len());
+        let Some(last) = page.last() else { break };
+        assert!(page.windows(2).all(|w| w[0].entry > w[1].entry), "newest first");
+        assert!(page.iter().all(|r| r.account == u && before.is_none_or(|b| r.entry < b)));
+        before = Some(last.entry);
+        costs.extend(page.iter().map(|r| r.usage.cost_micros));
+    }
+    assert_eq!(pages, [10, 10, 5, 0]);
+    assert_eq!(costs, (1..=25).rev().collect::<Vec<i64>>());
+    // `usage` is the first page.
+    let first: Vec<i64> = store.usage(&u, 10).await.unwrap().iter().map(|r| r.usage.cost_micros).collect();
+    assert_eq!(first, (16..=25).rev().collect::<Vec<i64>>());
+    assert_eq!(store.usage(&other, 1_000).await.unwrap().len(), 5);
+    assert!(store.usage_before(&u, Some(EntryId(1)), 10).await.unwrap().is_empty());
+    assert!(matches!(store.usage_before(&u, None, 0).await, Err(Error::InvalidInput { .. })));
+    assert!(matches!(store.usage_before(&u, None, 1_001).await, Err(Error::InvalidInput { .. })));
+    assert!(matches!(store.usage_before(&acct("nobody"), None, 10).await, Err(Error::UnknownAccount(_))));
 }

@@ -653,7 +653,13 @@ pub trait Store: Send + Sync {
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage>;
 
     /// Usage records of an account, newest first (at most `limit`, 1..=1000).
-    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>>;
+    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+        self.usage_before(account, None, limit).await
+    }
+
+    /// Usage records of an account older than the log entry `before` (all when `None`), newest
+    /// first, at most `limit` (1..=1000): pass the last row's `entry` to read the next page.
+    async fn usage_before(&self, account: &AccountId, before: Option<EntryId>, limit: u32) -> Result<Vec<UsageRow>>;
 
     /// Accounts (by id, ascending, after `after`) that a job has work for at the store's time.
     async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>>;

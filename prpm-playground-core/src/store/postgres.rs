@@ -771,7 +771,7 @@ impl PgStore {
         Ok(HistoryPage { entries, next })
     }
 
-    async fn usage_once(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+    async fn usage_once(&self, account: &AccountId, before: Option<EntryId>, limit: u32) -> Result<Vec<UsageRow>> {
         check_page(limit, MAX_PAGE)?;
         let client = self.core.client().await?;
         let id: i64 = client
@@ -782,8 +782,8 @@ impl PgStore {
         let rows = client
             .query(
                 "SELECT at, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros
-                 FROM usage_records WHERE account_id = $1 ORDER BY entry_id DESC LIMIT $2",
-                &[&id, &i64::from(limit)],
+                 FROM usage_records WHERE account_id = $1 AND entry_id < $3 ORDER BY entry_id DESC LIMIT $2",
+                &[&id, &i64::from(limit), &before.map_or(i64::MAX, |e| e.0)],
             )
             .await?;
         Ok(rows
@@ -1667,8 +1667,8 @@ impl Store for PgStore {
         retrying(|| self.history_once(q)).await
     }
 
-    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
-        retrying(|| self.usage_once(account, limit)).await
+    async fn usage_before(&self, account: &AccountId, before: Option<EntryId>, limit: u32) -> Result<Vec<UsageRow>> {
+        retrying(|| self.usage_once(account, before, limit)).await
     }
 
     async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {

@@ -1256,7 +1256,7 @@ fn query_balance(conn: &Connection, account: &AccountId, now: DateTime<Utc>) -> 
     Ok(BalanceView::from_state(account.clone(), &state, holds.len() as u32))
 }
 
-fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+fn query_usage(conn: &Connection, account: &AccountId, before: Option<EntryId>, limit: u32) -> Result<Vec<UsageRow>> {
     let Some((id, _)) = load_account(conn, account)? else {
         return Err(Error::UnknownAccount(account.to_string()));
     };
@@ -1267,7 +1267,7 @@ fn query_usage(conn: &Connection, account: &AccountId, limit: u32) -> Result<Vec
             "u.at_ms, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits, u.cost_micros",
             "JOIN usage_records u ON u.entry_id = e.id",
             "AND e.kind IN ('spend', 'settle', 'meter')",
-            (id, i64::MAX, limit),
+            (id, before.map_or(i64::MAX, |e| e.0), limit),
             &[],
             |r| {
                 Ok(UsageRow {
@@ -1927,10 +1927,10 @@ impl Store for SqliteStore {
         self.read(move |c| query_history(c, &q)).await
     }
 
-    async fn usage(&self, account: &AccountId, limit: u32) -> Result<Vec<UsageRow>> {
+    async fn usage_before(&self, account: &AccountId, before: Option<EntryId>, limit: u32) -> Result<Vec<UsageRow>> {
         check_page(limit, MAX_PAGE)?;
         let account = account.clone();
-        self.read(move |c| query_usage(c, &account, limit)).await
+        self.read(move |c| query_usage(c, &account, before, limit)).await
     }
 
     async fn due(&self, due: Due, after: Option<&AccountId>, limit: u32) -> Result<Vec<AccountId>> {
