@@ -15,7 +15,7 @@
 //!
 //! Exit codes: 0 done (including "exists already" and "not throttled": the state asked for
 //! holds), 1 failed (unknown account, a refusal, a database error, ledger discrepancies, an
-//! incomplete export), 2 bad usage (arguments or environment; nothing was touched).
+//! failed export), 2 bad usage (arguments or environment; nothing was touched).
 
 mod commands;
 mod export;
@@ -33,7 +33,7 @@ use prpm_playground_core::{AccountId, Bucket, EntryKind, GrantSource, Idempotenc
 const EXIT_CODES: &str = "\
 Exit codes: 0 done (also when the state asked for holds already: an account that exists, an
 account that is not throttled); 1 failed (unknown account, a refusal, a database error, ledger
-discrepancies, an incomplete export); 2 bad usage (arguments or environment; nothing was
+discrepancies, a failed export); 2 bad usage (arguments or environment; nothing was
 touched).
 
 Environment: DATABASE_URL (the default of --database), JWT_SECRET (mint-jwt). A .env file in the
