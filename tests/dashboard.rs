@@ -287,6 +287,7 @@ impl Browser {
                 atRisk: users("at-risk-rows"),
                 highRisk: users("high-risk-rows"),
                 throttled: users("throttled-rows"),
+                throttledReasons: Array.from(document.querySelectorAll('#throttled-rows tr[data-user] td:nth-child(3)')).map((c) => c.textContent),
                 top: users("top-rows"),
                 unthrottleButtons: Array.from(document.querySelectorAll('button[data-testid="unthrottle"]')).map((b) => b.dataset.user),
                 chart: Array.from(document.querySelectorAll('[data-testid="daily-chart"] [data-testid="chart-day"]'))
@@ -506,6 +507,7 @@ fn dashboard_in_headless_chromium() {
     assert_shows(&page, &want);
     // The seed's own facts, so that the comparison above is not between two empty pages.
     assert_eq!(want.throttled, vec![seeded.throttled.to_string()]);
+    assert_eq!(page["throttledReasons"], json!(["throttled by ops: abuse review"]), "the reason, as text: {page}");
     assert!(want.at_risk.contains(&"dave".to_owned()) && want.top.first().map(String::as_str) == Some("dave"), "{page}");
     assert!(want.alert_throttled && want.alert_margin, "both alerts show in the seeded database: {page}");
     assert_eq!(want.figures["users"], "7");

@@ -506,6 +506,8 @@ async fn bad_input_gets_the_right_status_and_one_error_body() {
     assert!(headers.contains_key("retry-after"));
     let (_, users) = s.get("/api/v1/admin/cost-analytics/throttled-users", &admin).await;
     assert_eq!(users.as_array().unwrap().iter().map(|u| u["userId"].as_str().unwrap()).collect::<Vec<_>>(), ["carol"]);
+    assert_eq!(users[0]["throttleKind"], "admin", "{users}");
+    assert_eq!(users[0]["throttleReason"].as_str().unwrap(), "throttled by ops: abuse", "{users}");
 
     // Public routes: health and a shared session need no token.
     let (st, _, v) = s.call(reqwest::Method::GET, "/healthz", None, None).await;

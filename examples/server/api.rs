@@ -15,7 +15,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::stream;
 use prpm_playground_core::auth::{JwtKey, Role as AuthRole};
 use prpm_playground_core::billing::{Billing, Pack, Plan};
-use prpm_playground_core::cost::TierLimits;
+use prpm_playground_core::cost::{ThrottleReason, TierLimits};
 use prpm_playground_core::playground::{Playground, RunEvent, RunRequest, RunResult};
 use prpm_playground_core::pricing::Estimate;
 use prpm_playground_core::store::{KeyedResponse, check_request_key};
@@ -958,7 +958,11 @@ pub struct UserCostDto {
     /// Monthly cost as a percent of the limit, one decimal.
     pub pct_of_limit: Option<String>,
     pub throttled: bool,
+    /// Why, for people: `daily cost limit reached on 2026-11-22`, `monthly cost limit reached
+    /// in 2026-11`, `throttled by ops@example.com: abuse report 17`.
     pub throttle_reason: Option<String>,
+    /// Why, for programs: `daily_cost_limit`, `monthly_cost_limit` or `admin`.
+    pub throttle_kind: Option<String>,
     pub throttled_since: Option<String>,
     /// The library's risk level (`RiskLevel::as_str`).
     pub risk: String,
@@ -974,9 +978,26 @@ fn user_cost_dto(v: CostView) -> UserCostDto {
         monthly_limit: limit.map(usd),
         pct_of_limit: limit.filter(|l| *l > 0).map(|l| (Decimal::from(v.month_cost_micros) * Decimal::from(100) / Decimal::from(l)).round_dp(1).to_string()),
         throttled: v.throttle.is_some(),
-        throttle_reason: v.throttle.as_ref().map(|t| serde_json::to_string(&t.reason).unwrap_or_default()),
+        throttle_reason: v.throttle.as_ref().map(|t| throttle_text(&t.reason)),
+        throttle_kind: v.throttle.as_ref().map(|t| throttle_kind(&t.reason).into()),
         throttled_since: v.throttle.as_ref().map(|t| time(t.since)),
         risk: v.risk.as_str().into(),
+    }
+}
+
+fn throttle_text(r: &ThrottleReason) -> String {
+    match r {
+        ThrottleReason::DailyCostLimit { day } => format!("daily cost limit reached on {day}"),
+        ThrottleReason::MonthlyCostLimit { month } => format!("monthly cost limit reached in {}", month.format("%Y-%m")),
+        ThrottleReason::Admin { by, why } => format!("throttled by {by}: {why}"),
+    }
+}
+
+fn throttle_kind(r: &ThrottleReason) -> &'static str {
+    match r {
+        ThrottleReason::DailyCostLimit { .. } => "daily_cost_limit",
+        ThrottleReason::MonthlyCostLimit { .. } => "monthly_cost_limit",
+        ThrottleReason::Admin { .. } => "admin",
     }
 }
 
