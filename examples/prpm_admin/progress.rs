@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use indicatif::{ProgressBar, ProgressStyle};
 use prpm_playground_core::cost::{Summary, TierTable};
 use prpm_playground_core::purchase::{EventStatus, Purchase, StripeEventRecord};
-use prpm_playground_core::store::{AlertQuery, AnalyticsReport, DailyUsage, DailyUsageQuery, Due, MAX_PAGE, StoredAlert};
+use prpm_playground_core::store::{AlertQuery, AnalyticsReport, DailyUsage, DailyUsageQuery, DebtChange, Due, MAX_PAGE, StoredAlert};
 use prpm_playground_core::*;
 
 /// Whether progress is drawn.
@@ -185,14 +185,17 @@ impl Store for Counting {
     async fn stripe_events(&self, status: Option<EventStatus>, limit: u32) -> Result<Vec<StripeEventRecord>> {
         self.inner.stripe_events(status, limit).await
     }
+    async fn stripe_events_about(&self, object_ref: &str, status: EventStatus, limit: u32) -> Result<Vec<StripeEventRecord>> {
+        self.inner.stripe_events_about(object_ref, status, limit).await
+    }
     async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<()> {
         self.inner.link_customer(customer, account).await
     }
     async fn customer_account(&self, customer: &str) -> Result<Option<AccountId>> {
         self.inner.customer_account(customer).await
     }
-    async fn add_debt(&self, account: &AccountId, credits: i64) -> Result<i64> {
-        self.inner.add_debt(account, credits).await
+    async fn add_debt(&self, account: &AccountId, credits: i64, key: &str) -> Result<DebtChange> {
+        self.inner.add_debt(account, credits, key).await
     }
     async fn debt(&self, account: &AccountId) -> Result<i64> {
         self.inner.debt(account).await

@@ -64,7 +64,8 @@ macro_rules! conformance_suite {
             packages_round_trip_and_bad_input, sessions_belong_to_their_owner, sessions_list_newest_first_paginated,
             runs_append_turns_in_order, settle_run_settles_and_records_at_once, sharing_shows_the_conversation_only, concurrent_appends_keep_seq_dense,
             purchases_round_trip_and_cas, purchase_cas_under_concurrency, stripe_events_once_by_id, customers_and_debts,
-            keyed_responses_are_stored_once, usage_pages_newest_first);
+            keyed_responses_are_stored_once, usage_pages_newest_first,
+            stripe_events_about_an_object);
         $crate::conformance_suite!(@ $mode $open; rollover_first; rollover_first_spend_order);
     };
     (@skippable $open:path; $cfg:ident; $($name:ident),*) => {
@@ -1942,6 +1943,7 @@ pub fn pack_purchase(id: &str, account: &AccountId) -> Purchase {
         credited: false,
         refunded_cents: 0,
         credits_reversed: 0,
+        reversing_to: None,
         version: 42,
         created_at: DateTime::UNIX_EPOCH,
         updated_at: DateTime::UNIX_EPOCH,
@@ -1954,6 +1956,7 @@ pub fn stripe_event(id: &str, kind: &str) -> StripeEventRecord {
         id: id.into(),
         kind: kind.into(),
         created: 1_768_478_400,
+        object_ref: None,
         status: EventStatus::Received,
         account: None,
         payload: format!(r#"{{"id":"{id}","type":"{kind}"}}"#),
@@ -2052,6 +2055,10 @@ pub async fn purchases_round_trip_and_cas(store: &dyn Store, clock: &ManualClock
     assert_eq!(store.purchase("pur_3").await.unwrap(), None, "a refused purchase is not stored");
     assert_eq!(invalid_field(store.save_purchase(&Purchase { refunded_cents: 501, ..saved.clone() }).await), "refunded_cents");
     assert_eq!(invalid_field(store.save_purchase(&Purchase { credits_reversed: 501, ..saved.clone() }).await), "credits_reversed");
+    for to in [0, 500 + 1, -1] {
+        assert_eq!(invalid_field(store.save_purchase(&Purchase { reversing_to: Some(to), ..saved.clone() }).await), "reversing_to");
+    }
+    assert_eq!(invalid_field(store.save_purchase(&Purchase { credits_reversed: 100, reversing_to: Some(100), ..saved.clone() }).await), "reversing_to");
     assert_eq!(invalid_field(store.save_purchase(&Purchase { currency: "Usd".into(), ..saved.clone() }).await), "currency");
     assert_eq!(invalid_field(store.save_purchase(&Purchase { id: String::new(), ..saved.clone() }).await), "purchase_id");
     assert_eq!(purchase_of(store, "pur_1").await, saved, "bad input changed nothing");
@@ -2206,28 +2213,57 @@ pub async fn customers_and_debts(store: &dyn Store, _clock: &ManualClock) {
     assert_eq!(invalid_field(store.link_customer("cus\n3", &alice).await), "stripe_id");
     assert_eq!(invalid_field(store.customer_account("").await), "stripe_id");
 
-    // Debts: never below zero.
+    // Debts: never below zero; what each change did.
+    use crate::store::DebtChange;
+    let change = |applied, debt_after| DebtChange { applied, debt_after, replayed: false };
+    let replay = |applied, debt_after| DebtChange { applied, debt_after, replayed: true };
     assert_eq!(store.debt(&alice).await.unwrap(), 0);
-    assert_eq!(store.add_debt(&alice, 5).await.unwrap(), 5);
+    assert_eq!(store.add_debt(&alice, 5, "d1").await.unwrap(), change(5, 5));
     assert_eq!(store.debt(&alice).await.unwrap(), 5);
-    assert_eq!(store.add_debt(&alice, -8).await.unwrap(), 0);
+    assert_eq!(store.add_debt(&alice, -8, "d2").await.unwrap(), change(-5, 0), "a repayment takes at most the debt");
     assert_eq!(store.debt(&alice).await.unwrap(), 0);
-    assert_eq!(store.add_debt(&alice, 0).await.unwrap(), 0);
-    assert_eq!(store.add_debt(&bob, -3).await.unwrap(), 0, "a repayment without a debt");
-    assert_eq!(store.add_debt(&bob, MAX_CREDITS_PER_REQUEST).await.unwrap(), MAX_CREDITS_PER_REQUEST);
-    assert_eq!(store.add_debt(&bob, -MAX_CREDITS_PER_REQUEST + 1).await.unwrap(), 1);
+    assert_eq!(store.add_debt(&alice, 0, "d3").await.unwrap(), change(0, 0));
+    assert_eq!(store.add_debt(&bob, -3, "d4").await.unwrap(), change(0, 0), "a repayment without a debt");
+    assert_eq!(store.add_debt(&bob, MAX_CREDITS_PER_REQUEST, "d5").await.unwrap(), change(MAX_CREDITS_PER_REQUEST, MAX_CREDITS_PER_REQUEST));
+    assert_eq!(store.add_debt(&bob, -MAX_CREDITS_PER_REQUEST + 1, "d6").await.unwrap(), change(-MAX_CREDITS_PER_REQUEST + 1, 1));
 
-    // Concurrent additions all count.
-    let mut debts = join_all((0..30).map(|_| store.add_debt(&carol, 1))).await.into_iter().map(|r| r.unwrap()).collect::<Vec<_>>();
+    // Once per key: a repeat returns the first result and writes nothing; the key with another
+    // amount or account is a conflict.
+    assert_eq!(store.add_debt(&alice, 5, "d1").await.unwrap(), replay(5, 5));
+    assert_eq!(store.add_debt(&alice, -8, "d2").await.unwrap(), replay(-5, 0));
+    assert_eq!(store.debt(&alice).await.unwrap(), 0, "replays changed nothing");
+    assert!(matches!(store.add_debt(&alice, 6, "d1").await, Err(Error::IdempotencyConflict { .. })));
+    assert!(matches!(store.add_debt(&bob, 5, "d1").await, Err(Error::IdempotencyConflict { .. })));
+    assert_eq!((store.debt(&alice).await.unwrap(), store.debt(&bob).await.unwrap()), (0, 1));
+
+    // Concurrent additions all count; concurrent repeats of one key count once.
+    let mut debts = join_all((0..30).map(|i| store.add_debt(&carol, 1, Box::leak(format!("c{i}").into_boxed_str()))))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().debt_after)
+        .collect::<Vec<_>>();
     debts.sort_unstable();
     assert_eq!(debts, (1..=30).collect::<Vec<i64>>());
     assert_eq!(store.debt(&carol).await.unwrap(), 30);
+    let repeats = join_all((0..10).map(|_| store.add_debt(&carol, -4, "repay-once"))).await;
+    let fresh = repeats.iter().filter(|r| matches!(r, Ok(DebtChange { replayed: false, .. }))).count();
+    // A backend may answer a repeat racing the first with a conflict (the delivery is
+    // retried) but never applies it twice.
+    assert!(repeats.iter().all(|r| matches!(r, Ok(DebtChange { applied: -4, .. }) | Err(Error::IdempotencyConflict { .. }))), "{repeats:?}");
+    assert_eq!(fresh, 1, "{repeats:?}");
+    assert_eq!(store.debt(&carol).await.unwrap(), 26);
+    // Two repayments at once never take more than the debt: together exactly 26.
+    let both = join_all([store.add_debt(&carol, -20, "pack-a"), store.add_debt(&carol, -20, "pack-b")]).await;
+    let taken: i64 = both.iter().map(|r| -r.as_ref().unwrap().applied).sum();
+    assert_eq!((taken, store.debt(&carol).await.unwrap()), (26, 0));
 
-    // Bad amounts change nothing.
+    // Bad amounts and keys change nothing.
     for bad in [MAX_CREDITS_PER_REQUEST + 1, -MAX_CREDITS_PER_REQUEST - 1, i64::MAX, i64::MIN] {
-        assert_eq!(invalid_field(store.add_debt(&carol, bad).await), "credits");
+        assert_eq!(invalid_field(store.add_debt(&carol, bad, "bad").await), "credits");
     }
-    assert_eq!(store.debt(&carol).await.unwrap(), 30);
+    assert!(matches!(store.add_debt(&carol, 1, "").await, Err(Error::InvalidInput { .. })));
+    assert!(matches!(store.add_debt(&carol, 1, &"k".repeat(300)).await, Err(Error::InvalidInput { .. })));
+    assert_eq!(store.debt(&carol).await.unwrap(), 0);
     assert_eq!(store.debt(&bob).await.unwrap(), 1);
 }
 
@@ -2299,4 +2335,45 @@ pub async fn usage_pages_newest_first(store: &dyn Store, _clock: &ManualClock) {
     assert!(matches!(store.usage_before(&u, None, 0).await, Err(Error::InvalidInput { .. })));
     assert!(matches!(store.usage_before(&u, None, 1_001).await, Err(Error::InvalidInput { .. })));
     assert!(matches!(store.usage_before(&acct("nobody"), None, 10).await, Err(Error::UnknownAccount(_))));
+}
+
+/// Events about one Stripe object come from its index, by status, newest first (Stripe's
+/// `created`, then id); other objects' and other statuses' events never mix in.
+pub async fn stripe_events_about_an_object(store: &dyn Store, _clock: &ManualClock) {
+    let about = |id: &str, kind: &str, object: Option<&str>, created: i64, status: EventStatus| StripeEventRecord {
+        object_ref: object.map(str::to_owned),
+        created,
+        status,
+        ..stripe_event(id, kind)
+    };
+    let events = [
+        about("evt_a", "charge.refunded", Some("pi_1"), 100, EventStatus::Unmatched),
+        about("evt_b", "charge.refunded", Some("pi_1"), 300, EventStatus::Unmatched),
+        about("evt_c", "charge.refunded", Some("pi_1"), 200, EventStatus::Processed),
+        about("evt_d", "charge.refunded", Some("pi_2"), 100, EventStatus::Unmatched),
+        about("evt_e", "charge.refunded", None, 100, EventStatus::Unmatched),
+        about("evt_f", "customer.subscription.updated", Some("sub_1"), 500, EventStatus::Processed),
+        about("evt_g", "customer.subscription.deleted", Some("sub_1"), 500, EventStatus::Processed),
+    ];
+    for e in &events {
+        assert!(store.record_stripe_event(e).await.unwrap());
+    }
+    let ids = |v: Vec<StripeEventRecord>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.stripe_events_about("pi_1", EventStatus::Unmatched, 10).await.unwrap()), ["evt_b", "evt_a"]);
+    assert_eq!(ids(store.stripe_events_about("pi_1", EventStatus::Unmatched, 1).await.unwrap()), ["evt_b"]);
+    assert_eq!(ids(store.stripe_events_about("pi_1", EventStatus::Processed, 10).await.unwrap()), ["evt_c"]);
+    assert_eq!(ids(store.stripe_events_about("pi_2", EventStatus::Unmatched, 10).await.unwrap()), ["evt_d"]);
+    assert_eq!(ids(store.stripe_events_about("sub_1", EventStatus::Processed, 10).await.unwrap()), ["evt_g", "evt_f"], "same second: by id");
+    assert!(store.stripe_events_about("pi_3", EventStatus::Unmatched, 10).await.unwrap().is_empty());
+    // The status moves, and so does the answer; the record keeps its object.
+    store.set_stripe_event_status("evt_a", EventStatus::Processed, None).await.unwrap();
+    assert_eq!(ids(store.stripe_events_about("pi_1", EventStatus::Unmatched, 10).await.unwrap()), ["evt_b"]);
+    assert_eq!(store.stripe_event("evt_a").await.unwrap().unwrap().object_ref.as_deref(), Some("pi_1"));
+    // Bad input.
+    assert_eq!(invalid_field(store.stripe_events_about("", EventStatus::Unmatched, 10).await), "stripe_id");
+    assert_eq!(invalid_field(store.stripe_events_about("pi_1", EventStatus::Unmatched, 0).await), "limit");
+    assert_eq!(invalid_field(store.stripe_events_about("pi_1", EventStatus::Unmatched, 1_001).await), "limit");
+    let bad = about("evt_bad", "charge.refunded", Some("pi\n1"), 1, EventStatus::Unmatched);
+    assert_eq!(invalid_field(store.record_stripe_event(&bad).await), "object_ref");
+    assert_eq!(store.stripe_event("evt_bad").await.unwrap(), None);
 }

@@ -104,6 +104,11 @@ pub struct Purchase {
     pub refunded_cents: i64,
     /// Credits taken back (or recorded as debt) for the refunds so far.
     pub credits_reversed: i64,
+    /// A reversal step claimed and not yet done: it takes `credits_reversed..reversing_to`
+    /// back (under a ledger key named by the two levels) and then moves `credits_reversed` to
+    /// it. Whoever finds it set finishes that very step, so a crash between the claim and the
+    /// ledger write loses nothing.
+    pub reversing_to: Option<i64>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -131,6 +136,9 @@ impl Purchase {
         }
         if self.credits_reversed > self.credits {
             return Err(Error::invalid("credits_reversed", "more than the credits"));
+        }
+        if self.reversing_to.is_some_and(|t| t <= self.credits_reversed || t > self.credits) {
+            return Err(Error::invalid("reversing_to", "must be above credits_reversed and at most the credits"));
         }
         for id in [&self.checkout_session, &self.payment_intent, &self.customer].into_iter().flatten() {
             check_id("stripe_id", id)?;
@@ -182,6 +190,9 @@ pub struct StripeEventRecord {
     pub kind: String,
     /// Stripe's `created` (Unix seconds).
     pub created: i64,
+    /// The Stripe object the event is about (see [`StripeEventRecord::object_ref_of`]), for
+    /// [`crate::Store::stripe_events_about`].
+    pub object_ref: Option<String>,
     pub status: EventStatus,
     pub account: Option<AccountId>,
     pub payload: String,
@@ -189,9 +200,20 @@ pub struct StripeEventRecord {
 }
 
 impl StripeEventRecord {
+    /// The object an event of type `kind` is about, from its `data.object`: a charge's payment
+    /// intent (refunds are matched to purchases by it), the object's own id otherwise (a
+    /// subscription's events share the subscription's id).
+    pub fn object_ref_of(kind: &str, object: &serde_json::Value) -> Option<String> {
+        let field = if kind.starts_with("charge.") { "payment_intent" } else { "id" };
+        object.get(field).and_then(serde_json::Value::as_str).filter(|s| check_id("object_ref", s).is_ok()).map(str::to_owned)
+    }
+
     pub fn validate(&self) -> Result<()> {
         check_id("event_id", &self.id)?;
         check_id("event_type", &self.kind)?;
+        if let Some(r) = &self.object_ref {
+            check_id("object_ref", r)?;
+        }
         if self.payload.len() > MAX_EVENT_PAYLOAD_BYTES {
             return Err(Error::invalid("payload", format!("longer than {MAX_EVENT_PAYLOAD_BYTES} bytes")));
         }

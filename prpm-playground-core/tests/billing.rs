@@ -569,3 +569,164 @@ async fn reconciliation_lists_what_disagrees() {
     assert!(kinds.contains(&(q.id.as_str(), "refund_not_reversed")), "{found:?}");
     assert_eq!(found.len(), 2, "{found:?}");
 }
+
+/// A process that stopped between claiming a reversal step on the purchase row and taking
+/// the credits back (with or without the clawback already in the ledger) leaves the claim;
+/// the redelivery, or `finish_reversals`, finishes that very step, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_cut_short_is_finished_once() {
+    for clawed_before_the_crash in [false, true] {
+        for by_redelivery in [true, false] {
+            let w = world().await;
+            let a = create_user(&*w.store, "buyer").await;
+            let p = w.buy(&a, Pack::Small).await;
+            w.deliver(&event("evt_pay", "payment_intent.succeeded", w.now(), intent("pi_c", &p, "succeeded"))).await.unwrap();
+            assert_eq!(w.total(&a).await, 105);
+            // What the crash leaves: half refunded at Stripe, recorded, the step to 50 claimed.
+            let cur = w.store.purchase(&p.id).await.unwrap().unwrap();
+            let claimed = Purchase { refunded_cents: 250, status: PurchaseStatus::PartiallyRefunded, reversing_to: Some(50), ..cur };
+            w.store.save_purchase(&claimed).await.unwrap().unwrap();
+            if clawed_before_the_crash {
+                let claw = Clawback {
+                    account: a.clone(),
+                    bucket: Bucket::Purchased,
+                    amount: 50,
+                    reference: format!("stripe refund of purchase {}", p.id),
+                    key: key(&format!("stripe:{}:reverse:0-50", p.id)),
+                };
+                applied(w.store.clawback(claw).await);
+            }
+            assert_eq!(w.total(&a).await, if clawed_before_the_crash { 55 } else { 105 });
+            let found = w.billing.reconcile().await.unwrap();
+            assert_eq!(found.iter().map(|d| d.kind).collect::<Vec<_>>(), ["reversal_pending"], "{found:?}");
+
+            if by_redelivery {
+                // Stripe never got its 2xx: the refund comes again (and again).
+                for _ in 0..3 {
+                    w.deliver(&event("evt_ref", "charge.refunded", w.now(), charge("pi_c", 500, 250))).await.unwrap();
+                }
+            } else {
+                assert_eq!(w.billing.finish_reversals().await.unwrap(), [p.id.clone()]);
+            }
+            assert!(w.billing.finish_reversals().await.unwrap().is_empty(), "nothing left to finish");
+            assert_eq!(w.total(&a).await, 55, "50 taken back, once (clawed before the crash: {clawed_before_the_crash})");
+            let done = w.store.purchase(&p.id).await.unwrap().unwrap();
+            assert_eq!((done.credits_reversed, done.reversing_to), (50, None));
+            assert!(w.billing.reconcile().await.unwrap().is_empty(), "{:?}", w.billing.reconcile().await.unwrap());
+
+            // The rest of the refund later: the next step, once.
+            for _ in 0..3 {
+                w.deliver(&event("evt_ref2", "charge.refunded", w.now(), charge("pi_c", 500, 500))).await.unwrap();
+            }
+            assert_eq!(w.total(&a).await, 5);
+            assert!(w.billing.reconcile().await.unwrap().is_empty());
+        }
+    }
+}
+
+/// Under the debt policy: two packs paid at the same moment repay one debt once between them;
+/// a repayment cut short (the debt claimed, the credits not yet taken) is finished by the
+/// redelivery; a reversal's debt is recorded once however often its event comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debt_repayments_are_exact_under_concurrency_and_crashes() {
+    let w = world_with(RefundPolicy::Debt).await;
+    let a = create_user(&*w.store, "debtor").await;
+    let p = w.buy(&a, Pack::Small).await;
+    w.deliver(&event("evt_1", "payment_intent.succeeded", w.now(), intent("pi_1", &p, "succeeded"))).await.unwrap();
+    applied(w.store.spend(Spend { account: a.clone(), amount: 80, usage: None, reference: "runs".into(), key: key("spend-80") }).await);
+    for _ in 0..3 {
+        w.deliver(&event("evt_2", "charge.refunded", w.now(), charge("pi_1", 500, 500))).await.unwrap();
+    }
+    assert_eq!((w.total(&a).await, w.store.debt(&a).await.unwrap()), (0, 75), "25 taken back, 75 owed, once");
+
+    // Two packs at once: the 75 are repaid once between them.
+    let (q, r) = (w.buy(&a, Pack::Small).await, w.buy(&a, Pack::Small).await);
+    let (eq, er) = (
+        event("evt_q", "payment_intent.succeeded", w.now(), intent("pi_q", &q, "succeeded")),
+        event("evt_r", "payment_intent.succeeded", w.now(), intent("pi_r", &r, "succeeded")),
+    );
+    let (x, y) = tokio::join!(w.deliver(&eq), w.deliver(&er));
+    x.unwrap();
+    y.unwrap();
+    assert_eq!((w.total(&a).await, w.store.debt(&a).await.unwrap()), (200 - 75, 0));
+
+    // A new debt: all 125 spent, then r refunded in full (100 owed).
+    applied(w.store.spend(Spend { account: a.clone(), amount: 125, usage: None, reference: "runs".into(), key: key("spend-125") }).await);
+    w.deliver(&event("evt_r_ref", "charge.refunded", w.now(), charge("pi_r", 500, 500))).await.unwrap();
+    assert_eq!((w.total(&a).await, w.store.debt(&a).await.unwrap()), (0, 100));
+    // A large pack whose repayment was cut short: the debt was claimed, nothing else happened.
+    let s = w.buy(&a, Pack::Large).await;
+    let claimed = w.store.add_debt(&a, -s.credits, &format!("stripe:{}:repay", s.id)).await.unwrap();
+    assert_eq!((claimed.applied, claimed.debt_after), (-100, 0));
+    for _ in 0..3 {
+        w.deliver(&event("evt_s", "payment_intent.succeeded", w.now(), intent("pi_s", &s, "succeeded"))).await.unwrap();
+    }
+    assert_eq!((w.total(&a).await, w.store.debt(&a).await.unwrap()), (600 - 100, 0), "the claimed 100 taken, once");
+    assert!(w.billing.reconcile().await.unwrap().is_empty(), "{:?}", w.billing.reconcile().await.unwrap());
+}
+
+/// Stripe does not deliver in order: a subscription event older than one applied, or any
+/// but `deleted` after the deletion (even from the same second), changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_update_never_brings_a_cancelled_plan_back() {
+    let w = world().await;
+    let a = create_user(&*w.store, "late").await;
+    let start = w.now();
+    let end = (w.clock.now() + Duration::days(31)).timestamp();
+    let sub = |status: &str, cancelling: bool| subscription("sub_l", "late", "cus_L", "price_plus", status, start, end, cancelling);
+    w.deliver(&event("evt_l1", "customer.subscription.created", start, sub("active", false))).await.unwrap();
+    assert!(w.store.balance(&a).await.unwrap().plan.unwrap().active);
+    w.deliver(&event("evt_l3", "customer.subscription.deleted", start + 10, sub("canceled", false))).await.unwrap();
+    assert!(!w.store.balance(&a).await.unwrap().plan.unwrap().active);
+    // Late: an update from the same second as the deletion, and an older one.
+    for (id, at) in [("evt_l2", start + 10), ("evt_l0", start + 5)] {
+        for _ in 0..3 {
+            w.deliver(&event(id, "customer.subscription.updated", at, sub("active", false))).await.unwrap();
+        }
+        assert!(!w.store.balance(&a).await.unwrap().plan.unwrap().active, "{id} brought the plan back");
+    }
+
+    // Updates out of order: cancel at period end (newer) before an older "active".
+    let b = create_user(&*w.store, "late2").await;
+    let sub2 = |cancelling: bool| subscription("sub_m", "late2", "cus_M", "price_plus", "active", start, end, cancelling);
+    w.deliver(&event("evt_m1", "customer.subscription.created", start, sub2(false))).await.unwrap();
+    w.deliver(&event("evt_m3", "customer.subscription.updated", start + 20, sub2(true))).await.unwrap();
+    assert!(!w.store.balance(&b).await.unwrap().plan.unwrap().active, "cancelling at the period's end");
+    w.deliver(&event("evt_m2", "customer.subscription.updated", start + 10, sub2(false))).await.unwrap();
+    assert!(!w.store.balance(&b).await.unwrap().plan.unwrap().active, "an older update changed nothing");
+    // A newer one applies.
+    w.deliver(&event("evt_m4", "customer.subscription.updated", start + 30, sub2(false))).await.unwrap();
+    assert!(w.store.balance(&b).await.unwrap().plan.unwrap().active, "resumed");
+    w.total(&a).await;
+}
+
+/// A refund that overtakes its payment is found by its payment intent, however many other
+/// events are kept as unmatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_refund_is_found_among_many_unmatched_events() {
+    let w = world().await;
+    let a = create_user(&*w.store, "early").await;
+    // 1,500 events of customers nobody knows, kept before the refund.
+    for i in 0..1_500 {
+        let e = StripeEventRecord {
+            id: format!("evt_unknown_{i:04}"),
+            kind: "customer.subscription.updated".into(),
+            created: w.now(),
+            object_ref: Some(format!("sub_unknown_{i}")),
+            status: EventStatus::Unmatched,
+            account: None,
+            payload: "{}".into(),
+            received_at: w.clock.now(),
+        };
+        assert!(w.store.record_stripe_event(&e).await.unwrap());
+    }
+    let p = w.buy(&a, Pack::Large).await;
+    assert_eq!(
+        w.deliver(&event("evt_early", "charge.refunded", w.now(), charge("pi_e", 2_000, 1_000))).await.unwrap(),
+        WebhookOutcome::Unmatched { event: "evt_early".into() }
+    );
+    w.deliver(&event("evt_pay", "payment_intent.succeeded", w.now(), intent("pi_e", &p, "succeeded"))).await.unwrap();
+    assert_eq!(w.total(&a).await, 5 + 300, "600 credited, the refunded half taken back");
+    assert_eq!(w.store.stripe_event("evt_early").await.unwrap().unwrap().status, EventStatus::Processed);
+    assert!(w.billing.reconcile().await.unwrap().is_empty());
+}

@@ -371,6 +371,7 @@ impl Billing {
             credited: false,
             refunded_cents: 0,
             credits_reversed: 0,
+            reversing_to: None,
             version: 0,
             created_at: now,
             updated_at: now,
@@ -421,10 +422,13 @@ impl Billing {
         let event: Value = serde_json::from_slice(body).map_err(|e| Error::invalid("payload", format!("not JSON: {e}")))?;
         let id = str_at(&event, &["id"]).ok_or_else(|| Error::invalid("payload", "no event id"))?.to_owned();
         let kind = str_at(&event, &["type"]).ok_or_else(|| Error::invalid("payload", "no event type"))?.to_owned();
+        let object = event.get("data").and_then(|d| d.get("object")).ok_or_else(|| Error::invalid("payload", "no data.object"))?;
+        let created = i64_at(&event, &["created"]).unwrap_or(0);
         let record = StripeEventRecord {
             id: id.clone(),
             kind: kind.clone(),
-            created: i64_at(&event, &["created"]).unwrap_or(0),
+            created,
+            object_ref: StripeEventRecord::object_ref_of(&kind, object),
             status: EventStatus::Received,
             account: None,
             payload: String::from_utf8_lossy(body).into_owned(),
@@ -440,8 +444,7 @@ impl Billing {
                 _ => {}
             }
         }
-        let object = event.get("data").and_then(|d| d.get("object")).ok_or_else(|| Error::invalid("payload", "no data.object"))?;
-        let (status, account) = self.apply(&id, &kind, object).await?;
+        let (status, account) = self.apply(&id, &kind, created, object).await?;
         self.store.set_stripe_event_status(&id, status, account.as_ref()).await?;
         Ok(match status {
             EventStatus::Processed | EventStatus::Received => WebhookOutcome::Processed { event: id },
@@ -456,7 +459,7 @@ impl Billing {
         for e in self.store.stripe_events(Some(EventStatus::Unmatched), limit).await? {
             let event: Value = serde_json::from_str(&e.payload).map_err(|err| Error::Invariant(format!("stored event {}: {err}", e.id)))?;
             let Some(object) = event.get("data").and_then(|d| d.get("object")) else { continue };
-            let (status, account) = self.apply(&e.id, &e.kind, object).await?;
+            let (status, account) = self.apply(&e.id, &e.kind, e.created, object).await?;
             self.store.set_stripe_event_status(&e.id, status, account.as_ref()).await?;
             out.push(match status {
                 EventStatus::Unmatched => WebhookOutcome::Unmatched { event: e.id },
@@ -466,7 +469,7 @@ impl Billing {
         Ok(out)
     }
 
-    async fn apply(&self, event_id: &str, kind: &str, o: &Value) -> Result<(EventStatus, Option<AccountId>)> {
+    async fn apply(&self, event_id: &str, kind: &str, created: i64, o: &Value) -> Result<(EventStatus, Option<AccountId>)> {
         match kind {
             "checkout.session.completed" => {
                 let Some(p) = self.find_purchase(o, &["id"]).await? else { return Ok((EventStatus::Unmatched, None)) };
@@ -520,15 +523,18 @@ impl Billing {
                 self.refund(&p.id, refunded).await?;
                 Ok((EventStatus::Processed, Some(p.account)))
             }
-            "customer.subscription.created" | "customer.subscription.updated" | "customer.subscription.deleted" => self.subscription(event_id, kind, o).await,
+            "customer.subscription.created" | "customer.subscription.updated" | "customer.subscription.deleted" => {
+                self.subscription(event_id, kind, created, o).await
+            }
             _ => Ok((EventStatus::Ignored, None)),
         }
     }
 
-    /// Applies the refunds kept as unmatched that belong to this purchase's payment intent.
+    /// Applies the refunds kept as unmatched that belong to this purchase's payment intent
+    /// (looked up by the intent: however many other events are kept as unmatched).
     async fn retry_refunds_for(&self, p: &Purchase) -> Result<()> {
         let Some(pi) = &p.payment_intent else { return Ok(()) };
-        for e in self.store.stripe_events(Some(EventStatus::Unmatched), 1_000).await? {
+        for e in self.store.stripe_events_about(pi, EventStatus::Unmatched, crate::store::MAX_PAGE).await? {
             if e.kind != "charge.refunded" {
                 continue;
             }
@@ -610,11 +616,11 @@ impl Billing {
             reference: format!("stripe purchase {}", p.id),
             key: key(format!("stripe:{}:credit", p.id))?,
         };
-        let granted = self.store.grant(grant).await?.map_err(|r| Error::Invariant(format!("grant of purchase {id}: {r}")))?;
+        self.store.grant(grant).await?.map_err(|r| Error::Invariant(format!("grant of purchase {id}: {r}")))?;
         self.update(id, |p| (!p.credited).then(|| Purchase { credited: true, status: refund_status(p.refunded_cents, p.amount_cents), ..p.clone() })).await?;
-        if !granted.replayed {
-            self.repay_debt(&p).await?;
-        }
+        // Every step is keyed by the purchase: a redelivery after a crash anywhere here does
+        // what is missing and repeats nothing.
+        self.repay_debt(&p).await?;
         self.reverse(id).await
     }
 
@@ -633,72 +639,100 @@ impl Billing {
         self.reverse(id).await
     }
 
-    /// Takes back the credits a credited purchase's refunds cover, in steps keyed by the level
-    /// they move from and to: each step is claimed on the purchase row first (compare-and-set),
-    /// so two nodes never take the same credits twice.
+    /// Takes back the credits a credited purchase's refunds cover, in steps. A step is claimed
+    /// on the purchase row first (compare-and-set of `reversing_to`), so two nodes never take
+    /// the same credits twice; the claim stays until the step is done, and whoever finds it
+    /// (a redelivery after a crash, another node, [`Billing::finish_reversals`]) finishes that
+    /// very step under its ledger key, which a second attempt replays.
     async fn reverse(&self, id: &str) -> Result<()> {
         loop {
-            let mut step = None;
             let (p, _) = self
                 .update(id, |p| {
                     let target = credits_to_reverse(p.credits, p.amount_cents, p.refunded_cents);
-                    step = None;
-                    (p.credited && target > p.credits_reversed).then(|| {
-                        step = Some((p.credits_reversed, target));
-                        Purchase { credits_reversed: target, ..p.clone() }
-                    })
+                    (p.reversing_to.is_none() && p.credited && target > p.credits_reversed).then(|| Purchase { reversing_to: Some(target), ..p.clone() })
                 })
                 .await?;
-            let Some((from, to)) = step else { return Ok(()) };
-            let claw = Clawback {
-                account: p.account.clone(),
-                bucket: Bucket::Purchased,
-                amount: to - from,
-                reference: format!("stripe refund of purchase {}", p.id),
-                key: key(format!("stripe:{}:reverse:{from}-{to}", p.id))?,
-            };
-            let done = match self.store.clawback(claw).await {
-                Ok(r) => r.map_err(|r| Error::Invariant(format!("reversal of purchase {id}: {r}")))?,
-                Err(e) => {
-                    // Give the claimed step back, so the redelivery takes it again. (A process
-                    // that dies right here leaves it claimed and the credits not taken back:
-                    // the README names this window.)
-                    let _ = self.update(id, |p| (p.credits_reversed == to).then(|| Purchase { credits_reversed: from, ..p.clone() })).await;
-                    return Err(e);
-                }
-            };
-            if let Effect::ClawedBack { shortfall, .. } = done.effect {
-                if shortfall > 0 && self.cfg.refund_policy == RefundPolicy::Debt && !done.replayed {
-                    self.store.add_debt(&p.account, shortfall).await?;
-                }
-            }
+            let Some(to) = p.reversing_to else { return Ok(()) };
+            let from = p.credits_reversed;
+            self.take_back(&p, from, to).await?;
+            self.update(id, |p| {
+                (p.reversing_to == Some(to) && p.credits_reversed == from).then(|| Purchase { credits_reversed: to, reversing_to: None, ..p.clone() })
+            })
+            .await?;
         }
     }
 
-    /// Under the debt policy, a new purchase repays the account's debt first.
+    /// One reversal step: claws `to - from` credits back; under the debt policy, what was
+    /// already spent becomes debt. Both under the step's key: doing it again changes nothing.
+    async fn take_back(&self, p: &Purchase, from: i64, to: i64) -> Result<()> {
+        let step = format!("stripe:{}:reverse:{from}-{to}", p.id);
+        let claw = Clawback {
+            account: p.account.clone(),
+            bucket: Bucket::Purchased,
+            amount: to - from,
+            reference: format!("stripe refund of purchase {}", p.id),
+            key: key(step.clone())?,
+        };
+        let done = self.store.clawback(claw).await?.map_err(|r| Error::Invariant(format!("reversal of purchase {}: {r}", p.id)))?;
+        if let Effect::ClawedBack { shortfall, .. } = done.effect
+            && shortfall > 0
+            && self.cfg.refund_policy == RefundPolicy::Debt
+        {
+            self.store.add_debt(&p.account, shortfall, &step).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes every reversal step that was claimed and not done (a process that stopped
+    /// between the claim and the ledger write); returns the purchases it finished. Safe at any
+    /// time and on any number of nodes: a step in progress elsewhere is finished under the same
+    /// keys.
+    pub async fn finish_reversals(&self) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.purchases(after.as_deref(), crate::store::MAX_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for p in page.iter().filter(|p| p.reversing_to.is_some()) {
+                self.reverse(&p.id).await?;
+                done.push(p.id.clone());
+            }
+        }
+        Ok(done)
+    }
+
+    /// Under the debt policy, a new purchase repays the account's debt first: the repayment is
+    /// taken from the debt atomically (so two purchases at once never repay the same debt),
+    /// then clawed from the credits; both keyed by the purchase, so a crash in between is
+    /// finished by the redelivery. Credits spent before the clawback stay owed.
     async fn repay_debt(&self, p: &Purchase) -> Result<()> {
         if self.cfg.refund_policy != RefundPolicy::Debt {
             return Ok(());
         }
-        let debt = self.store.debt(&p.account).await?;
-        if debt <= 0 {
+        let k = format!("stripe:{}:repay", p.id);
+        let claimed = self.store.add_debt(&p.account, -p.credits, &k).await?;
+        let amount = -claimed.applied;
+        if amount <= 0 {
             return Ok(());
         }
         let claw = Clawback {
             account: p.account.clone(),
             bucket: Bucket::Purchased,
-            amount: debt.min(p.credits),
+            amount,
             reference: format!("debt repaid from purchase {}", p.id),
-            key: key(format!("stripe:{}:repay", p.id))?,
+            key: key(k.clone())?,
         };
         let done = self.store.clawback(claw).await?.map_err(|r| Error::Invariant(format!("repayment from purchase {}: {r}", p.id)))?;
-        if let (Effect::ClawedBack { taken, .. }, false) = (&done.effect, done.replayed) {
-            self.store.add_debt(&p.account, -taken.total()).await?;
+        if let Effect::ClawedBack { shortfall, .. } = done.effect
+            && shortfall > 0
+        {
+            self.store.add_debt(&p.account, shortfall, &format!("{k}:shortfall")).await?;
         }
         Ok(())
     }
 
-    async fn subscription(&self, event_id: &str, kind: &str, o: &Value) -> Result<(EventStatus, Option<AccountId>)> {
+    async fn subscription(&self, event_id: &str, kind: &str, created: i64, o: &Value) -> Result<(EventStatus, Option<AccountId>)> {
         let customer = str_at(o, &["customer"]);
         let account = match str_at(o, &["metadata", "account_id"]).and_then(|a| AccountId::new(a).ok()) {
             Some(a) => Some(a),
@@ -735,6 +769,9 @@ impl Billing {
         if current.is_some_and(|c| c.period_end > period_end) || (running && period_end <= self.store.clock().now()) {
             return Ok((EventStatus::Processed, Some(account)));
         }
+        if self.superseded(event_id, kind, created, o).await? {
+            return Ok((EventStatus::Processed, Some(account)));
+        }
         let org_member = plan == Plan::PlusOrgMember;
         self.store.set_cost_profile(account.clone(), org_member, None, key(format!("stripe:{event_id}:profile"))?).await?.ok();
         let terms = (running && !cancelling && period_end > self.store.clock().now()).then(|| PlanTerms {
@@ -754,6 +791,24 @@ impl Billing {
             Err(r) => return Err(Error::Invariant(format!("plan from {event_id}: {r}"))),
         }
         Ok((EventStatus::Processed, Some(account)))
+    }
+
+    /// Whether a subscription event is older than one already applied to its subscription
+    /// (Stripe's `created`; Stripe does not deliver in order), or comes after the
+    /// subscription's deletion (final at Stripe: a late `updated` must not bring a cancelled
+    /// plan back, even from the same second).
+    async fn superseded(&self, event_id: &str, kind: &str, created: i64, o: &Value) -> Result<bool> {
+        let Some(sub) = str_at(o, &["id"]).filter(|s| check_stripe_id(s).is_ok()) else { return Ok(false) };
+        // The newest applied events: a deletion, being the last event of a subscription, is
+        // among them.
+        let applied = self.store.stripe_events_about(sub, EventStatus::Processed, 16).await?;
+        let others = applied.iter().filter(|e| e.id != event_id && e.kind.starts_with("customer.subscription."));
+        let (mut newest, mut deleted) = (i64::MIN, false);
+        for e in others {
+            newest = newest.max(e.created);
+            deleted |= e.kind == "customer.subscription.deleted";
+        }
+        Ok(created < newest || (deleted && kind != "customer.subscription.deleted"))
     }
 
     // ---- reconciliation ---------------------------------------------------------------------
@@ -778,8 +833,12 @@ impl Billing {
                 if p.credited && !paid {
                     out.push(d("credited_not_paid", format!("status {}", p.status.as_str())));
                 }
+                if let Some(to) = p.reversing_to {
+                    out.push(d("reversal_pending", format!("a step to {to} credits was claimed and not finished (finish_reversals does it)")));
+                }
                 let due = credits_to_reverse(p.credits, p.amount_cents, p.refunded_cents);
-                if p.credited && p.credits_reversed < due {
+                // A pending step that reaches `due` is reported as pending (above).
+                if p.credited && p.reversing_to.unwrap_or(p.credits_reversed) < due {
                     out.push(d("refund_not_reversed", format!("{} of {due} credits taken back", p.credits_reversed)));
                 }
                 if p.credits_reversed > due {
@@ -790,8 +849,10 @@ impl Billing {
                 if p.credited && granted != p.credits {
                     out.push(d("ledger_grant_missing", format!("{granted} of {} credits granted in the log", p.credits)));
                 }
-                if p.credited && reversed > p.credits_reversed {
-                    out.push(d("ledger_reversal_mismatch", format!("{reversed} taken back in the log, {} recorded", p.credits_reversed)));
+                // A claimed step may be in the log before the purchase row records it done.
+                let recorded = p.reversing_to.unwrap_or(p.credits_reversed);
+                if p.credited && reversed > recorded {
+                    out.push(d("ledger_reversal_mismatch", format!("{reversed} taken back in the log, {recorded} recorded")));
                 }
             }
         }

@@ -602,12 +602,34 @@ pub(crate) fn check_stripe_event(e: &StripeEventRecord) -> Result<()> {
 }
 
 /// Checks the credits [`Store::add_debt`] adds (either sign, at most
-/// [`MAX_CREDITS_PER_REQUEST`] either way).
-pub(crate) fn check_debt_change(credits: i64) -> Result<()> {
+/// [`MAX_CREDITS_PER_REQUEST`] either way) and its key.
+pub(crate) fn check_debt_change(credits: i64, key: &str) -> Result<()> {
     if credits.unsigned_abs() > MAX_CREDITS_PER_REQUEST.unsigned_abs() {
         return Err(Error::invalid("credits", format!("{credits} is outside -{MAX_CREDITS_PER_REQUEST}..={MAX_CREDITS_PER_REQUEST}")));
     }
+    IdempotencyKey::new(key)?;
     Ok(())
+}
+
+/// What [`Store::add_debt`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebtChange {
+    /// The change made after the clamps (a repayment larger than the debt applies the debt).
+    pub applied: i64,
+    /// The debt right after this change.
+    pub debt_after: i64,
+    /// The key was used before: nothing was written, this is what the first call did.
+    pub replayed: bool,
+}
+
+/// A stored debt change under `key`, replayed: the first call's result if it asked for the
+/// same change to the same account, else [`Error::IdempotencyConflict`].
+pub(crate) fn replay_debt_change(key: &str, account: &AccountId, credits: i64, stored: (String, i64, i64, i64)) -> Result<DebtChange> {
+    let (stored_account, requested, applied, debt_after) = stored;
+    if stored_account != account.as_str() || requested != credits {
+        return Err(Error::IdempotencyConflict { key: key.to_owned() });
+    }
+    Ok(DebtChange { applied, debt_after, replayed: true })
 }
 
 /// [`Error::InvalidInput`] on the first immutable field of `p` that differs from the stored
@@ -804,15 +826,22 @@ pub trait Store: Send + Sync {
     /// in 1..=[`MAX_PAGE`].
     async fn stripe_events(&self, status: Option<EventStatus>, limit: u32) -> Result<Vec<StripeEventRecord>>;
 
+    /// Events about one Stripe object (their `object_ref`) with that status, newest first
+    /// (Stripe's `created`, then id, descending), `limit` in 1..=[`MAX_PAGE`]. An index lookup:
+    /// never a scan of the other events.
+    async fn stripe_events_about(&self, object_ref: &str, status: EventStatus, limit: u32) -> Result<Vec<StripeEventRecord>>;
+
     /// Maps a Stripe customer id to an account (insert or replace).
     async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<()>;
 
     async fn customer_account(&self, customer: &str) -> Result<Option<AccountId>>;
 
     /// Atomically adds `credits` (may be negative, to repay) to the account's credit debt,
-    /// never below 0 nor above [`MAX_BUCKET_CREDITS`]; returns the new debt. |credits| >
-    /// [`MAX_CREDITS_PER_REQUEST`] is [`Error::InvalidInput`].
-    async fn add_debt(&self, account: &AccountId, credits: i64) -> Result<i64>;
+    /// never below 0 nor above [`MAX_BUCKET_CREDITS`], once per `key` (an idempotency key's
+    /// syntax): a repeat of the key writes nothing and returns the first call's result; the
+    /// same key with another account or amount is [`Error::IdempotencyConflict`].
+    /// |credits| > [`MAX_CREDITS_PER_REQUEST`] is [`Error::InvalidInput`].
+    async fn add_debt(&self, account: &AccountId, credits: i64, key: &str) -> Result<DebtChange>;
 
     /// The account's credit debt (0 if it never had one).
     async fn debt(&self, account: &AccountId) -> Result<i64>;

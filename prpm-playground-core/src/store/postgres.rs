@@ -1355,7 +1355,7 @@ impl PgStore {
 // Billing: purchases, Stripe events, customers, credit debts
 
 const PURCHASE_COLUMNS: &str = "id, account, kind, product, credits, amount_cents, currency, status, checkout_session, payment_intent, customer, credited,
-    refunded_cents, credits_reversed, version, created_at, updated_at";
+    refunded_cents, credits_reversed, version, created_at, updated_at, reversing_to";
 
 fn purchase_from_row(r: &Row) -> Result<Purchase> {
     Ok(Purchase {
@@ -1376,6 +1376,7 @@ fn purchase_from_row(r: &Row) -> Result<Purchase> {
         version: r.get("version"),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
+        reversing_to: r.get("reversing_to"),
     })
 }
 
@@ -1388,7 +1389,7 @@ fn purchase_write_error(e: tokio_postgres::Error) -> Error {
     purchase_conflict(e.as_db_error().and_then(|d| d.constraint()).unwrap_or_default())
 }
 
-const EVENT_COLUMNS: &str = "id, kind, created, status, account, payload, received_at";
+const EVENT_COLUMNS: &str = "id, kind, created, status, account, payload, received_at, object_ref";
 
 fn event_from_row(r: &Row) -> Result<StripeEventRecord> {
     Ok(StripeEventRecord {
@@ -1399,6 +1400,7 @@ fn event_from_row(r: &Row) -> Result<StripeEventRecord> {
         account: r.get::<_, Option<String>>("account").map(|a| stored("event account", AccountId::new(a))).transpose()?,
         payload: r.get("payload"),
         received_at: r.get("received_at"),
+        object_ref: r.get("object_ref"),
     })
 }
 
@@ -1408,7 +1410,7 @@ impl PgStore {
         let client = self.core.client().await?;
         client
             .execute(
-                &format!("INSERT INTO purchases ({PURCHASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15, $15)"),
+                &format!("INSERT INTO purchases ({PURCHASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15, $15, $16)"),
                 &[
                     &p.id,
                     &p.account.as_str(),
@@ -1425,6 +1427,7 @@ impl PgStore {
                     &p.refunded_cents,
                     &p.credits_reversed,
                     &now,
+                    &p.reversing_to,
                 ],
             )
             .await
@@ -1465,7 +1468,7 @@ impl PgStore {
         let row = client
             .query_opt(
                 "UPDATE purchases SET status = $9, checkout_session = $10, payment_intent = $11, customer = $12, credited = $13, refunded_cents = $14,
-                                      credits_reversed = $15, version = $16, updated_at = $17
+                                      credits_reversed = $15, version = $16, updated_at = $17, reversing_to = $18
                  WHERE id = $1 AND version = $2 AND account = $3 AND kind = $4 AND product = $5 AND credits = $6 AND amount_cents = $7 AND currency = $8
                  RETURNING created_at",
                 &[
@@ -1486,6 +1489,7 @@ impl PgStore {
                     &p.credits_reversed,
                     &next,
                     &now,
+                    &p.reversing_to,
                 ],
             )
             .await
@@ -1519,8 +1523,8 @@ impl PgStore {
         let client = self.core.client().await?;
         let n = client
             .execute(
-                &format!("INSERT INTO stripe_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING"),
-                &[&e.id, &e.kind, &e.created, &e.status.as_str(), &e.account.as_ref().map(AccountId::as_str), &e.payload, &now],
+                &format!("INSERT INTO stripe_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"),
+                &[&e.id, &e.kind, &e.created, &e.status.as_str(), &e.account.as_ref().map(AccountId::as_str), &e.payload, &now, &e.object_ref],
             )
             .await?;
         Ok(n == 1)
@@ -1582,20 +1586,44 @@ impl PgStore {
         row.map(|r| stored("customer account", AccountId::new(r.get::<_, String>(0)))).transpose()
     }
 
-    async fn add_debt_once(&self, account: &AccountId, credits: i64) -> Result<i64> {
+    async fn add_debt_once(&self, account: &AccountId, credits: i64, key: &str) -> Result<DebtChange> {
+        const SEEN: &str = "SELECT account, requested, applied, debt_after FROM debt_updates WHERE key = $1";
+        let seen = |r: &Row| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, i64>(3));
         let now = to_millis(self.core.clock.now());
+        let mut client = self.core.client().await?;
+        let tx = client.transaction().await?;
+        if let Some(r) = tx.query_opt(SEEN, &[&key]).await? {
+            return replay_debt_change(key, account, credits, seen(&r));
+        }
+        // The account's debt row, locked: changes to one debt queue here.
+        tx.execute("INSERT INTO credit_debts (account, credits, updated_at) VALUES ($1, 0, $2) ON CONFLICT (account) DO NOTHING", &[&account.as_str(), &now])
+            .await?;
+        let before: i64 = tx.query_one("SELECT credits FROM credit_debts WHERE account = $1 FOR UPDATE", &[&account.as_str()]).await?.get(0);
+        // The same key may have committed while this waited for the lock.
+        if let Some(r) = tx.query_opt(SEEN, &[&key]).await? {
+            return replay_debt_change(key, account, credits, seen(&r));
+        }
+        let after = (before + credits).clamp(0, MAX_BUCKET_CREDITS);
+        tx.execute("UPDATE credit_debts SET credits = $2, updated_at = $3 WHERE account = $1", &[&account.as_str(), &after, &now]).await?;
+        tx.execute(
+            "INSERT INTO debt_updates (key, account, requested, applied, debt_after, at) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&key, &account.as_str(), &credits, &(after - before), &after, &now],
+        )
+        .await
+        .map_err(|e| if is_unique_violation(&e) { Error::IdempotencyConflict { key: key.to_owned() } } else { e.into() })?;
+        tx.commit().await?;
+        Ok(DebtChange { applied: after - before, debt_after: after, replayed: false })
+    }
+
+    async fn stripe_events_about_once(&self, object_ref: &str, status: EventStatus, limit: u32) -> Result<Vec<StripeEventRecord>> {
         let client = self.core.client().await?;
-        // One statement: the clamps apply to whatever the debt is when it runs (a concurrent
-        // insert of the same account's row makes this one update it).
-        let row = client
-            .query_one(
-                "INSERT INTO credit_debts (account, credits, updated_at) VALUES ($1, LEAST(GREATEST($2::bigint, 0), $3::bigint), $4)
-                 ON CONFLICT (account) DO UPDATE SET credits = LEAST(GREATEST(credit_debts.credits + $2::bigint, 0), $3::bigint), updated_at = $4
-                 RETURNING credits",
-                &[&account.as_str(), &credits, &MAX_BUCKET_CREDITS, &now],
+        let rows = client
+            .query(
+                &format!("SELECT {EVENT_COLUMNS} FROM stripe_events WHERE object_ref = $1 AND status = $2 ORDER BY created DESC, id DESC LIMIT $3"),
+                &[&object_ref, &status.as_str(), &i64::from(limit)],
             )
             .await?;
-        Ok(row.get(0))
+        rows.iter().map(event_from_row).collect()
     }
 
     async fn keyed_once(&self, account: &AccountId, key: &str) -> Result<Option<KeyedResponse>> {
@@ -1830,11 +1858,16 @@ impl Store for PgStore {
         retrying(|| self.customer_account_once(customer)).await
     }
 
-    /// Not retried on a lost connection (a retry of an addition that did commit would add
-    /// twice): the caller gets [`Error::ConnectionLost`].
-    async fn add_debt(&self, account: &AccountId, credits: i64) -> Result<i64> {
-        check_debt_change(credits)?;
-        self.add_debt_once(account, credits).await
+    /// Keyed, so a retry after a lost connection is a replay if the first try committed.
+    async fn add_debt(&self, account: &AccountId, credits: i64, key: &str) -> Result<DebtChange> {
+        check_debt_change(credits, key)?;
+        retrying(|| self.add_debt_once(account, credits, key)).await
+    }
+
+    async fn stripe_events_about(&self, object_ref: &str, status: EventStatus, limit: u32) -> Result<Vec<StripeEventRecord>> {
+        check_stripe_id(object_ref)?;
+        check_billing_page(limit)?;
+        retrying(|| self.stripe_events_about_once(object_ref, status, limit)).await
     }
 
     async fn debt(&self, account: &AccountId) -> Result<i64> {

@@ -1806,7 +1806,7 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 // Billing: purchases, Stripe events, customers, credit debts
 
 const PURCHASE_COLUMNS: &str = "id, account, kind, product, credits, amount_cents, currency, status, checkout_session, payment_intent, customer, credited,
-    refunded_cents, credits_reversed, version, created_ms, updated_ms";
+    refunded_cents, credits_reversed, version, created_ms, updated_ms, reversing_to";
 
 fn purchase_from_row(r: &rusqlite::Row<'_>) -> Result<Purchase> {
     Ok(Purchase {
@@ -1827,6 +1827,7 @@ fn purchase_from_row(r: &rusqlite::Row<'_>) -> Result<Purchase> {
         version: r.get(14)?,
         created_at: at(r.get(15)?)?,
         updated_at: at(r.get(16)?)?,
+        reversing_to: r.get(17)?,
     })
 }
 
@@ -1856,7 +1857,7 @@ fn write_purchase(conn: &Connection, p: &Purchase, now: DateTime<Utc>) -> Result
     let n = conn
         .prepare_cached(
             "UPDATE purchases SET status = ?3, checkout_session = ?4, payment_intent = ?5, customer = ?6, credited = ?7, refunded_cents = ?8,
-                                  credits_reversed = ?9, version = ?10, updated_ms = ?11
+                                  credits_reversed = ?9, version = ?10, updated_ms = ?11, reversing_to = ?12
              WHERE id = ?1 AND version = ?2",
         )?
         .execute(params![
@@ -1870,7 +1871,8 @@ fn write_purchase(conn: &Connection, p: &Purchase, now: DateTime<Utc>) -> Result
             p.refunded_cents,
             p.credits_reversed,
             next,
-            ms(now)
+            ms(now),
+            p.reversing_to
         ])
         .map_err(purchase_write_error)?;
     if n == 0 {
@@ -1879,7 +1881,7 @@ fn write_purchase(conn: &Connection, p: &Purchase, now: DateTime<Utc>) -> Result
     Ok(Some(Purchase { version: next, created_at: stored.created_at, updated_at: now, ..p.clone() }))
 }
 
-const EVENT_COLUMNS: &str = "id, kind, created, status, account, payload, received_ms";
+const EVENT_COLUMNS: &str = "id, kind, created, status, account, payload, received_ms, object_ref";
 
 fn event_from_row(r: &rusqlite::Row<'_>) -> Result<StripeEventRecord> {
     Ok(StripeEventRecord {
@@ -1890,6 +1892,7 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> Result<StripeEventRecord> {
         account: r.get::<_, Option<String>>(4)?.map(|a| stored("event account", AccountId::new(a))).transpose()?,
         payload: r.get(5)?,
         received_at: at(r.get(6)?)?,
+        object_ref: r.get(7)?,
     })
 }
 
@@ -2121,7 +2124,7 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let now = to_millis(clock.now());
             c.prepare_cached(&format!(
-                "INSERT INTO purchases ({PURCHASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 1, ?15, ?15)"
+                "INSERT INTO purchases ({PURCHASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 1, ?15, ?15, ?16)"
             ))?
             .execute(params![
                 p.id,
@@ -2138,7 +2141,8 @@ impl Store for SqliteStore {
                 p.credited,
                 p.refunded_cents,
                 p.credits_reversed,
-                ms(now)
+                ms(now),
+                p.reversing_to
             ])
             .map_err(purchase_write_error)?;
             Ok(Purchase { version: 1, created_at: now, updated_at: now, ..p })
@@ -2199,8 +2203,8 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let now = to_millis(clock.now());
             let n = c
-                .prepare_cached(&format!("INSERT INTO stripe_events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING"))?
-                .execute(params![e.id, e.kind, e.created, e.status.as_str(), e.account.as_ref().map(AccountId::as_str), e.payload, ms(now)])?;
+                .prepare_cached(&format!("INSERT INTO stripe_events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING"))?
+                .execute(params![e.id, e.kind, e.created, e.status.as_str(), e.account.as_ref().map(AccountId::as_str), e.payload, ms(now), e.object_ref])?;
             Ok(n == 1)
         })
         .await
@@ -2258,6 +2262,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn stripe_events_about(&self, object_ref: &str, status: EventStatus, limit: u32) -> Result<Vec<StripeEventRecord>> {
+        check_stripe_id(object_ref)?;
+        check_billing_page(limit)?;
+        let object_ref = object_ref.to_owned();
+        self.read_now(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM stripe_events WHERE object_ref = ?1 AND status = ?2 ORDER BY created DESC, id DESC LIMIT ?3"
+            ))?;
+            let mut rows = stmt.query(params![object_ref, status.as_str(), limit])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push(event_from_row(r)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<()> {
         check_stripe_id(customer)?;
         let (customer, account) = (customer.to_owned(), account.clone());
@@ -2285,19 +2307,31 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn add_debt(&self, account: &AccountId, credits: i64) -> Result<i64> {
-        check_debt_change(credits)?;
-        let account = account.clone();
+    async fn add_debt(&self, account: &AccountId, credits: i64, key: &str) -> Result<DebtChange> {
+        check_debt_change(credits, key)?;
+        let (account, key) = (account.clone(), key.to_owned());
         let clock = self.clock.clone();
+        // One write transaction: the key, the debt and its record change together.
         self.write(move |c| {
             let now = ms(to_millis(clock.now()));
-            // One statement: the clamps apply to whatever the debt is when it runs.
-            Ok(c.prepare_cached(
-                "INSERT INTO credit_debts (account, credits, updated_ms) VALUES (?1, MIN(MAX(?2, 0), ?3), ?4)
-                 ON CONFLICT (account) DO UPDATE SET credits = MIN(MAX(credit_debts.credits + ?2, 0), ?3), updated_ms = ?4
-                 RETURNING credits",
+            let seen = c
+                .prepare_cached("SELECT account, requested, applied, debt_after FROM debt_updates WHERE key = ?1")?
+                .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()?;
+            if let Some(seen) = seen {
+                return replay_debt_change(&key, &account, credits, seen);
+            }
+            let before: i64 =
+                c.prepare_cached("SELECT credits FROM credit_debts WHERE account = ?1")?.query_row([account.as_str()], |r| r.get(0)).optional()?.unwrap_or(0);
+            let after = (before + credits).clamp(0, MAX_BUCKET_CREDITS);
+            c.prepare_cached(
+                "INSERT INTO credit_debts (account, credits, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (account) DO UPDATE SET credits = ?2, updated_ms = ?3",
             )?
-            .query_row(params![account.as_str(), credits, MAX_BUCKET_CREDITS, now], |r| r.get(0))?)
+            .execute(params![account.as_str(), after, now])?;
+            c.prepare_cached("INSERT INTO debt_updates (key, account, requested, applied, debt_after, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+                .execute(params![key, account.as_str(), credits, after - before, after, now])?;
+            Ok(DebtChange { applied: after - before, debt_after: after, replayed: false })
         })
         .await
     }
