@@ -207,11 +207,11 @@ pub async fn grant(db: &Db, a: GrantArgs) -> CliResult<u8> {
     Ok(0)
 }
 
+/// The library's text, with an admin's throttle as `by ops: abuse`.
 fn throttle_reason(r: &ThrottleReason) -> String {
     match r {
-        ThrottleReason::DailyCostLimit { day } => format!("daily cost limit reached on {day}"),
-        ThrottleReason::MonthlyCostLimit { month } => format!("monthly cost limit reached in {}", month.format("%Y-%m")),
         ThrottleReason::Admin { by, why } => format!("by {by}: {why}"),
+        limit => limit.to_string(),
     }
 }
 

@@ -979,25 +979,17 @@ fn user_cost_dto(v: CostView) -> UserCostDto {
         pct_of_limit: limit.filter(|l| *l > 0).map(|l| (Decimal::from(v.month_cost_micros) * Decimal::from(100) / Decimal::from(l)).round_dp(1).to_string()),
         throttled: v.throttle.is_some(),
         throttle_reason: v.throttle.as_ref().map(|t| throttle_text(&t.reason)),
-        throttle_kind: v.throttle.as_ref().map(|t| throttle_kind(&t.reason).into()),
+        throttle_kind: v.throttle.as_ref().map(|t| t.reason.code().into()),
         throttled_since: v.throttle.as_ref().map(|t| time(t.since)),
         risk: v.risk.as_str().into(),
     }
 }
 
+/// The library's text, with an admin's throttle said in full (`throttled by ops: abuse`).
 fn throttle_text(r: &ThrottleReason) -> String {
     match r {
-        ThrottleReason::DailyCostLimit { day } => format!("daily cost limit reached on {day}"),
-        ThrottleReason::MonthlyCostLimit { month } => format!("monthly cost limit reached in {}", month.format("%Y-%m")),
         ThrottleReason::Admin { by, why } => format!("throttled by {by}: {why}"),
-    }
-}
-
-fn throttle_kind(r: &ThrottleReason) -> &'static str {
-    match r {
-        ThrottleReason::DailyCostLimit { .. } => "daily_cost_limit",
-        ThrottleReason::MonthlyCostLimit { .. } => "monthly_cost_limit",
-        ThrottleReason::Admin { .. } => "admin",
+        limit => limit.to_string(),
     }
 }
 

@@ -2237,11 +2237,8 @@ pub async fn customers_and_debts(store: &dyn Store, _clock: &ManualClock) {
     assert_eq!((store.debt(&alice).await.unwrap(), store.debt(&bob).await.unwrap()), (0, 1));
 
     // Concurrent additions all count; concurrent repeats of one key count once.
-    let mut debts = join_all((0..30).map(|i| store.add_debt(&carol, 1, Box::leak(format!("c{i}").into_boxed_str()))))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().debt_after)
-        .collect::<Vec<_>>();
+    let keys: Vec<String> = (0..30).map(|i| format!("c{i}")).collect();
+    let mut debts = join_all(keys.iter().map(|k| store.add_debt(&carol, 1, k))).await.into_iter().map(|r| r.unwrap().debt_after).collect::<Vec<_>>();
     debts.sort_unstable();
     assert_eq!(debts, (1..=30).collect::<Vec<i64>>());
     assert_eq!(store.debt(&carol).await.unwrap(), 30);

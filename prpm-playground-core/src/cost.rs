@@ -306,6 +306,29 @@ pub enum ThrottleReason {
     Admin { by: String, why: String },
 }
 
+impl ThrottleReason {
+    /// A stable code: `daily_cost_limit`, `monthly_cost_limit` or `admin`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ThrottleReason::DailyCostLimit { .. } => "daily_cost_limit",
+            ThrottleReason::MonthlyCostLimit { .. } => "monthly_cost_limit",
+            ThrottleReason::Admin { .. } => "admin",
+        }
+    }
+}
+
+/// For people: `daily cost limit reached on 2026-11-22`, `monthly cost limit reached in
+/// 2026-11`, `admin ops@example.com: abuse report 17` (the log's reference for it).
+impl std::fmt::Display for ThrottleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThrottleReason::DailyCostLimit { day } => write!(f, "daily cost limit reached on {day}"),
+            ThrottleReason::MonthlyCostLimit { month } => write!(f, "monthly cost limit reached in {}", month.format("%Y-%m")),
+            ThrottleReason::Admin { by, why } => write!(f, "admin {by}: {why}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Throttle {
     pub reason: ThrottleReason,

@@ -263,7 +263,7 @@ pub fn simulate(tiers: &TierTable, prices: &PriceTable, scenario: &Scenario, use
             && s.throttled_at.is_none()
         {
             s.throttled_at = Some(r.at);
-            s.throttle_reason = Some(throttle_code(&reason).to_owned());
+            s.throttle_reason = Some(reason.code().to_owned());
         }
         s.totals.admitted += 1;
         s.totals.cost_micros += cost;
@@ -296,16 +296,6 @@ pub fn simulate(tiers: &TierTable, prices: &PriceTable, scenario: &Scenario, use
         t.margin_pct = margin_pct(t.revenue_micros, t.cost_micros);
     }
     Ok(Projection { months, totals: all, refused_by, tiers: by_tier, users: projections, throttled })
-}
-
-/// A throttle's reason as a code (`daily_cost_limit`, `monthly_cost_limit`, `admin`).
-pub fn throttle_code(reason: &crate::cost::ThrottleReason) -> &'static str {
-    use crate::cost::ThrottleReason;
-    match reason {
-        ThrottleReason::DailyCostLimit { .. } => "daily_cost_limit",
-        ThrottleReason::MonthlyCostLimit { .. } => "monthly_cost_limit",
-        ThrottleReason::Admin { .. } => "admin",
-    }
 }
 
 fn add(sum: &mut Totals, t: &Totals) {

@@ -141,7 +141,7 @@ fn build(py: Python<'_>, e: PlayError) -> PyErr {
                     PyErr::new::<RateLimited, _>(message)
                 }
                 Rejection::Throttled { reason } => {
-                    set!("reason", prpm_playground_core::simulate::throttle_code(reason));
+                    set!("reason", reason.code());
                     PyErr::new::<Throttled, _>(message)
                 }
                 Rejection::DailyCostLimit { limit_micros, spent_micros, held_micros, requested_micros }

@@ -784,7 +784,7 @@ impl Store {
                 .int("requests_last_hour", |r| i64::from(r.0.requests_last_hour))
                 .str("risk", |r| r.0.risk.as_str())
                 .bool("throttled", |r| r.0.throttle.is_some())
-                .opt_str("throttle_reason", |r| r.0.throttle.as_ref().map(|t| simulate::throttle_code(&t.reason)))
+                .opt_str("throttle_reason", |r| r.0.throttle.as_ref().map(|t| t.reason.code()))
                 .opt_time("throttled_since", |r| r.0.throttle.as_ref().map(|t| t.since))
                 .int("monthly_credits", |r| bal(r, |b| b.monthly))
                 .int("rollover_credits", |r| bal(r, |b| b.rollover))

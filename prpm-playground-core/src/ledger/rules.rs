@@ -563,16 +563,6 @@ pub fn apply(cfg: &LedgerConfig, tiers: &TierTable, snap: &Snapshot, cmd: &Comma
     tx.finish(effect)
 }
 
-fn throttle_text(r: &ThrottleReason) -> String {
-    match r {
-        ThrottleReason::DailyCostLimit { day } => format!("daily cost limit reached on {day}"),
-        ThrottleReason::MonthlyCostLimit { month } => {
-            format!("monthly cost limit reached in {}", month.format("%Y-%m"))
-        }
-        ThrottleReason::Admin { by, why } => format!("admin {by}: {why}"),
-    }
-}
-
 /// Adds one calendar month (clamped to the month's last day).
 pub fn add_month(t: DateTime<Utc>) -> Result<DateTime<Utc>> {
     t.checked_add_months(Months::new(1)).ok_or_else(|| Error::invalid("time", "out of range"))
@@ -708,12 +698,12 @@ impl<'c> Tx<'c> {
         // A throttle replaced by another (daily by monthly) is one `throttle` entry.
         if let (Some(b), None) = (&before, &after) {
             let mut e = NewEntry::new(EntryKind::Unthrottle);
-            e.reference = format!("period ended: {}", throttle_text(&b.reason));
+            e.reference = format!("period ended: {}", b.reason);
             self.push(e);
         }
         if let Some(a) = after {
             let mut e = NewEntry::new(EntryKind::Throttle);
-            e.reference = throttle_text(&a.reason);
+            e.reference = a.reason.to_string();
             self.push(e);
         }
     }
