@@ -181,6 +181,14 @@ impl ReadPool {
             idle.push(c);
         }
     }
+
+    /// Runs `f` on a pooled connection, on this thread.
+    fn run<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.get()?;
+        let r = f(&conn);
+        self.put(conn);
+        r
+    }
 }
 
 /// The SQLite store. Cheap to share behind an `Arc`; dropping it stops the writer thread after
@@ -285,14 +293,7 @@ impl SqliteStore {
         match &self.readers {
             Some(pool) => {
                 let pool = pool.clone();
-                tokio::task::spawn_blocking(move || {
-                    let conn = pool.get()?;
-                    let r = f(&conn);
-                    pool.put(conn);
-                    r
-                })
-                .await
-                .map_err(|e| Error::Backend(format!("read task failed: {e}")))?
+                tokio::task::spawn_blocking(move || pool.run(f)).await.map_err(|e| Error::Backend(format!("read task failed: {e}")))?
             }
             None => {
                 let (tx, rx) = oneshot::channel();
@@ -315,12 +316,7 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         match &self.readers {
-            Some(pool) => {
-                let conn = pool.get()?;
-                let r = f(&conn);
-                pool.put(conn);
-                r
-            }
+            Some(pool) => pool.run(f),
             None => self.read(f).await,
         }
     }
