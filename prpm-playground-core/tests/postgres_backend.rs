@@ -373,3 +373,77 @@ fn a_retry_on_another_node_replays_after_the_lock() {
         assert!(report.is_clean(), "{:?}", report.discrepancies);
     });
 }
+
+/// Batches find their rows by index however the tables grew after their statements were first
+/// planned. (A generic plan is made once per connection, at a statement's first execution; made
+/// on a fresh database's near-empty tables, it scanned the whole accounts table, and the holds
+/// table, on every batch from then on.)
+#[test]
+fn batches_use_indexes_on_tables_that_grew() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let db = connect(&url).await;
+        // One connection: the statements are planned on it while the tables hold one account.
+        let store = PgStore::open(PgOptions::new(url.clone()).pool_size(1)).await.unwrap();
+        let s: &dyn Store = &store;
+        let warm = create_user(s, "warm").await;
+        grant(s, &warm, Bucket::Purchased, 1_000, None, "g").await;
+        let pair = |i: usize| async move {
+            let h = match s.hold(cost_hold(&acct("warm"), 2, 100, &format!("h{i}"))).await.unwrap().unwrap().effect {
+                Effect::Held { hold, .. } => hold,
+                other => panic!("{other:?}"),
+            };
+            s.settle(Settle { hold: h, credits: 1, usage: None, key: conformance::key(&format!("st{i}")) }).await.unwrap().unwrap();
+        };
+        s.spend(spend_cmd(&warm, 1, "first")).await.unwrap().unwrap();
+        pair(0).await;
+        // The tables grow behind the store's back (no ANALYZE: the plans stay as they were made).
+        db.batch_execute(
+            "INSERT INTO accounts (external_id, kind, monthly, rollover, purchased, held, created_at, updated_at)
+             SELECT 'bulk-' || g, 'user', 0, 0, 0, 0, now(), now() FROM generate_series(1, 20000) g;
+             INSERT INTO holds (account_id, amount, cost_micros, deadline, status, reference, created_at, closed_at)
+             SELECT (SELECT id FROM accounts WHERE external_id = 'warm'), 1, 0, now(), 'released', 'bulk', now(), now() FROM generate_series(1, 20000) g;",
+        )
+        .await
+        .unwrap();
+        let scans = || async {
+            db.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+            let rows = db
+                .query(
+                    "SELECT relname::text, seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables WHERE relname IN ('accounts', 'holds') ORDER BY relname",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect::<Vec<_>>()
+        };
+        // 80 batches, one command each.
+        for i in 1..=40 {
+            s.spend(spend_cmd(&warm, 1, &format!("s{i}"))).await.unwrap().unwrap();
+        }
+        for i in 1..=20 {
+            pair(i).await;
+        }
+        assert_eq!(s.balance(&warm).await.unwrap().total, 1_005 - 1 - 1 - 40 - 20);
+        // A backend reports its counters when it ends (or after ten idle seconds): close the
+        // store's connection, wait until it has gone and its counts are in.
+        drop(store);
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let left: i64 =
+                db.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()", &[]).await.unwrap().get(0);
+            seen = scans().await;
+            if left == 0 && seen.iter().all(|(_, seq, idx)| seq + idx >= 80) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // Counted since the database was created: the setup (migrations, the first account)
+        // scans a few times; a batch planned with scans scans at least once, 80 times here.
+        for (table, seq, idx) in &seen {
+            assert!(seq + idx >= 80, "{table}: the batches' scans were reported ({seen:?})");
+            assert!(*seq < 20, "{table}: {seq} scans of the whole table; the batches must find their rows by index ({seen:?})");
+        }
+    });
+}

@@ -1989,11 +1989,13 @@ impl Core {
         // Everything the batch reads, sent together (pipelined): the statements run in this
         // order, so those after the lock see what was committed before it. The accounts are
         // locked in id order (no deadlock with other batches, on any node).
-        // (A union, not an OR: each side uses its index.)
-        let accounts_of = "SELECT id FROM accounts WHERE external_id = ANY($1) UNION SELECT account_id FROM holds WHERE id = ANY($2)";
-        let lock_sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id IN ({accounts_of}) ORDER BY id FOR UPDATE");
+        // (A union, not an OR: each side uses its index.) The ids are collected into an array
+        // first (an init plan) and matched with `= ANY`: a generic plan then probes the index
+        // whatever the table's size; as a join it scanned the whole accounts table per batch.
+        let accounts_of = "ARRAY(SELECT id FROM accounts WHERE external_id = ANY($1) UNION ALL SELECT account_id FROM holds WHERE id = ANY($2))";
+        let lock_sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY({accounts_of}) ORDER BY id FOR UPDATE");
         let open_sql =
-            format!("SELECT id, account_id, amount, deadline, cost_micros FROM holds WHERE account_id IN ({accounts_of}) AND status = 'open' ORDER BY id");
+            format!("SELECT id, account_id, amount, deadline, cost_micros FROM holds WHERE account_id = ANY({accounts_of}) AND status = 'open' ORDER BY id");
         // Ids are allocated with the reads, after the lock (so each account's entries get
         // increasing ids): a guess that covers most batches, topped up below if short. Unused
         // ids leave gaps, which nothing minds.
@@ -2013,7 +2015,13 @@ impl Core {
         let p_ids: [&(dyn ToSql + Sync); 2] = [&holds_guess, &entries_guess];
         // The keys are read after the lock, like everything else: a command with one of them
         // that committed while we waited is seen (a replay), not decided again.
-        let (rows, key_rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
+        // First, in the same round trip: every statement of a batch finds its rows by key, so
+        // an index is always the right plan; but a generic plan is made once, at a statement's
+        // first execution, when the tables may be small enough for a scan to look cheaper (a
+        // fresh database), and is then kept while they grow. So the batch's plans are made
+        // without scans.
+        let (_, rows, key_rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
+            tx.batch_execute("SET LOCAL enable_seqscan = off"),
             tx.query(&st_lock, &p_accounts),
             async {
                 if keys.is_empty() {
@@ -2170,7 +2178,9 @@ impl Core {
             }
         }
 
-        // The writes: one statement per table, sent together (pipelined).
+        // The writes: one statement per table, sent together (pipelined). The updates also
+        // match their rows with `id = ANY($1)`, so a generic plan finds them by the index (as a
+        // join with `unnest` alone, it scanned the table).
         let holds_ins = {
             let acc: Vec<i64> = new_holds.iter().map(|h| h.1).collect();
             let amount: Vec<i64> = new_holds.iter().map(|h| h.2.amount).collect();
@@ -2302,7 +2312,7 @@ impl Core {
             let st = tx
                 .prepare_cached(
                     "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
-             WHERE holds.id = u.id AND holds.status = 'open'",
+             WHERE holds.id = u.id AND holds.id = ANY($1) AND holds.status = 'open'",
                 )
                 .await?;
             tx.execute(&st, &p_closed).await
@@ -2363,7 +2373,7 @@ impl Core {
                          $10::bigint[], $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::jsonb[], $15::int[], $16::bool[], $17::text[],
                          $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
                   AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
-             WHERE accounts.id = u.id",
+             WHERE accounts.id = u.id AND accounts.id = ANY($1)",
                 )
                 .await?;
             tx.execute(&st, &p_accounts).await
