@@ -565,54 +565,87 @@ fn account_from_row(r: &Row) -> Result<(i64, AccountId, AccountState)> {
     Ok((r.get("id"), AccountId::new(r.get::<_, String>("external_id"))?, state))
 }
 
+/// Writes one account's state (`$24`, its kind, is checked: never another account's row).
+const UPDATE_ACCOUNT_SQL: &str = "UPDATE accounts SET monthly = $2, rollover = $3, purchased = $4, held = $5, rollover_lots = $6, updated_at = $7,
+    cost_day = $8, day_cost_micros = $9, cost_month = $10, month_cost_micros = $11, held_cost_micros = $12, throttle = $13,
+    throttle_lifts = $14, requests = $15, alerted = $16, org_member = $17, tier_override = $18, next_expiry = $19,
+    plan_credits = $20, plan_active = $21, period_end = $22, plan_anchor_day = $23
+ WHERE id = $1 AND kind = $24";
+
 async fn write_account(tx: &impl GenericClient, id: i64, s: &AccountState, now: DateTime<Utc>) -> Result<(), TxError> {
-    let c = &s.cost;
-    let throttle = c.throttle.as_ref().map(|t| serde_json::to_value(t).expect("throttles serialize"));
-    let lifts = c.throttle.as_ref().and_then(crate::cost::Throttle::lifts_at);
-    let (pc, pa, pe, anchor) = match s.plan {
-        Some(p) => (Some(p.monthly_credits), Some(p.active), Some(p.period_end), Some(p.anchor_day as i32)),
-        None => (None, None, None, None),
-    };
-    let params: [&(dyn ToSql + Sync); 24] = [
-        &id,
-        &s.monthly,
-        &s.rollover_total(),
-        &s.purchased,
-        &s.held,
-        &lots_value(&s.rollover),
-        &now,
-        &c.day,
-        &c.day_cost_micros,
-        &c.month,
-        &c.month_cost_micros,
-        &c.held_cost_micros,
-        &throttle,
-        &lifts,
-        &c.requests_ms,
-        &(encode_alerted(&c.alerted) as i32),
-        &s.org_member,
-        &s.tier,
-        &s.next_expiry().map(|l| l.expires_at),
-        &pc,
-        &pa,
-        &pe,
-        &anchor,
-        &s.kind.as_str(),
-    ];
-    let n = tx
-        .execute(
-            "UPDATE accounts SET monthly = $2, rollover = $3, purchased = $4, held = $5, rollover_lots = $6, updated_at = $7,
-                cost_day = $8, day_cost_micros = $9, cost_month = $10, month_cost_micros = $11, held_cost_micros = $12, throttle = $13,
-                throttle_lifts = $14, requests = $15, alerted = $16, org_member = $17, tier_override = $18, next_expiry = $19,
-                plan_credits = $20, plan_active = $21, period_end = $22, plan_anchor_day = $23
-             WHERE id = $1 AND kind = $24",
-            &params,
-        )
-        .await?;
+    let row = AccountRow::new(id, s, now);
+    let n = tx.execute(UPDATE_ACCOUNT_SQL, &row.params()).await?;
     if n != 1 {
         return Err(TxError::Fail(Error::Invariant(format!("account {id} not found to update"))));
     }
     Ok(())
+}
+
+/// The parameters of [`UPDATE_ACCOUNT_SQL`] for one account.
+struct AccountRow<'a> {
+    id: i64,
+    s: &'a AccountState,
+    rollover: i64,
+    lots: serde_json::Value,
+    now: DateTime<Utc>,
+    throttle: Option<serde_json::Value>,
+    lifts: Option<DateTime<Utc>>,
+    alerted: i32,
+    next_expiry: Option<DateTime<Utc>>,
+    kind: &'static str,
+    plan: (Option<i64>, Option<bool>, Option<DateTime<Utc>>, Option<i32>),
+}
+
+impl<'a> AccountRow<'a> {
+    fn new(id: i64, s: &'a AccountState, now: DateTime<Utc>) -> Self {
+        let c = &s.cost;
+        AccountRow {
+            id,
+            s,
+            rollover: s.rollover_total(),
+            lots: lots_value(&s.rollover),
+            now,
+            throttle: c.throttle.as_ref().map(|t| serde_json::to_value(t).expect("throttles serialize")),
+            lifts: c.throttle.as_ref().and_then(crate::cost::Throttle::lifts_at),
+            alerted: encode_alerted(&c.alerted) as i32,
+            next_expiry: s.next_expiry().map(|l| l.expires_at),
+            kind: s.kind.as_str(),
+            plan: match s.plan {
+                Some(p) => (Some(p.monthly_credits), Some(p.active), Some(p.period_end), Some(p.anchor_day as i32)),
+                None => (None, None, None, None),
+            },
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 24] {
+        let (s, c) = (self.s, &self.s.cost);
+        [
+            &self.id,
+            &s.monthly,
+            &self.rollover,
+            &s.purchased,
+            &s.held,
+            &self.lots,
+            &self.now,
+            &c.day,
+            &c.day_cost_micros,
+            &c.month,
+            &c.month_cost_micros,
+            &c.held_cost_micros,
+            &self.throttle,
+            &self.lifts,
+            &c.requests_ms,
+            &self.alerted,
+            &s.org_member,
+            &s.tier,
+            &self.next_expiry,
+            &self.plan.0,
+            &self.plan.1,
+            &self.plan.2,
+            &self.plan.3,
+            &self.kind,
+        ]
+    }
 }
 
 async fn load_open_holds(tx: &impl GenericClient, account_id: i64) -> Result<Vec<OpenHold>, TxError> {
@@ -1951,6 +1984,33 @@ async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
+/// A batch's connection, inside the transaction the batch began on it (in the round trip of
+/// its reads, not one of its own). Unless committed, the connection is taken out of the pool
+/// and closed when this is dropped (the server then rolls the transaction back), so no caller
+/// is ever handed a connection in the middle of a transaction.
+struct BatchTx(Option<deadpool_postgres::Object>);
+
+impl BatchTx {
+    fn client(&self) -> &deadpool_postgres::ClientWrapper {
+        self.0.as_ref().expect("a batch transaction holds its connection until it ends")
+    }
+
+    /// Commits; the connection goes back to the pool only if the commit succeeded.
+    async fn commit(&mut self) -> Result<(), tokio_postgres::Error> {
+        self.client().batch_execute("COMMIT").await?;
+        self.0.take();
+        Ok(())
+    }
+}
+
+impl Drop for BatchTx {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
 /// An account inside a batch: its state as the batch's commands leave it.
 struct BatchAccount {
     ext: AccountId,
@@ -1980,8 +2040,8 @@ impl Core {
     /// ones left (loaded once, under the accounts' row locks taken in id order), and writes
     /// everything with one statement per table. `Err`: nothing was committed.
     async fn run_batch(&self, jobs: &[Job]) -> Result<(Vec<Result<Outcome>>, Vec<(AccountId, Alert)>)> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
+        let mut batch_tx = BatchTx(Some(self.client().await?));
+        let tx: &deadpool_postgres::ClientWrapper = batch_tx.client();
 
         let keys: Vec<&str> = jobs.iter().filter_map(|j| j.cmd.key()).map(|k| k.as_str()).collect();
         let exts: Vec<&str> = jobs.iter().filter(|j| j.cmd.hold().is_none()).filter_map(|j| j.cmd.account()).map(|a| a.as_str()).collect();
@@ -2020,8 +2080,9 @@ impl Core {
         // first execution, when the tables may be small enough for a scan to look cheaper (a
         // fresh database), and is then kept while they grow. So the batch's plans are made
         // without scans.
+        // The transaction begins in the same round trip too.
         let (_, rows, key_rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
-            tx.batch_execute("SET LOCAL enable_seqscan = off"),
+            tx.batch_execute("BEGIN; SET LOCAL enable_seqscan = off"),
             tx.query(&st_lock, &p_accounts),
             async {
                 if keys.is_empty() {
@@ -2362,6 +2423,12 @@ impl Core {
             if s_id.is_empty() {
                 return Ok(0);
             }
+            if let [(id, account)] = dirty.as_slice() {
+                // One account (a lone command, a hot account): the plain statement costs the
+                // server less than the one that unpacks arrays.
+                let st = tx.prepare_cached(UPDATE_ACCOUNT_SQL).await?;
+                return tx.execute(&st, &AccountRow::new(*id, &account.state, now).params()).await;
+            }
             let st = tx
                 .prepare_cached(
                     "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
@@ -2392,7 +2459,7 @@ impl Core {
         expect("usage records", n_usage, usages.len())?;
         expect("keys", n_keys, k_key.len())?;
         expect("accounts", n_accounts, s_id.len())?;
-        tx.commit().await?;
+        batch_tx.commit().await?;
 
         let fresh: Vec<(i64, String, NaiveDate)> = new_alerts.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
         let sent = alerts

@@ -1,0 +1,128 @@
+//! Where a PostgreSQL spend's time goes: starts a throw-away cluster with `pg_stat_statements`
+//! loaded, seeds 1,000 accounts and a hot one, then runs three shapes (one caller; 32 callers
+//! over the 1,000 accounts; 32 callers on the hot account) and prints, for each, the spends per
+//! second, the batches, the CPU time per spend of this process and of the server's processes,
+//! and the server's execution time per statement.
+//!
+//! ```text
+//! cargo run --release --example pg_profile
+//! ```
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prpm_playground_core::conformance::{acct, key};
+use prpm_playground_core::pg_cluster::PgCluster;
+use prpm_playground_core::store::postgres::{PgOptions, PgStore};
+use prpm_playground_core::*;
+
+const ACCOUNTS: usize = 1_000;
+
+fn usage() -> Usage {
+    Usage {
+        operation: "playground_run".into(),
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenUsage { input: 1_200, output: 400, cache_read: 0, cache_write: 0 },
+        cost_micros: 9_600,
+    }
+}
+
+/// CPU time (user + system, in clock ticks of 10 ms) of the processes `stat` files describe.
+fn cpu_ticks(stat: &str) -> u64 {
+    // After the command name in parentheses: state is field 0, utime 11, stime 12.
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn server_ticks() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.flatten()
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .map(|s| cpu_ticks(&s))
+        .sum()
+}
+
+fn main() {
+    // Set before any thread exists (the runtime is built below).
+    let opts = std::env::var("PRPM_PG_SERVER_OPTS").unwrap_or_default();
+    unsafe { std::env::set_var("PRPM_PG_SERVER_OPTS", format!("{opts} -c shared_preload_libraries=pg_stat_statements")) };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let cluster = PgCluster::start().expect("a PostgreSQL cluster").expect("PostgreSQL installed");
+    let url = cluster.create_database().await.unwrap();
+    let pg = Arc::new(PgStore::open(PgOptions::new(url.clone()).pool_size(32)).await.unwrap());
+    let store: Arc<dyn Store> = pg.clone();
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    db.batch_execute("CREATE EXTENSION pg_stat_statements").await.unwrap();
+    let name = |i: usize| if i == ACCOUNTS { acct("hot") } else { acct(&format!("acct-{i:05}")) };
+    for i in 0..=ACCOUNTS {
+        store.create_account(name(i), AccountKind::User, key(&format!("create-{i}"))).await.unwrap().unwrap();
+        store.set_cost_profile(name(i), false, Some("unlimited".into()), key(&format!("unlimited-{i}"))).await.unwrap().unwrap();
+        let g = Grant {
+            account: name(i),
+            bucket: Bucket::Purchased,
+            amount: 1_000_000_000,
+            source: GrantSource::Admin,
+            expires_at: None,
+            reference: "profile".into(),
+            key: key(&format!("grant-{i}")),
+        };
+        store.grant(g).await.unwrap().unwrap();
+    }
+    for (shape, callers, spends, hot) in
+        [("one caller", 1usize, 2_000usize, false), ("32 callers, 1,000 accounts", 32, 20_000, false), ("32 callers, one hot account", 32, 20_000, true)]
+    {
+        db.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
+        let stats0 = pg.batch_stats();
+        let (own0, server0) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks());
+        let t0 = Instant::now();
+        let per = spends / callers;
+        let tasks: Vec<_> = (0..callers)
+            .map(|c| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for i in 0..per {
+                        let account = if hot { name(ACCOUNTS) } else { name((c * 7919 + i * 104_729) % ACCOUNTS) };
+                        let s = Spend { account, amount: 1, usage: Some(usage()), reference: "profile".into(), key: IdempotencyKey::generate() };
+                        store.spend(s).await.unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let wall = t0.elapsed();
+        let (own1, server1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks());
+        let batches = pg.batch_stats().batches - stats0.batches;
+        let n = (per * callers) as f64;
+        println!("\n== {shape}: {:.0} spends/s, {batches} batches ({:.1} spends each)", n / wall.as_secs_f64(), n / batches as f64);
+        println!(
+            "   CPU per spend: this process {:.0} us, the server's processes {:.0} us",
+            (own1 - own0) as f64 * 10_000.0 / n,
+            (server1 - server0) as f64 * 10_000.0 / n
+        );
+        let rows = db
+            .query(
+                "SELECT calls, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 80) FROM pg_stat_statements
+                 WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT 14",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut total_ms = 0.0;
+        for r in &rows {
+            let (calls, ms, q): (i64, f64, String) = (r.get(0), r.get(1), r.get(2));
+            total_ms += ms;
+            println!("   {calls:>6} calls {:>7.1} us per spend  {q}", ms * 1000.0 / n);
+        }
+        println!("   statement execution: {:.1} us per spend", total_ms * 1000.0 / n);
+    }
+    let report = store.verify().await.unwrap();
+    assert!(report.is_clean(), "{:?}", report.discrepancies);
+}
