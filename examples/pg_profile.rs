@@ -11,21 +11,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prpm_playground_core::conformance::{acct, key};
+use prpm_playground_core::conformance::{acct, key, usage_of};
 use prpm_playground_core::pg_cluster::PgCluster;
 use prpm_playground_core::store::postgres::{PgOptions, PgStore};
 use prpm_playground_core::*;
 
 const ACCOUNTS: usize = 1_000;
-
-fn usage() -> Usage {
-    Usage {
-        operation: "playground_run".into(),
-        model: "claude-sonnet-4-5".into(),
-        tokens: TokenUsage { input: 1_200, output: 400, cache_read: 0, cache_write: 0 },
-        cost_micros: 9_600,
-    }
-}
 
 /// CPU time (user + system, in clock ticks of 10 ms) of the processes `stat` files describe.
 fn cpu_ticks(stat: &str) -> u64 {
@@ -88,7 +79,7 @@ async fn run() {
                 tokio::spawn(async move {
                     for i in 0..per {
                         let account = if hot { name(ACCOUNTS) } else { name((c * 7919 + i * 104_729) % ACCOUNTS) };
-                        let s = Spend { account, amount: 1, usage: Some(usage()), reference: "profile".into(), key: IdempotencyKey::generate() };
+                        let s = Spend { account, amount: 1, usage: Some(usage_of(9_600)), reference: "profile".into(), key: IdempotencyKey::generate() };
                         store.spend(s).await.unwrap().unwrap();
                     }
                 })

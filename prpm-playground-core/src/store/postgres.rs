@@ -573,8 +573,8 @@ const UPDATE_ACCOUNT_SQL: &str = "UPDATE accounts SET monthly = $2, rollover = $
  WHERE id = $1 AND kind = $24";
 
 async fn write_account(tx: &impl GenericClient, id: i64, s: &AccountState, now: DateTime<Utc>) -> Result<(), TxError> {
-    let row = AccountRow::new(id, s, now);
-    let n = tx.execute(UPDATE_ACCOUNT_SQL, &row.params()).await?;
+    let st = tx.prepare_cached(UPDATE_ACCOUNT_SQL).await?;
+    let n = tx.execute(&st, &AccountRow::new(id, s, now).params()).await?;
     if n != 1 {
         return Err(TxError::Fail(Error::Invariant(format!("account {id} not found to update"))));
     }
@@ -2049,9 +2049,8 @@ impl Core {
         // Everything the batch reads, sent together (pipelined): the statements run in this
         // order, so those after the lock see what was committed before it. The accounts are
         // locked in id order (no deadlock with other batches, on any node).
-        // (A union, not an OR: each side uses its index.) The ids are collected into an array
-        // first (an init plan) and matched with `= ANY`: a generic plan then probes the index
-        // whatever the table's size; as a join it scanned the whole accounts table per batch.
+        // (A union, not an OR: each side uses its index; collected into an array and matched
+        // with `= ANY`, so the index is probed, see the plans below.)
         let accounts_of = "ARRAY(SELECT id FROM accounts WHERE external_id = ANY($1) UNION ALL SELECT account_id FROM holds WHERE id = ANY($2))";
         let lock_sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY({accounts_of}) ORDER BY id FOR UPDATE");
         let open_sql =
@@ -2075,12 +2074,11 @@ impl Core {
         let p_ids: [&(dyn ToSql + Sync); 2] = [&holds_guess, &entries_guess];
         // The keys are read after the lock, like everything else: a command with one of them
         // that committed while we waited is seen (a replay), not decided again.
-        // First, in the same round trip: every statement of a batch finds its rows by key, so
-        // an index is always the right plan; but a generic plan is made once, at a statement's
-        // first execution, when the tables may be small enough for a scan to look cheaper (a
-        // fresh database), and is then kept while they grow. So the batch's plans are made
-        // without scans.
-        // The transaction begins in the same round trip too.
+        // First, in the same round trip: the transaction begins, and its plans are made
+        // without scans. Every statement of a batch finds its rows by key (the updates too, by
+        // `id = ANY($1)`), so an index is always right; but a generic plan is made once per
+        // connection, at a statement's first execution, and is kept while the tables grow:
+        // made on a fresh database's near-empty tables, it scanned them on every batch.
         let (_, rows, key_rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
             tx.batch_execute("BEGIN; SET LOCAL enable_seqscan = off"),
             tx.query(&st_lock, &p_accounts),
@@ -2239,9 +2237,7 @@ impl Core {
             }
         }
 
-        // The writes: one statement per table, sent together (pipelined). The updates also
-        // match their rows with `id = ANY($1)`, so a generic plan finds them by the index (as a
-        // join with `unnest` alone, it scanned the table).
+        // The writes: one statement per table, sent together (pipelined).
         let holds_ins = {
             let acc: Vec<i64> = new_holds.iter().map(|h| h.1).collect();
             let amount: Vec<i64> = new_holds.iter().map(|h| h.2.amount).collect();
@@ -2302,26 +2298,8 @@ impl Core {
                 k_outcome.push(serde_json::to_value(effect).expect("effects serialize"));
             }
         }
-        let dirty: Vec<(i64, &BatchAccount)> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| (*id, a)).collect();
-        let s_id: Vec<i64> = dirty.iter().map(|d| d.0).collect();
-        let s = |f: &dyn Fn(&AccountState) -> i64| -> Vec<i64> { dirty.iter().map(|d| f(&d.1.state)).collect() };
-        let (s_m, s_r, s_p, s_h) = (s(&|a| a.monthly), s(&|a| a.rollover_total()), s(&|a| a.purchased), s(&|a| a.held));
-        let (s_dc, s_mc, s_hc) = (s(&|a| a.cost.day_cost_micros), s(&|a| a.cost.month_cost_micros), s(&|a| a.cost.held_cost_micros));
-        let s_alerted: Vec<i32> = dirty.iter().map(|d| encode_alerted(&d.1.state.cost.alerted) as i32).collect();
-        let s_lots: Vec<serde_json::Value> = dirty.iter().map(|d| lots_value(&d.1.state.rollover)).collect();
-        let s_day: Vec<Option<NaiveDate>> = dirty.iter().map(|d| d.1.state.cost.day).collect();
-        let s_month: Vec<Option<NaiveDate>> = dirty.iter().map(|d| d.1.state.cost.month).collect();
-        let s_throttle: Vec<Option<serde_json::Value>> =
-            dirty.iter().map(|d| d.1.state.cost.throttle.as_ref().map(|t| serde_json::to_value(t).expect("throttles serialize"))).collect();
-        let s_lifts: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|d| d.1.state.cost.throttle.as_ref().and_then(crate::cost::Throttle::lifts_at)).collect();
-        let s_requests: Vec<serde_json::Value> = dirty.iter().map(|d| serde_json::json!(d.1.state.cost.requests_ms)).collect();
-        let s_org: Vec<bool> = dirty.iter().map(|d| d.1.state.org_member).collect();
-        let s_tier: Vec<Option<&str>> = dirty.iter().map(|d| d.1.state.tier.as_deref()).collect();
-        let s_next: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|d| d.1.state.next_expiry().map(|l| l.expires_at)).collect();
-        let s_pc: Vec<Option<i64>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.monthly_credits)).collect();
-        let s_pa: Vec<Option<bool>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.active)).collect();
-        let s_pe: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.period_end)).collect();
-        let s_anchor: Vec<Option<i32>> = dirty.iter().map(|d| d.1.state.plan.map(|p| p.anchor_day as i32)).collect();
+        // Each written account's row, derived once.
+        let dirty: Vec<AccountRow> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| AccountRow::new(*id, &a.state, now)).collect();
 
         let (hacc, hamount, hcost, hdeadline, hreference) = &holds_ins;
         let p_holds: Vec<&(dyn ToSql + Sync)> = vec![&hold_id_list, hacc, hamount, hcost, hdeadline, hreference, &now];
@@ -2332,31 +2310,6 @@ impl Core {
             vec![&u_entry, &u_acc, &u_hold, &u_op, &u_model, &u_tok[0], &u_tok[1], &u_tok[2], &u_tok[3], &u_credits, &u_cost, &now];
         let p_alerts: Vec<&(dyn ToSql + Sync)> = vec![&a_acc, &a_kind, &a_month, &a_cost, &a_limit, &a_at];
         let p_keys: Vec<&(dyn ToSql + Sync)> = vec![&k_key, &k_fp, &k_outcome, &now];
-        let p_accounts: Vec<&(dyn ToSql + Sync)> = vec![
-            &s_id,
-            &s_m,
-            &s_r,
-            &s_p,
-            &s_h,
-            &s_lots,
-            &s_day,
-            &s_dc,
-            &s_month,
-            &s_mc,
-            &s_hc,
-            &s_throttle,
-            &s_lifts,
-            &s_requests,
-            &s_alerted,
-            &s_org,
-            &s_tier,
-            &s_next,
-            &s_pc,
-            &s_pa,
-            &s_pe,
-            &s_anchor,
-            &now,
-        ];
         let w_holds = async {
             if new_holds.is_empty() {
                 return Ok(0);
@@ -2420,15 +2373,61 @@ impl Core {
             tx.execute(&st, &p_keys).await
         };
         let w_accounts = async {
-            if s_id.is_empty() {
-                return Ok(0);
-            }
-            if let [(id, account)] = dirty.as_slice() {
+            let rows = match dirty.as_slice() {
+                [] => return Ok(0),
                 // One account (a lone command, a hot account): the plain statement costs the
-                // server less than the one that unpacks arrays.
-                let st = tx.prepare_cached(UPDATE_ACCOUNT_SQL).await?;
-                return tx.execute(&st, &AccountRow::new(*id, &account.state, now).params()).await;
-            }
+                // server half what the one that unpacks arrays does.
+                [row] => {
+                    let st = tx.prepare_cached(UPDATE_ACCOUNT_SQL).await?;
+                    return tx.execute(&st, &row.params()).await;
+                }
+                rows => rows,
+            };
+            let col = |f: &dyn Fn(&AccountRow) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+            let (ids, monthly, rollover, purchased, held) =
+                (col(&|r| r.id), col(&|r| r.s.monthly), col(&|r| r.rollover), col(&|r| r.s.purchased), col(&|r| r.s.held));
+            let (day_cost, month_cost, held_cost) =
+                (col(&|r| r.s.cost.day_cost_micros), col(&|r| r.s.cost.month_cost_micros), col(&|r| r.s.cost.held_cost_micros));
+            let lots: Vec<&serde_json::Value> = rows.iter().map(|r| &r.lots).collect();
+            let day: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.s.cost.day).collect();
+            let month: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.s.cost.month).collect();
+            let throttle: Vec<&Option<serde_json::Value>> = rows.iter().map(|r| &r.throttle).collect();
+            let lifts: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.lifts).collect();
+            // Arrays of arrays do not unnest row by row: each request window goes as JSON.
+            let requests: Vec<serde_json::Value> = rows.iter().map(|r| serde_json::json!(r.s.cost.requests_ms)).collect();
+            let alerted: Vec<i32> = rows.iter().map(|r| r.alerted).collect();
+            let org: Vec<bool> = rows.iter().map(|r| r.s.org_member).collect();
+            let tier: Vec<Option<&str>> = rows.iter().map(|r| r.s.tier.as_deref()).collect();
+            let next: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.next_expiry).collect();
+            let plan_credits: Vec<Option<i64>> = rows.iter().map(|r| r.plan.0).collect();
+            let plan_active: Vec<Option<bool>> = rows.iter().map(|r| r.plan.1).collect();
+            let period_end: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.plan.2).collect();
+            let anchor: Vec<Option<i32>> = rows.iter().map(|r| r.plan.3).collect();
+            let params: [&(dyn ToSql + Sync); 23] = [
+                &ids,
+                &monthly,
+                &rollover,
+                &purchased,
+                &held,
+                &lots,
+                &day,
+                &day_cost,
+                &month,
+                &month_cost,
+                &held_cost,
+                &throttle,
+                &lifts,
+                &requests,
+                &alerted,
+                &org,
+                &tier,
+                &next,
+                &plan_credits,
+                &plan_active,
+                &period_end,
+                &anchor,
+                &now,
+            ];
             let st = tx
                 .prepare_cached(
                     "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
@@ -2443,7 +2442,7 @@ impl Core {
              WHERE accounts.id = u.id AND accounts.id = ANY($1)",
                 )
                 .await?;
-            tx.execute(&st, &p_accounts).await
+            tx.execute(&st, &params).await
         };
         let (n_holds, n_closed, n_entries, n_usage, new_alerts, n_keys, n_accounts) =
             tokio::try_join!(w_holds, w_closed, w_entries, w_usage, w_alerts, w_keys, w_accounts)?;
@@ -2458,7 +2457,7 @@ impl Core {
         expect("entries", n_entries, entries.len())?;
         expect("usage records", n_usage, usages.len())?;
         expect("keys", n_keys, k_key.len())?;
-        expect("accounts", n_accounts, s_id.len())?;
+        expect("accounts", n_accounts, dirty.len())?;
         batch_tx.commit().await?;
 
         let fresh: Vec<(i64, String, NaiveDate)> = new_alerts.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
