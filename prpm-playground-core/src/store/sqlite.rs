@@ -165,6 +165,11 @@ struct ReadPool {
     max_idle: usize,
 }
 
+/// Prepared statements kept per connection. The store has about 80 statements (rusqlite keeps
+/// 16 by default): with fewer slots than the statements a group or a read runs, the cache evicts
+/// them in turn and every statement is compiled again each time.
+const STATEMENT_CACHE: usize = 256;
+
 impl ReadPool {
     fn get(&self) -> Result<Connection> {
         if let Some(c) = self.idle.lock().unwrap().pop() {
@@ -172,6 +177,7 @@ impl ReadPool {
         }
         let c = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         c.busy_timeout(self.busy_timeout)?;
+        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         c.pragma_update(None, "query_only", true)?;
         Ok(c)
     }
@@ -235,6 +241,7 @@ impl SqliteStore {
             None => Connection::open_in_memory()?,
         };
         conn.busy_timeout(opts.busy_timeout)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         check_ours(&conn)?;
         if opts.path.is_some() {
             let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
