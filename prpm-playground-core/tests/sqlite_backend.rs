@@ -407,3 +407,80 @@ fn alerts_reach_the_sink_once() {
         assert_eq!(stored.len(), 2);
     });
 }
+
+/// Bytes of one WAL frame (a 4 KiB page and its header); the WAL file starts with 32 bytes.
+const WAL_FRAME_BYTES: u64 = 4096 + 24;
+
+fn wal_frames(db: &std::path::Path) -> u64 {
+    let wal = db.with_extension("db-wal");
+    std::fs::metadata(wal).map(|m| m.len().saturating_sub(32) / WAL_FRAME_BYTES).unwrap_or(0)
+}
+
+/// The WAL is copied back into the database by the store's own checkpoint thread, not by the
+/// commit that crossed the mark: once a commit leaves `wal_autocheckpoint_pages` in the WAL
+/// (and well below the four times at which the writer would checkpoint itself), the database
+/// file alone, copied without its WAL, soon holds every commit.
+#[test]
+fn a_thread_of_its_own_checkpoints_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let pages = 64;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions { wal_autocheckpoint_pages: pages, ..SqliteOptions::file(&path) }).unwrap());
+    let grants = rt().block_on(async {
+        let u = create_user(&*store, "u").await;
+        let mut n = 0;
+        // Commit by commit, until the WAL holds more than the mark.
+        while wal_frames(&path) < u64::from(pages) + 8 {
+            n += 1;
+            assert!(n < 200, "the WAL did not grow past {pages} pages");
+            grant(&*store, &u, Bucket::Purchased, 1, None, &format!("g{n}")).await;
+        }
+        assert!(wal_frames(&path) < u64::from(pages) * 2, "past the writer's own bound: the test would not tell who checkpointed");
+        let purchased = store.balance(&u).await.unwrap().purchased;
+        assert!(purchased >= n);
+        purchased
+    });
+    let copy = dir.path().join("copy.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let balance = loop {
+        // The database file alone: what the checkpoints have copied back so far (a copy taken
+        // in the middle of one may be unreadable; try again).
+        let _ = std::fs::remove_file(dir.path().join("copy.db-wal"));
+        std::fs::copy(&path, &copy).unwrap();
+        let seen = Connection::open(&copy).and_then(|c| c.query_row("SELECT purchased FROM accounts WHERE external_id = 'u'", [], |r| r.get::<_, i64>(0)));
+        match seen {
+            Ok(b) if b == grants => break b,
+            _ if std::time::Instant::now() > deadline => panic!("the database file alone has {seen:?} after {grants} grants"),
+            _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(balance, grants);
+}
+
+/// However many commits, the WAL stays within four times `wal_autocheckpoint_pages` (plus one
+/// group), and everything is there after reopening.
+#[test]
+fn the_wal_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let pages = 32;
+    let opts = || SqliteOptions { wal_autocheckpoint_pages: pages, ..SqliteOptions::file(&path) };
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(opts()).unwrap());
+    let mut largest = 0;
+    let before = rt().block_on(async {
+        let u = create_user(&*store, "u").await;
+        let before = store.balance(&u).await.unwrap().purchased;
+        for n in 0..400 {
+            grant(&*store, &u, Bucket::Purchased, 1, None, &format!("g{n}")).await;
+            largest = largest.max(wal_frames(&path));
+        }
+        before
+    });
+    assert!(largest <= 4 * u64::from(pages) + 32, "the WAL reached {largest} pages");
+    drop(store);
+    rt().block_on(async {
+        let s = SqliteStore::open_with(opts()).unwrap();
+        assert_eq!(s.balance(&acct("u")).await.unwrap().purchased, before + 400);
+        assert!(s.verify().await.unwrap().is_clean());
+    });
+}
