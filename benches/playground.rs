@@ -229,7 +229,7 @@ fn main() {
     };
     println!("\nPlayground: latency in microseconds ({n} runs each on a SQLite file in WAL mode; provider: a local instant responder)");
     println!("{:<44} {:>9} {:>9} {:>9} {:>9}   target", "", "p50", "p90", "p99", "max");
-    row("run, synchronous=FULL (3 fsyncs per run)", runs_full, "p99 < 1,000");
+    row("run, synchronous=FULL (2 fsyncs per run)", runs_full, "p99 < 1,000");
     row("run, synchronous=NORMAL", runs_normal, "p99 < 1,000");
     row("  the provider round trip alone", trips, "");
     row("count a 20,000-token input, o200k", count(Counter::O200k), "< 5,000");
