@@ -392,10 +392,8 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
     use rusqlite::hooks::Wal;
     use rusqlite::wal::CheckpointMode;
     let own = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    // The syncs of its checkpoints, as the writer's (it never commits).
     own.pragma_update(None, "synchronous", sync)?;
-    // Its own connection never commits: this setting only keeps it from checkpointing on close
-    // while other connections are open (SQLite checkpoints when the last one closes).
-    own.pragma_update(None, "wal_autocheckpoint", 0)?;
     // At most one wake-up waits: commits that cross the mark while a checkpoint runs add none.
     let (wake, woken) = mpsc::sync_channel::<()>(1);
     let handle = std::thread::Builder::new()
