@@ -371,23 +371,14 @@ impl SqliteStore {
     }
 }
 
-/// Gives the calling thread the lowest CPU priority (nice 19), where the OS allows it. A
-/// checkpoint can wait; the commands and runs it shares the CPU with should not.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain system calls on this thread's own id; a failure leaves the priority as is.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-    }
-}
-
 /// Starts the thread that checkpoints the WAL of `path` on its own connection, and has the
 /// writer's connection `conn` wake it after each commit that leaves `pages` or more in the WAL
 /// (in place of SQLite's automatic checkpoint, which runs inside that commit). A checkpoint is
 /// `PASSIVE`: it copies what no reader still needs and never blocks the writer or a reader. If
-/// the WAL reaches four times `pages` all the same, the writer checkpoints itself, so the WAL
-/// stays bounded. The thread ends when `conn` is closed.
+/// the WAL reaches four times `pages` all the same (that thread short of CPU, or a long read),
+/// the writer checkpoints itself in `FULL` mode, waiting (up to its busy timeout) for a
+/// checkpoint under way and for readers of older snapshots, so the WAL stays bounded. The
+/// thread ends when `conn` is closed.
 fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32) -> Result<JoinHandle<()>> {
     use rusqlite::hooks::Wal;
     use rusqlite::wal::CheckpointMode;
@@ -399,7 +390,6 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
     let handle = std::thread::Builder::new()
         .name("prpm-sqlite-checkpoint".into())
         .spawn(move || {
-            lower_priority();
             while woken.recv().is_ok() {
                 // An error (I/O, a lock) is left to the next wake-up or to the writer's bound.
                 let _ = own.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE);
@@ -412,7 +402,7 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
     conn.wal_hook(Some(move |wal: &mut Wal, frames: std::ffi::c_int| {
         let frames = u32::try_from(frames).unwrap_or(0);
         if frames >= bound {
-            let _ = wal.checkpoint_v2(CheckpointMode::PASSIVE);
+            let _ = wal.checkpoint_v2(CheckpointMode::FULL);
         } else if frames >= pages {
             let _ = wake.try_send(());
         }
