@@ -411,6 +411,11 @@ fn alerts_reach_the_sink_once() {
 /// Bytes of one WAL frame (a 4 KiB page and its header); the WAL file starts with 32 bytes.
 const WAL_FRAME_BYTES: u64 = 4096 + 24;
 
+/// A file store whose WAL is checkpointed once it holds `pages`.
+fn marked(path: &std::path::Path, pages: u32) -> SqliteOptions {
+    SqliteOptions { wal_autocheckpoint_pages: pages, ..SqliteOptions::file(path) }
+}
+
 fn wal_frames(db: &std::path::Path) -> u64 {
     let wal = db.with_extension("db-wal");
     std::fs::metadata(wal).map(|m| m.len().saturating_sub(32) / WAL_FRAME_BYTES).unwrap_or(0)
@@ -425,17 +430,16 @@ fn a_thread_of_its_own_checkpoints_the_wal() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("l.db");
     let pages = 64;
-    let opts = || SqliteOptions { wal_autocheckpoint_pages: pages, ..SqliteOptions::file(&path) };
     // The account, then a fresh WAL: closing the store copies everything back and removes the
     // WAL (its file never shrinks, so only from empty does its size count the frames since).
-    rt().block_on(async { create_user(&SqliteStore::open_with(opts()).unwrap(), "u").await });
+    rt().block_on(async { create_user(&SqliteStore::open_with(marked(&path, pages)).unwrap(), "u").await });
     // (The last read connection may close on a blocking thread a moment after the store.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while wal_frames(&path) > 0 {
         assert!(std::time::Instant::now() < deadline, "the WAL outlived the store");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(opts()).unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(marked(&path, pages)).unwrap());
     let grants = rt().block_on(async {
         let u = acct("u");
         let mut n = 0;
@@ -474,8 +478,7 @@ fn the_wal_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("l.db");
     let pages = 32;
-    let opts = || SqliteOptions { wal_autocheckpoint_pages: pages, ..SqliteOptions::file(&path) };
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(opts()).unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(marked(&path, pages)).unwrap());
     let mut largest = 0;
     let before = rt().block_on(async {
         let u = create_user(&*store, "u").await;
@@ -489,7 +492,7 @@ fn the_wal_stays_bounded() {
     assert!(largest <= 4 * u64::from(pages) + 32, "the WAL reached {largest} pages");
     drop(store);
     rt().block_on(async {
-        let s = SqliteStore::open_with(opts()).unwrap();
+        let s = SqliteStore::open_with(marked(&path, pages)).unwrap();
         assert_eq!(s.balance(&acct("u")).await.unwrap().purchased, before + 400);
         assert!(s.verify().await.unwrap().is_clean());
     });

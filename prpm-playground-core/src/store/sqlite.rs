@@ -261,10 +261,14 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         conn.pragma_update(None, "foreign_keys", true)?;
-        conn.pragma_update(None, "wal_autocheckpoint", opts.wal_autocheckpoint_pages)?;
+        // A file's checkpoints run on their own thread (its WAL hook replaces SQLite's automatic
+        // checkpoint); otherwise `0` turns them off (and in memory there is no WAL).
         let checkpointer = match &opts.path {
             Some(path) if opts.wal_autocheckpoint_pages > 0 => Some(start_checkpointer(&mut conn, path, sync, opts.wal_autocheckpoint_pages)?),
-            _ => None,
+            _ => {
+                conn.pragma_update(None, "wal_autocheckpoint", opts.wal_autocheckpoint_pages)?;
+                None
+            }
         };
         if let Some(bytes) = opts.max_size_bytes {
             let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
