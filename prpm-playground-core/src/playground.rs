@@ -84,7 +84,11 @@ pub struct RunResult {
     /// Credits charged (at most the hold).
     pub credits: Credits,
     pub cost_micros: i64,
+    /// The provider call's duration (request to the answer's end; for a stream, through the
+    /// delivery of its deltas), as the run record stores it.
     pub latency_ms: u64,
+    /// The same, in microseconds: what the run took minus this is the library's own time.
+    pub provider_micros: u64,
     pub outcome: RunOutcome,
     /// Usage was worth more credits than the hold: the hold was charged.
     pub capped: bool,
@@ -573,7 +577,8 @@ impl Driver {
 
     /// Settles the hold with `usage`, records the run and appends its turns.
     async fn finish(&self, p: &Prepared, usage: TokenUsage, text: String, outcome: RunOutcome, error: Option<&str>, started: Instant) -> Result<RunResult> {
-        let latency_ms = started.elapsed().as_millis() as u64;
+        let provider_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let latency_ms = provider_micros / 1_000;
         let quote = match self.pricing.price_usage(&p.chat.model, &usage) {
             Ok(q) => q,
             Err(e) => {
@@ -638,6 +643,7 @@ impl Driver {
             credits,
             cost_micros: quote.cost_micros,
             latency_ms,
+            provider_micros,
             outcome,
             capped,
             estimate: p.estimate.clone(),

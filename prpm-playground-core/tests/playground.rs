@@ -299,11 +299,16 @@ async fn streams_deliver_deltas_then_settle_on_final_usage() {
         (SONNET, fake::anthropic_stream(SONNET, &["Hel", "lo", " world"], usage(5_000, 2_000, 0, 0))),
         (GPT, fake::openai_stream(GPT, &["Hel", "lo", " world"], usage(5_000, 2_000, 0, 0))),
     ] {
+        let gaps = events.len() as u64 - 1;
         w.fake.push(Reply::Stream { events, delay: Duration::from_millis(5), cut_after: None });
         let s = w.play.run_stream(RunRequest { max_tokens: Some(8_000), ..req(&a, model, "say hello") }).await.unwrap().unwrap();
         let (deltas, end) = collect(s).await;
         assert_eq!(deltas, ["Hel", "lo", " world"]);
         let RunEvent::Done(r) = end else { panic!("{end:?}") };
+        // The provider's time: at least the responder's pauses between its events.
+        assert!(r.provider_micros >= gaps * 5_000, "{} us for {gaps} pauses of 5 ms", r.provider_micros);
+        assert_eq!(r.latency_ms, r.provider_micros / 1_000);
+        assert_eq!(w.store.runs(&a, 1).await.unwrap()[0].latency_ms, r.latency_ms);
         assert_eq!((r.text.as_str(), r.usage.input, r.usage.output, r.credits), ("Hello world", 5_000, 2_000, 2));
         assert_eq!(r.outcome, RunOutcome::Completed);
         let sent = w.fake.requests().pop().unwrap();
