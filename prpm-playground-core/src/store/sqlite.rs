@@ -1703,8 +1703,10 @@ fn session_from_row(r: &rusqlite::Row<'_>) -> Result<(SessionSummary, Option<Sha
     Ok((summary, token))
 }
 
+const TURNS_SQL: &str = "SELECT seq, role, content, run_id, at_ms FROM session_turns WHERE session_id = ?1 ORDER BY seq";
+
 fn load_turns(conn: &Connection, session: &str) -> Result<Vec<Turn>> {
-    let mut stmt = conn.prepare_cached("SELECT seq, role, content, run_id, at_ms FROM session_turns WHERE session_id = ?1 ORDER BY seq")?;
+    let mut stmt = conn.prepare_cached(TURNS_SQL)?;
     let mut rows = stmt.query([session])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
@@ -2477,7 +2479,7 @@ mod tests {
         for i in 0..runs {
             assert_eq!(load_turns(&conn, if i % 2 == 0 { "s1" } else { "s2" }).unwrap().len(), 1);
         }
-        let stmt = conn.prepare_cached("SELECT seq, role, content, run_id, at_ms FROM session_turns WHERE session_id = ?1 ORDER BY seq").unwrap();
+        let stmt = conn.prepare_cached(TURNS_SQL).unwrap();
         stmt.get_status(rusqlite::StatementStatus::RePrepare)
     }
 
