@@ -12,7 +12,8 @@
 //!
 //! `cargo bench --bench playground` prints criterion's figures, then a table of latency
 //! percentiles over many runs (targets: the library's own time per run, p99 under 1 ms;
-//! counting a 20,000-token input under 5 ms). Under `cargo test --all-targets` every benchmark runs once on a few runs.
+//! counting a 20,000-token input under 5 ms). Under `cargo test --all-targets` every benchmark
+//! runs once on a few runs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
