@@ -447,3 +447,42 @@ fn batches_use_indexes_on_tables_that_grew() {
         }
     });
 }
+
+/// A batch writes all its tables in one statement sent with its COMMIT; that statement checks
+/// the rows each table took against what the batch computed. When they differ (here a trigger
+/// silently skips the account's update), the transaction rolls back: no log entry, usage row
+/// or key is left without the balance change it belongs to.
+#[test]
+fn a_batch_that_writes_other_rows_than_it_computed_commits_nothing() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let db = connect(&url).await;
+        let store = PgStore::open(PgOptions::new(url.clone()).pool_size(2)).await.unwrap();
+        let s: &dyn Store = &store;
+        let a = create_user(s, "skipped").await;
+        grant(s, &a, Bucket::Purchased, 100, None, "g").await;
+        let entries = || async { db.query_one("SELECT count(*) FROM ledger_entries", &[]).await.unwrap().get::<_, i64>(0) };
+        let (entries_before, balance_before) = (entries().await, s.balance(&a).await.unwrap());
+        db.batch_execute(
+            "CREATE FUNCTION skip_update() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+             CREATE TRIGGER skip_update BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION skip_update();",
+        )
+        .await
+        .unwrap();
+        let r = s.spend(spend_cmd(&a, 7, "lost-update")).await;
+        assert!(matches!(r, Err(Error::Invariant(_))), "{r:?}");
+        let stats = store.batch_stats();
+        assert_eq!(stats.failed_batches, 1, "{stats:?}");
+        assert!(stats.last_failure.as_deref().is_some_and(|f| f.contains("batch wrote {1,1,0} rows per table, not {1,1,1}")), "{stats:?}");
+        db.batch_execute("DROP TRIGGER skip_update ON accounts").await.unwrap();
+        assert_eq!(entries().await, entries_before);
+        assert_eq!(s.balance(&a).await.unwrap(), balance_before);
+        let keys: i64 = db.query_one("SELECT count(*) FROM idempotency WHERE key = 'lost-update'", &[]).await.unwrap().get(0);
+        assert_eq!(keys, 0);
+        assert!(s.verify().await.unwrap().is_clean());
+        // The same command, the trigger gone, applies once.
+        s.spend(spend_cmd(&a, 7, "lost-update")).await.unwrap().unwrap();
+        assert_eq!(s.balance(&a).await.unwrap().total, balance_before.total - 7);
+    });
+}

@@ -1998,8 +1998,14 @@ impl BatchTx {
     /// Commits; the connection goes back to the pool only if the commit succeeded.
     async fn commit(&mut self) -> Result<(), tokio_postgres::Error> {
         self.client().batch_execute("COMMIT").await?;
-        self.0.take();
+        self.committed();
         Ok(())
+    }
+
+    /// Marks the transaction committed (by a COMMIT sent with its last statement): the
+    /// connection goes back to the pool.
+    fn committed(&mut self) {
+        self.0.take();
     }
 }
 
@@ -2009,6 +2015,78 @@ impl Drop for BatchTx {
             drop(deadpool_postgres::Object::take(c));
         }
     }
+}
+
+/// A batch's writes as one statement: a `WITH` part per table with rows to write, each with its
+/// own parameters, and the number of rows each must take; the statement fails unless each
+/// took exactly that many (see `prpm_written` in the migrations).
+#[derive(Default)]
+struct BatchWrite<'a> {
+    parts: Vec<String>,
+    want: Vec<i64>,
+    /// The part whose rows the statement returns (the alerts), with no count to check.
+    returning: Option<String>,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+}
+
+impl<'a> BatchWrite<'a> {
+    /// Adds a part that must take `want` rows. `sql` numbers its parameters from `$1`.
+    fn part(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>, want: usize) {
+        let sql = renumber(sql, self.params.len());
+        self.parts.push(format!("w{} AS ({sql} RETURNING 1)", self.parts.len()));
+        self.want.push(want as i64);
+        self.params.extend(params);
+    }
+
+    /// Adds the part whose `RETURNING` rows the statement returns, as arrays, after the counts.
+    fn returning(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>) {
+        debug_assert!(self.returning.is_none(), "one returning part per batch");
+        self.returning = Some(renumber(sql, self.params.len()));
+        self.params.extend(params);
+    }
+
+    fn returns_alerts(&self) -> bool {
+        self.returning.is_some()
+    }
+
+    /// The statement and its parameters; `None` when there is nothing to write.
+    fn statement(&'a self) -> Option<(String, Vec<&'a (dyn ToSql + Sync)>)> {
+        if self.parts.is_empty() && self.returning.is_none() {
+            return None;
+        }
+        let mut ctes = self.parts.clone();
+        let counts: Vec<String> = (0..self.parts.len()).map(|i| format!("(SELECT count(*) FROM w{i})")).collect();
+        let want = format!("${}", self.params.len() + 1);
+        let mut select = format!("SELECT prpm_written(ARRAY[{}]::bigint[], {want}::bigint[])", counts.join(", "));
+        if let Some(r) = &self.returning {
+            ctes.push(format!("r AS ({r})"));
+            select.push_str(
+                ", (SELECT COALESCE(array_agg(account_id), '{}') FROM r), (SELECT COALESCE(array_agg(kind), '{}') FROM r), \
+                 (SELECT COALESCE(array_agg(month), '{}') FROM r)",
+            );
+        }
+        let mut params = self.params.clone();
+        params.push(&self.want);
+        Some((format!("WITH {} {select}", ctes.join(", ")), params))
+    }
+}
+
+/// `sql` with each parameter `$n` renumbered `$(n + offset)`.
+fn renumber(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 32);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An account inside a batch: its state as the batch's commands leave it.
@@ -2302,135 +2380,81 @@ impl Core {
         let dirty: Vec<AccountRow> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| AccountRow::new(*id, &a.state, now)).collect();
 
         let (hacc, hamount, hcost, hdeadline, hreference) = &holds_ins;
-        let p_holds: Vec<&(dyn ToSql + Sync)> = vec![&hold_id_list, hacc, hamount, hcost, hdeadline, hreference, &now];
-        let p_closed: Vec<&(dyn ToSql + Sync)> = vec![&closed_ids, &closed_status, &now];
-        let p_entries: Vec<&(dyn ToSql + Sync)> =
-            vec![&entry_id_list, &e_acc, &e_kind, &e_m, &e_r, &e_p, &e_h, &e_bal, &e_held, &e_src, &e_hold, &e_ref, &e_reference, &e_exp, &now];
-        let p_usage: Vec<&(dyn ToSql + Sync)> =
-            vec![&u_entry, &u_acc, &u_hold, &u_op, &u_model, &u_tok[0], &u_tok[1], &u_tok[2], &u_tok[3], &u_credits, &u_cost, &now];
-        let p_alerts: Vec<&(dyn ToSql + Sync)> = vec![&a_acc, &a_kind, &a_month, &a_cost, &a_limit, &a_at];
-        let p_keys: Vec<&(dyn ToSql + Sync)> = vec![&k_key, &k_fp, &k_outcome, &now];
-        let w_holds = async {
-            if new_holds.is_empty() {
-                return Ok(0);
-            }
-            let st = tx.prepare_cached("INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
+        // The writes: one statement for the whole batch, a `WITH` part per table that has rows
+        // to take, sent with the COMMIT (one round trip). The statement checks the rows each
+        // part took against what the batch computed and fails on a difference, which rolls the
+        // transaction back: the COMMIT behind it then ends nothing.
+        let mut w = BatchWrite::default();
+        if !new_holds.is_empty() {
+            w.part(
+                "INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
              SELECT id, account_id, amount, cost_micros, deadline, 'open', reference, $7
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[]) AS u(id, account_id, amount, cost_micros, deadline, reference)").await?;
-            tx.execute(&st, &p_holds).await
-        };
-        let w_closed = async {
-            if closed.is_empty() {
-                return Ok(0);
-            }
-            let st = tx
-                .prepare_cached(
-                    "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[]) AS u(id, account_id, amount, cost_micros, deadline, reference)",
+                vec![&hold_id_list, hacc, hamount, hcost, hdeadline, hreference, &now],
+                new_holds.len(),
+            );
+        }
+        if !closed.is_empty() {
+            w.part(
+                "UPDATE holds SET status = u.status, closed_at = $3 FROM unnest($1::bigint[], $2::text[]) AS u(id, status)
              WHERE holds.id = u.id AND holds.id = ANY($1) AND holds.status = 'open'",
-                )
-                .await?;
-            tx.execute(&st, &p_closed).await
-        };
-        let w_entries = async {
-            if entries.is_empty() {
-                return Ok(0);
-            }
-            let st = tx.prepare_cached("INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
+                vec![&closed_ids, &closed_status, &now],
+                closed.len(),
+            );
+        }
+        if !entries.is_empty() {
+            w.part("INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
              SELECT id, account_id, $15, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp
              FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
                          $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::timestamptz[])
-                  AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp)").await?;
-            tx.execute(&st, &p_entries).await
-        };
-        let w_usage = async {
-            if usages.is_empty() {
-                return Ok(0);
-            }
-            let st = tx.prepare_cached("INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+                  AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp)",
+                vec![&entry_id_list, &e_acc, &e_kind, &e_m, &e_r, &e_p, &e_h, &e_bal, &e_held, &e_src, &e_hold, &e_ref, &e_reference, &e_exp, &now],
+                entries.len(),
+            );
+        }
+        if !usages.is_empty() {
+            w.part("INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
              SELECT e, a, $12, h, op, model, i, o, cr, cw, c, cost
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
-                  AS u(e, a, h, op, model, i, o, cr, cw, c, cost)").await?;
-            tx.execute(&st, &p_usage).await
-        };
-        let w_alerts = async {
-            if alerts.is_empty() {
-                return Ok(Vec::new());
-            }
-            let st = tx
-                .prepare_cached(
-                    "INSERT INTO cost_alerts (account_id, kind, month, cost_micros, limit_micros, at)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6::timestamptz[])
-             ON CONFLICT (account_id, kind, month) DO NOTHING RETURNING account_id, kind, month",
-                )
-                .await?;
-            tx.query(&st, &p_alerts).await
-        };
-        let w_keys = async {
-            if k_key.is_empty() {
-                return Ok(0);
-            }
-            let st = tx.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)").await?;
-            tx.execute(&st, &p_keys).await
-        };
-        let w_accounts = async {
-            let rows = match dirty.as_slice() {
-                [] => return Ok(0),
-                // One account (a lone command, a hot account): the plain statement costs the
-                // server half what the one that unpacks arrays does.
-                [row] => {
-                    let st = tx.prepare_cached(UPDATE_ACCOUNT_SQL).await?;
-                    return tx.execute(&st, &row.params()).await;
-                }
-                rows => rows,
-            };
-            let col = |f: &dyn Fn(&AccountRow) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
-            let (ids, monthly, rollover, purchased, held) =
-                (col(&|r| r.id), col(&|r| r.s.monthly), col(&|r| r.rollover), col(&|r| r.s.purchased), col(&|r| r.s.held));
-            let (day_cost, month_cost, held_cost) =
-                (col(&|r| r.s.cost.day_cost_micros), col(&|r| r.s.cost.month_cost_micros), col(&|r| r.s.cost.held_cost_micros));
-            let lots: Vec<&serde_json::Value> = rows.iter().map(|r| &r.lots).collect();
-            let day: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.s.cost.day).collect();
-            let month: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.s.cost.month).collect();
-            let throttle: Vec<&Option<serde_json::Value>> = rows.iter().map(|r| &r.throttle).collect();
-            let lifts: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.lifts).collect();
-            // Arrays of arrays do not unnest row by row: each request window goes as JSON.
-            let requests: Vec<serde_json::Value> = rows.iter().map(|r| serde_json::json!(r.s.cost.requests_ms)).collect();
-            let alerted: Vec<i32> = rows.iter().map(|r| r.alerted).collect();
-            let org: Vec<bool> = rows.iter().map(|r| r.s.org_member).collect();
-            let tier: Vec<Option<&str>> = rows.iter().map(|r| r.s.tier.as_deref()).collect();
-            let next: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.next_expiry).collect();
-            let plan_credits: Vec<Option<i64>> = rows.iter().map(|r| r.plan.0).collect();
-            let plan_active: Vec<Option<bool>> = rows.iter().map(|r| r.plan.1).collect();
-            let period_end: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.plan.2).collect();
-            let anchor: Vec<Option<i32>> = rows.iter().map(|r| r.plan.3).collect();
-            let params: [&(dyn ToSql + Sync); 23] = [
-                &ids,
-                &monthly,
-                &rollover,
-                &purchased,
-                &held,
-                &lots,
-                &day,
-                &day_cost,
-                &month,
-                &month_cost,
-                &held_cost,
-                &throttle,
-                &lifts,
-                &requests,
-                &alerted,
-                &org,
-                &tier,
-                &next,
-                &plan_credits,
-                &plan_active,
-                &period_end,
-                &anchor,
-                &now,
-            ];
-            let st = tx
-                .prepare_cached(
-                    "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
+                  AS u(e, a, h, op, model, i, o, cr, cw, c, cost)",
+                vec![&u_entry, &u_acc, &u_hold, &u_op, &u_model, &u_tok[0], &u_tok[1], &u_tok[2], &u_tok[3], &u_credits, &u_cost, &now],
+                usages.len(),
+            );
+        }
+        if !k_key.is_empty() {
+            w.part(
+                "INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)",
+                vec![&k_key, &k_fp, &k_outcome, &now],
+                k_key.len(),
+            );
+        }
+        // The dirty accounts' rows, column by column (for the statement that unpacks arrays).
+        let col = |f: &dyn Fn(&AccountRow) -> i64| -> Vec<i64> { dirty.iter().map(f).collect() };
+        let (ids, monthly, rollover, purchased, held) =
+            (col(&|r| r.id), col(&|r| r.s.monthly), col(&|r| r.rollover), col(&|r| r.s.purchased), col(&|r| r.s.held));
+        let (day_cost, month_cost, held_cost) = (col(&|r| r.s.cost.day_cost_micros), col(&|r| r.s.cost.month_cost_micros), col(&|r| r.s.cost.held_cost_micros));
+        let lots: Vec<&serde_json::Value> = dirty.iter().map(|r| &r.lots).collect();
+        let day: Vec<Option<NaiveDate>> = dirty.iter().map(|r| r.s.cost.day).collect();
+        let month: Vec<Option<NaiveDate>> = dirty.iter().map(|r| r.s.cost.month).collect();
+        let throttle: Vec<&Option<serde_json::Value>> = dirty.iter().map(|r| &r.throttle).collect();
+        let lifts: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|r| r.lifts).collect();
+        // Arrays of arrays do not unnest row by row: each request window goes as JSON.
+        let requests: Vec<serde_json::Value> = dirty.iter().map(|r| serde_json::json!(r.s.cost.requests_ms)).collect();
+        let alerted: Vec<i32> = dirty.iter().map(|r| r.alerted).collect();
+        let org: Vec<bool> = dirty.iter().map(|r| r.s.org_member).collect();
+        let tier: Vec<Option<&str>> = dirty.iter().map(|r| r.s.tier.as_deref()).collect();
+        let next: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|r| r.next_expiry).collect();
+        let plan_credits: Vec<Option<i64>> = dirty.iter().map(|r| r.plan.0).collect();
+        let plan_active: Vec<Option<bool>> = dirty.iter().map(|r| r.plan.1).collect();
+        let period_end: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|r| r.plan.2).collect();
+        let anchor: Vec<Option<i32>> = dirty.iter().map(|r| r.plan.3).collect();
+        match dirty.as_slice() {
+            [] => {}
+            // One account (a lone command, a hot account): the plain statement costs the
+            // server half what the one that unpacks arrays does.
+            [row] => w.part(UPDATE_ACCOUNT_SQL, row.params().to_vec(), 1),
+            rows => w.part(
+                "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
                 cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
                 throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
                 alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
@@ -2440,27 +2464,57 @@ impl Core {
                          $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
                   AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
              WHERE accounts.id = u.id AND accounts.id = ANY($1)",
-                )
-                .await?;
-            tx.execute(&st, &params).await
-        };
-        let (n_holds, n_closed, n_entries, n_usage, new_alerts, n_keys, n_accounts) =
-            tokio::try_join!(w_holds, w_closed, w_entries, w_usage, w_alerts, w_keys, w_accounts)?;
-        let expect = |what: &str, got: u64, want: usize| -> Result<()> {
-            if got != want as u64 {
-                return Err(Error::Invariant(format!("batch wrote {got} {what}, not {want}")));
+                vec![
+                    &ids,
+                    &monthly,
+                    &rollover,
+                    &purchased,
+                    &held,
+                    &lots,
+                    &day,
+                    &day_cost,
+                    &month,
+                    &month_cost,
+                    &held_cost,
+                    &throttle,
+                    &lifts,
+                    &requests,
+                    &alerted,
+                    &org,
+                    &tier,
+                    &next,
+                    &plan_credits,
+                    &plan_active,
+                    &period_end,
+                    &anchor,
+                    &now,
+                ],
+                rows.len(),
+            ),
+        }
+        if !alerts.is_empty() {
+            // Not counted: an alert already sent this month is skipped (and not returned).
+            w.returning(
+                "INSERT INTO cost_alerts (account_id, kind, month, cost_micros, limit_micros, at)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::date[], $4::bigint[], $5::bigint[], $6::timestamptz[])
+             ON CONFLICT (account_id, kind, month) DO NOTHING RETURNING account_id, kind, month",
+                vec![&a_acc, &a_kind, &a_month, &a_cost, &a_limit, &a_at],
+            );
+        }
+        let mut new_alerts: Vec<(i64, String, NaiveDate)> = Vec::new();
+        if let Some((sql, params)) = w.statement() {
+            let st = tx.prepare_cached(&sql).await?;
+            let (row, _) = tokio::try_join!(tx.query_one(&st, &params), tx.batch_execute("COMMIT"))?;
+            if w.returns_alerts() {
+                let (acc, kind, month): (Vec<i64>, Vec<String>, Vec<NaiveDate>) = (row.get(1), row.get(2), row.get(3));
+                new_alerts = acc.into_iter().zip(kind).zip(month).map(|((a, k), m)| (a, k, m)).collect();
             }
-            Ok(())
-        };
-        expect("holds", n_holds, new_holds.len())?;
-        expect("closed holds", n_closed, closed.len())?;
-        expect("entries", n_entries, entries.len())?;
-        expect("usage records", n_usage, usages.len())?;
-        expect("keys", n_keys, k_key.len())?;
-        expect("accounts", n_accounts, dirty.len())?;
-        batch_tx.commit().await?;
+            batch_tx.committed();
+        } else {
+            batch_tx.commit().await?;
+        }
 
-        let fresh: Vec<(i64, String, NaiveDate)> = new_alerts.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let fresh = new_alerts;
         let sent = alerts
             .into_iter()
             .filter(|(acc, a)| fresh.iter().any(|(fa, fk, fm)| fa == acc && fk == alert_kind_str(a.kind) && *fm == a.month))
