@@ -648,6 +648,100 @@ impl<'a> AccountRow<'a> {
     }
 }
 
+/// [`UPDATE_ACCOUNT_SQL`] for several accounts, their rows unpacked from the arrays of
+/// [`AccountColumns::params`].
+const UPDATE_ACCOUNTS_SQL: &str = "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
+    cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
+    throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
+    alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
+    period_end = u.pe, plan_anchor_day = u.anchor
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], $7::date[], $8::bigint[], $9::date[],
+    $10::bigint[], $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::jsonb[], $15::int[], $16::bool[], $17::text[],
+    $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
+    AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
+    WHERE accounts.id = u.id AND accounts.id = ANY($1)";
+
+/// Several accounts' rows, column by column (for [`UPDATE_ACCOUNTS_SQL`]).
+struct AccountColumns<'r> {
+    ints: [Vec<i64>; 8],
+    lots: Vec<&'r serde_json::Value>,
+    day: Vec<Option<NaiveDate>>,
+    month: Vec<Option<NaiveDate>>,
+    throttle: Vec<&'r Option<serde_json::Value>>,
+    lifts: Vec<Option<DateTime<Utc>>>,
+    // Arrays of arrays do not unnest row by row: each request window goes as JSON.
+    requests: Vec<serde_json::Value>,
+    alerted: Vec<i32>,
+    org: Vec<bool>,
+    tier: Vec<Option<&'r str>>,
+    next: Vec<Option<DateTime<Utc>>>,
+    plan_credits: Vec<Option<i64>>,
+    plan_active: Vec<Option<bool>>,
+    period_end: Vec<Option<DateTime<Utc>>>,
+    anchor: Vec<Option<i32>>,
+}
+
+impl<'r> AccountColumns<'r> {
+    fn new(rows: &'r [AccountRow<'r>]) -> Self {
+        let col = |f: &dyn Fn(&AccountRow) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+        AccountColumns {
+            ints: [
+                col(&|r| r.id),
+                col(&|r| r.s.monthly),
+                col(&|r| r.rollover),
+                col(&|r| r.s.purchased),
+                col(&|r| r.s.held),
+                col(&|r| r.s.cost.day_cost_micros),
+                col(&|r| r.s.cost.month_cost_micros),
+                col(&|r| r.s.cost.held_cost_micros),
+            ],
+            lots: rows.iter().map(|r| &r.lots).collect(),
+            day: rows.iter().map(|r| r.s.cost.day).collect(),
+            month: rows.iter().map(|r| r.s.cost.month).collect(),
+            throttle: rows.iter().map(|r| &r.throttle).collect(),
+            lifts: rows.iter().map(|r| r.lifts).collect(),
+            requests: rows.iter().map(|r| serde_json::json!(r.s.cost.requests_ms)).collect(),
+            alerted: rows.iter().map(|r| r.alerted).collect(),
+            org: rows.iter().map(|r| r.s.org_member).collect(),
+            tier: rows.iter().map(|r| r.s.tier.as_deref()).collect(),
+            next: rows.iter().map(|r| r.next_expiry).collect(),
+            plan_credits: rows.iter().map(|r| r.plan.0).collect(),
+            plan_active: rows.iter().map(|r| r.plan.1).collect(),
+            period_end: rows.iter().map(|r| r.plan.2).collect(),
+            anchor: rows.iter().map(|r| r.plan.3).collect(),
+        }
+    }
+
+    fn params<'a>(&'a self, now: &'a DateTime<Utc>) -> Vec<&'a (dyn ToSql + Sync)> {
+        let [ids, monthly, rollover, purchased, held, day_cost, month_cost, held_cost] = &self.ints;
+        vec![
+            ids,
+            monthly,
+            rollover,
+            purchased,
+            held,
+            &self.lots,
+            &self.day,
+            day_cost,
+            &self.month,
+            month_cost,
+            held_cost,
+            &self.throttle,
+            &self.lifts,
+            &self.requests,
+            &self.alerted,
+            &self.org,
+            &self.tier,
+            &self.next,
+            &self.plan_credits,
+            &self.plan_active,
+            &self.period_end,
+            &self.anchor,
+            now,
+        ]
+    }
+}
+
 async fn load_open_holds(tx: &impl GenericClient, account_id: i64) -> Result<Vec<OpenHold>, TxError> {
     let rows = tx.query("SELECT id, amount, deadline, cost_micros FROM holds WHERE account_id = $1 AND status = 'open' ORDER BY id", &[&account_id]).await?;
     Ok(rows.iter().map(|r| OpenHold { id: HoldId(r.get(0)), amount: r.get(1), deadline: r.get(2), cost_micros: r.get(3) }).collect())
@@ -2428,69 +2522,14 @@ impl Core {
                 k_key.len(),
             );
         }
-        // The dirty accounts' rows, column by column (for the statement that unpacks arrays).
-        let col = |f: &dyn Fn(&AccountRow) -> i64| -> Vec<i64> { dirty.iter().map(f).collect() };
-        let (ids, monthly, rollover, purchased, held) =
-            (col(&|r| r.id), col(&|r| r.s.monthly), col(&|r| r.rollover), col(&|r| r.s.purchased), col(&|r| r.s.held));
-        let (day_cost, month_cost, held_cost) = (col(&|r| r.s.cost.day_cost_micros), col(&|r| r.s.cost.month_cost_micros), col(&|r| r.s.cost.held_cost_micros));
-        let lots: Vec<&serde_json::Value> = dirty.iter().map(|r| &r.lots).collect();
-        let day: Vec<Option<NaiveDate>> = dirty.iter().map(|r| r.s.cost.day).collect();
-        let month: Vec<Option<NaiveDate>> = dirty.iter().map(|r| r.s.cost.month).collect();
-        let throttle: Vec<&Option<serde_json::Value>> = dirty.iter().map(|r| &r.throttle).collect();
-        let lifts: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|r| r.lifts).collect();
-        // Arrays of arrays do not unnest row by row: each request window goes as JSON.
-        let requests: Vec<serde_json::Value> = dirty.iter().map(|r| serde_json::json!(r.s.cost.requests_ms)).collect();
-        let alerted: Vec<i32> = dirty.iter().map(|r| r.alerted).collect();
-        let org: Vec<bool> = dirty.iter().map(|r| r.s.org_member).collect();
-        let tier: Vec<Option<&str>> = dirty.iter().map(|r| r.s.tier.as_deref()).collect();
-        let next: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|r| r.next_expiry).collect();
-        let plan_credits: Vec<Option<i64>> = dirty.iter().map(|r| r.plan.0).collect();
-        let plan_active: Vec<Option<bool>> = dirty.iter().map(|r| r.plan.1).collect();
-        let period_end: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|r| r.plan.2).collect();
-        let anchor: Vec<Option<i32>> = dirty.iter().map(|r| r.plan.3).collect();
-        match dirty.as_slice() {
-            [] => {}
+        // Two or more accounts: one statement that unpacks their rows from arrays.
+        let columns = (dirty.len() > 1).then(|| AccountColumns::new(&dirty));
+        if let [row] = dirty.as_slice() {
             // One account (a lone command, a hot account): the plain statement costs the
             // server half what the one that unpacks arrays does.
-            [row] => w.part(UPDATE_ACCOUNT_SQL, row.params().to_vec(), 1),
-            rows => w.part(
-                "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
-                cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
-                throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
-                alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
-                period_end = u.pe, plan_anchor_day = u.anchor
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], $7::date[], $8::bigint[], $9::date[],
-                         $10::bigint[], $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::jsonb[], $15::int[], $16::bool[], $17::text[],
-                         $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
-                  AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
-             WHERE accounts.id = u.id AND accounts.id = ANY($1)",
-                vec![
-                    &ids,
-                    &monthly,
-                    &rollover,
-                    &purchased,
-                    &held,
-                    &lots,
-                    &day,
-                    &day_cost,
-                    &month,
-                    &month_cost,
-                    &held_cost,
-                    &throttle,
-                    &lifts,
-                    &requests,
-                    &alerted,
-                    &org,
-                    &tier,
-                    &next,
-                    &plan_credits,
-                    &plan_active,
-                    &period_end,
-                    &anchor,
-                    &now,
-                ],
-                rows.len(),
-            ),
+            w.part(UPDATE_ACCOUNT_SQL, row.params().to_vec(), 1);
+        } else if let Some(c) = &columns {
+            w.part(UPDATE_ACCOUNTS_SQL, c.params(&now), dirty.len());
         }
         if !alerts.is_empty() {
             // Not counted: an alert already sent this month is skipped (and not returned).
