@@ -2139,10 +2139,6 @@ impl<'a> BatchWrite<'a> {
         self.params.extend(params);
     }
 
-    fn returns_alerts(&self) -> bool {
-        self.returning.is_some()
-    }
-
     /// The statement and its parameters; `None` when there is nothing to write.
     fn statement(&'a self) -> Option<(String, Vec<&'a (dyn ToSql + Sync)>)> {
         if self.parts.is_empty() && self.returning.is_none() {
@@ -2544,7 +2540,7 @@ impl Core {
         if let Some((sql, params)) = w.statement() {
             let st = tx.prepare_cached(&sql).await?;
             let (row, _) = tokio::try_join!(tx.query_one(&st, &params), tx.batch_execute("COMMIT"))?;
-            if w.returns_alerts() {
+            if w.returning.is_some() {
                 let (acc, kind, month): (Vec<i64>, Vec<String>, Vec<NaiveDate>) = (row.get(1), row.get(2), row.get(3));
                 new_alerts = acc.into_iter().zip(kind).zip(month).map(|((a, k), m)| (a, k, m)).collect();
             }
