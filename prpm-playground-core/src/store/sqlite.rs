@@ -279,7 +279,9 @@ impl SqliteStore {
         // A file's checkpoints run on their own thread (its WAL hook replaces SQLite's automatic
         // checkpoint); otherwise `0` turns them off (and in memory there is no WAL).
         let checkpointer = match &opts.path {
-            Some(path) if opts.wal_autocheckpoint_pages > 0 => Some(start_checkpointer(&mut conn, path, sync, opts.wal_autocheckpoint_pages)?),
+            Some(path) if opts.wal_autocheckpoint_pages > 0 => {
+                Some(start_checkpointer(&mut conn, path, sync, opts.wal_autocheckpoint_pages, opts.busy_timeout)?)
+            }
             _ => {
                 conn.pragma_update(None, "wal_autocheckpoint", opts.wal_autocheckpoint_pages)?;
                 None
@@ -394,11 +396,15 @@ impl SqliteStore {
 /// writer's connection `conn` wake it after each commit that leaves `pages` or more in the WAL
 /// (in place of SQLite's automatic checkpoint, which runs inside that commit). A checkpoint is
 /// `PASSIVE`: it copies what no reader still needs and never blocks the writer or a reader. If
-/// the WAL reaches four times `pages` all the same (that thread short of CPU, or a long read),
-/// the writer checkpoints itself in `FULL` mode, waiting (up to its busy timeout) for a
-/// checkpoint under way and for readers of older snapshots, so the WAL stays bounded. The
+/// the WAL reaches four times `pages` all the same (that thread short of CPU, a long read, or
+/// commits so close together that the WAL is never found fully copied when one begins, which is
+/// when SQLite starts it over), the writer checkpoints itself in `RESTART` mode: it copies
+/// everything, waits for readers still using the WAL and starts the WAL over, so the next commit
+/// writes at its beginning and the file stays bounded. It waits up to `busy_timeout` for that
+/// thread's checkpoint under way (SQLite answers `BUSY` at once while another connection
+/// checkpoints, without asking the busy handler); past that, the next commit tries again. The
 /// thread ends when `conn` is closed.
-fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32) -> Result<JoinHandle<()>> {
+fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32, busy_timeout: Duration) -> Result<JoinHandle<()>> {
     use rusqlite::hooks::Wal;
     use rusqlite::wal::CheckpointMode;
     let own = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
@@ -421,7 +427,14 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
     conn.wal_hook(Some(move |wal: &mut Wal, frames: std::ffi::c_int| {
         let frames = u32::try_from(frames).unwrap_or(0);
         if frames >= bound {
-            let _ = wal.checkpoint_v2(CheckpointMode::FULL);
+            let deadline = std::time::Instant::now() + busy_timeout;
+            while let Err(e) = wal.checkpoint_v2(CheckpointMode::RESTART) {
+                let busy = e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy);
+                if !busy || std::time::Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         } else if frames >= pages {
             let _ = wake.try_send(());
         }
