@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! cargo run --release --example pg_profile
+//! PRPM_PG_LANES=4 cargo run --release --example pg_profile   # another lane count
 //! ```
 
 use std::sync::Arc;
@@ -45,7 +46,12 @@ fn main() {
 async fn run() {
     let cluster = PgCluster::start().expect("a PostgreSQL cluster").expect("PostgreSQL installed");
     let url = cluster.create_database().await.unwrap();
-    let pg = Arc::new(PgStore::open(PgOptions::new(url.clone()).pool_size(32)).await.unwrap());
+    let mut opts = PgOptions::new(url.clone()).pool_size(32);
+    // `PRPM_PG_LANES=n` to compare lane counts.
+    if let Some(lanes) = std::env::var("PRPM_PG_LANES").ok().and_then(|v| v.parse().ok()) {
+        opts.lanes = lanes;
+    }
+    let pg = Arc::new(PgStore::open(opts).await.unwrap());
     let store: Arc<dyn Store> = pg.clone();
     let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
