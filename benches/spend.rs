@@ -2,7 +2,9 @@
 //!
 //! Every database is a file in WAL mode with `synchronous=FULL` (one fsync per commit).
 //! The baseline is the straightforward design: per spend one transaction that selects the
-//! account's buckets, updates them, inserts a log row and a usage row, and commits.
+//! account's buckets, updates them, inserts a log row and a usage row, and commits. Beside it,
+//! as a yardstick for group commit, the same statements 64 spends to a transaction on one
+//! thread: what SQLite itself does with the baseline's work grouped.
 //!
 //! `cargo bench --bench spend` prints criterion's figures, then runs every workload again in
 //! interleaved rounds (so the disk's drifting fsync latency weighs on all alike) and prints a
@@ -100,9 +102,27 @@ impl Baseline {
 
     /// One spend, the plain way.
     fn spend(&mut self, i: usize, amount: i64) {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
+        Baseline::write(&tx, i, amount);
+        tx.commit().unwrap();
+    }
+
+    /// One spend per account of `accounts`, the same statements, in one transaction: what SQLite itself
+    /// does with the baseline's work when commits are grouped (no rules, no idempotency, no
+    /// hand-off between threads).
+    fn spend_group(&mut self, accounts: impl Iterator<Item = usize>, amount: i64) {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
+        for i in accounts {
+            Baseline::write(&tx, i, amount);
+        }
+        tx.commit().unwrap();
+    }
+
+    /// The reads and writes of one spend: select the buckets, update them, insert a log row
+    /// and a usage row.
+    fn write(tx: &rusqlite::Transaction<'_>, i: usize, amount: i64) {
         let a = account(i);
         let now = chrono::Utc::now().timestamp_millis();
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
         let (m, r, p): (i64, i64, i64) = tx
             .prepare_cached("SELECT monthly, rollover, purchased FROM credits WHERE account_id = ?1")
             .unwrap()
@@ -129,7 +149,6 @@ impl Baseline {
         .unwrap()
         .execute(params![a.as_str(), now, u.model, u.tokens.input as i64, u.tokens.output as i64, amount, u.cost_micros])
         .unwrap();
-        tx.commit().unwrap();
     }
 }
 
@@ -256,6 +275,9 @@ async fn hold_settle(store: &dyn Store, i: usize) {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Load {
     BaselineSingle,
+    /// The baseline's statements, `CALLERS` spends per transaction, one thread: SQLite's own
+    /// ceiling for group commit of this work on this machine (not a target; a yardstick).
+    BaselineGrouped,
     SpendSingle,
     HoldSettleSingle,
     SpendSingleBigLog,
@@ -265,12 +287,21 @@ enum Load {
 }
 
 impl Load {
-    const ALL: [Load; 7] =
-        [Load::BaselineSingle, Load::SpendSingle, Load::HoldSettleSingle, Load::SpendSingleBigLog, Load::Spend64, Load::Spend64RandomKeys, Load::HoldSettle64];
+    const ALL: [Load; 8] = [
+        Load::BaselineSingle,
+        Load::BaselineGrouped,
+        Load::SpendSingle,
+        Load::HoldSettleSingle,
+        Load::SpendSingleBigLog,
+        Load::Spend64,
+        Load::Spend64RandomKeys,
+        Load::HoldSettle64,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Load::BaselineSingle => "baseline_single",
+            Load::BaselineGrouped => "baseline_grouped_64",
             Load::SpendSingle => "spend_single",
             Load::HoldSettleSingle => "hold_settle_single",
             Load::SpendSingleBigLog => "spend_single_big_log",
@@ -308,6 +339,18 @@ impl Bench {
                 for _ in 0..n {
                     self.next = (self.next + 1) % ACCOUNTS;
                     self.baseline.spend(self.next, 1);
+                }
+                (n, t0.elapsed())
+            }
+            Load::BaselineGrouped => {
+                let t0 = Instant::now();
+                let mut done = 0;
+                while done < n {
+                    let k = (n - done).min(CALLERS as u64);
+                    let start = self.next;
+                    self.next = (self.next + 1) % ACCOUNTS;
+                    self.baseline.spend_group((0..k).map(|j| pick(start, j)), 1);
+                    done += k;
                 }
                 (n, t0.elapsed())
             }
@@ -400,7 +443,7 @@ fn main() {
         for k in 0..Load::ALL.len() {
             let load = Load::ALL[(k + round as usize) % Load::ALL.len()];
             let n = match load {
-                Load::Spend64 | Load::Spend64RandomKeys | Load::HoldSettle64 => per_round * 8,
+                Load::BaselineGrouped | Load::Spend64 | Load::Spend64RandomKeys | Load::HoldSettle64 => per_round * 8,
                 Load::HoldSettleSingle => per_round / 2,
                 _ => per_round,
             };
@@ -424,6 +467,7 @@ fn main() {
         (Load::BaselineSingle, "baseline: plain SQL transaction per spend", "1.00"),
         (Load::SpendSingle, "spend, single caller", ">= 0.70"),
         (Load::HoldSettleSingle, "hold + settle pairs, single caller", ">= 0.35"),
+        (Load::BaselineGrouped, "  yardstick: baseline's SQL, 64 per transaction", ""),
         (Load::Spend64, "spend, 64 callers over 1,000 accounts", ">= 10"),
         (Load::Spend64RandomKeys, "  the same, random (UUIDv4-like) keys", ""),
         (Load::HoldSettle64, "hold + settle pairs, 64 callers", ">= 5"),

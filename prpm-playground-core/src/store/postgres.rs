@@ -109,8 +109,7 @@ pub struct PgOptions {
     /// Batchers on this node: concurrent commands on the accounts of one lane commit together.
     /// Default 2: a lane's batch holds about half the commands waiting on it, so fewer lanes
     /// make larger batches, which cost the server less per command, and more lanes keep more
-    /// batches in flight. `cargo bench --bench postgres` on 2026-11-22, 32 callers over 1,000
-    /// accounts: 0.91× the baseline with 4 lanes, 1.24× with 2, 1.21× with 1.
+    /// batches in flight (the README's PostgreSQL section has the measurements).
     pub lanes: usize,
 }
 
