@@ -222,7 +222,6 @@ impl ReadPool {
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    checkpointer: Mutex<Option<JoinHandle<()>>>,
     readers: Option<Arc<ReadPool>>,
     clock: Arc<dyn Clock>,
     ledger: LedgerConfig,
@@ -307,21 +306,24 @@ impl SqliteStore {
         let sink = opts.alert_sink.clone();
         let writer = std::thread::Builder::new()
             .name("prpm-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, clock, ledger, max_batch, index_batch, sink))
+            .spawn(move || {
+                let mut conn = writer_loop(conn, rx, clock, ledger, max_batch, index_batch, sink);
+                // The checkpoint thread's connection closes first, then this one, alone. SQLite
+                // copies the WAL back and removes it only in the last connection to close, and
+                // two closing at once each see the other and both leave it (which the checkpoint
+                // thread, woken by the hook's end, used to do half the time it had run).
+                if let Some(checkpointer) = checkpointer {
+                    let _ = conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, std::ffi::c_int) -> rusqlite::Result<()>>);
+                    let _ = checkpointer.join();
+                }
+            })
             .map_err(|e| Error::Backend(format!("cannot start the writer thread: {e}")))?;
         let readers = opts
             .path
             .as_ref()
             .filter(|_| opts.readers > 0)
             .map(|p| Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers }));
-        Ok(SqliteStore {
-            jobs: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
-            checkpointer: Mutex::new(checkpointer),
-            readers,
-            clock: opts.clock,
-            ledger: opts.ledger,
-        })
+        Ok(SqliteStore { jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), readers, clock: opts.clock, ledger: opts.ledger })
     }
 
     fn send(&self, job: Job) -> Result<()> {
@@ -379,14 +381,10 @@ impl SqliteStore {
         rx.await.map_err(|_| Error::Closed)?
     }
 
-    /// Stops the writer after the queued commands and waits for it.
+    /// Stops the writer (and its checkpoint thread) after the queued commands and waits for it.
     pub fn close(&self) {
         self.jobs.lock().unwrap().take();
         if let Some(h) = self.writer.lock().unwrap().take() {
-            let _ = h.join();
-        }
-        // The writer's connection is closed: the checkpointer hears no more and stops.
-        if let Some(h) = self.checkpointer.lock().unwrap().take() {
             let _ = h.join();
         }
     }
@@ -403,7 +401,7 @@ impl SqliteStore {
 /// writes at its beginning and the file stays bounded. It waits up to `busy_timeout` for that
 /// thread's checkpoint under way (SQLite answers `BUSY` at once while another connection
 /// checkpoints, without asking the busy handler); past that, the next commit tries again. The
-/// thread ends when `conn` is closed.
+/// thread ends when `conn`'s WAL hook is removed or `conn` is closed.
 fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32, busy_timeout: Duration) -> Result<JoinHandle<()>> {
     use rusqlite::hooks::Wal;
     use rusqlite::wal::CheckpointMode;
@@ -588,7 +586,7 @@ fn writer_loop(
     max_batch: usize,
     index_batch: i64,
     sink: Option<Arc<dyn AlertSink>>,
-) {
+) -> Connection {
     let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch, sink, alerts: Vec::new() };
     let mut group = Vec::with_capacity(max_batch);
     // Reads and playground writes, in arrival order, after the group.
@@ -612,6 +610,7 @@ fn writer_loop(
             f(&w.conn);
         }
     }
+    w.conn
 }
 
 /// How long the writer polls for the next command before it sleeps: a caller that sends its
