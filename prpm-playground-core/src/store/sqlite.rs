@@ -312,8 +312,10 @@ impl SqliteStore {
                 // copies the WAL back and removes it only in the last connection to close, and
                 // two closing at once each see the other and both leave it (which the checkpoint
                 // thread, woken by the hook's end, used to do half the time it had run).
-                if let Some(checkpointer) = checkpointer {
-                    let _ = conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, std::ffi::c_int) -> rusqlite::Result<()>>);
+                // (Should the hook not come off, its end at the close stops that thread.)
+                if let Some(checkpointer) = checkpointer
+                    && conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, std::ffi::c_int) -> rusqlite::Result<()>>).is_ok()
+                {
                     let _ = checkpointer.join();
                 }
             })
