@@ -308,11 +308,10 @@ impl SqliteStore {
             .name("prpm-sqlite-writer".into())
             .spawn(move || {
                 let mut conn = writer_loop(conn, rx, clock, ledger, max_batch, index_batch, sink);
-                // The checkpoint thread's connection closes first, then this one, alone. SQLite
+                // The checkpoint thread's connection closes first, then this one, alone: SQLite
                 // copies the WAL back and removes it only in the last connection to close, and
-                // two closing at once each see the other and both leave it (which the checkpoint
-                // thread, woken by the hook's end, used to do half the time it had run).
-                // (Should the hook not come off, its end at the close stops that thread.)
+                // two connections closing at once each see the other and both leave it. (Should
+                // the hook not come off, its end in this connection's close stops that thread.)
                 if let Some(checkpointer) = checkpointer
                     && conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, std::ffi::c_int) -> rusqlite::Result<()>>).is_ok()
                 {
