@@ -416,9 +416,13 @@ fn marked(path: &std::path::Path, pages: u32) -> SqliteOptions {
     SqliteOptions { wal_autocheckpoint_pages: pages, ..SqliteOptions::file(path) }
 }
 
+/// The WAL file of the database file `db`.
+fn wal_of(db: &std::path::Path) -> std::path::PathBuf {
+    db.with_extension("db-wal")
+}
+
 fn wal_frames(db: &std::path::Path) -> u64 {
-    let wal = db.with_extension("db-wal");
-    std::fs::metadata(wal).map(|m| m.len().saturating_sub(32) / WAL_FRAME_BYTES).unwrap_or(0)
+    std::fs::metadata(wal_of(db)).map(|m| m.len().saturating_sub(32) / WAL_FRAME_BYTES).unwrap_or(0)
 }
 
 /// Closing the store leaves the database in its one file: its last connection copies the WAL
@@ -448,7 +452,7 @@ fn closing_the_store_removes_the_wal() {
         });
         assert!(wal_frames(&path) > 0, "the commits went through the WAL");
         drop(store);
-        assert!(!path.with_extension("db-wal").exists(), "round {round}: the WAL outlived the store");
+        assert!(!wal_of(&path).exists(), "round {round}: the WAL outlived the store");
     }
 }
 
@@ -464,7 +468,7 @@ fn a_thread_of_its_own_checkpoints_the_wal() {
     // The account, then a fresh WAL: closing the store copies everything back and removes the
     // WAL (its file never shrinks, so only from empty does its size count the frames since).
     rt().block_on(async { create_user(&SqliteStore::open_with(marked(&path, pages)).unwrap(), "u").await });
-    assert!(!path.with_extension("db-wal").exists(), "the WAL outlived the store");
+    assert!(!wal_of(&path).exists(), "the WAL outlived the store");
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(marked(&path, pages)).unwrap());
     let grants = rt().block_on(async {
         let u = acct("u");
