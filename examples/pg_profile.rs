@@ -7,6 +7,7 @@
 //! ```text
 //! cargo run --release --example pg_profile
 //! PRPM_PG_LANES=4 cargo run --release --example pg_profile   # another lane count
+//! PRPM_PROFILE_SHAPE=one cargo run --release --example pg_profile   # one shape (`one`, `spread`, `hot`)
 //! ```
 
 use std::sync::Arc;
@@ -71,15 +72,26 @@ async fn run() {
         };
         store.grant(g).await.unwrap().unwrap();
     }
-    for (shape, callers, spends, hot) in
-        [("one caller", 1usize, 2_000usize, false), ("32 callers, 1,000 accounts", 32, 20_000, false), ("32 callers, one hot account", 32, 20_000, true)]
-    {
+    for (short, shape, callers, spends, hot) in [
+        ("one", "one caller", 1usize, 2_000usize, false),
+        ("spread", "32 callers, 1,000 accounts", 32, 20_000, false),
+        ("hot", "32 callers, one hot account", 32, 20_000, true),
+        ("baseline", "the bench's baseline, one caller", 1, 2_000, false),
+    ] {
+        // `PRPM_PROFILE_SHAPE=one` (or `spread`, `hot`) runs that shape alone.
+        if std::env::var("PRPM_PROFILE_SHAPE").is_ok_and(|only| only != short) {
+            continue;
+        }
         db.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
         let stats0 = pg.batch_stats();
         let (own0, server0) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks());
         let t0 = Instant::now();
         let per = spends / callers;
+        if short == "baseline" {
+            baseline(&db, per).await;
+        }
         let tasks: Vec<_> = (0..callers)
+            .filter(|_| short != "baseline")
             .map(|c| {
                 let store = store.clone();
                 tokio::spawn(async move {
@@ -96,7 +108,7 @@ async fn run() {
         }
         let wall = t0.elapsed();
         let (own1, server1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks());
-        let batches = pg.batch_stats().batches - stats0.batches;
+        let batches = (pg.batch_stats().batches - stats0.batches).max(1);
         let n = (per * callers) as f64;
         println!("\n== {shape}: {:.0} spends/s, {batches} batches ({:.1} spends each)", n / wall.as_secs_f64(), n / batches as f64);
         println!(
@@ -122,4 +134,44 @@ async fn run() {
     }
     let report = store.verify().await.unwrap();
     assert!(report.is_clean(), "{:?}", report.discrepancies);
+}
+
+/// `n` spends the way `benches/postgres.rs`'s baseline makes them (one transaction of a locked
+/// read, an update and two inserts, prepared statements, one round trip each), on one account.
+async fn baseline(db: &tokio_postgres::Client, n: usize) {
+    db.batch_execute(
+        "CREATE TABLE b_credits (account_id TEXT PRIMARY KEY, monthly BIGINT NOT NULL, rollover BIGINT NOT NULL, purchased BIGINT NOT NULL);
+         CREATE TABLE b_transactions (id BIGSERIAL PRIMARY KEY, account_id TEXT NOT NULL, at TIMESTAMPTZ NOT NULL, kind TEXT NOT NULL,
+             d_monthly BIGINT NOT NULL, d_rollover BIGINT NOT NULL, d_purchased BIGINT NOT NULL, balance_after BIGINT NOT NULL, reference TEXT NOT NULL);
+         CREATE INDEX b_transactions_by_account ON b_transactions (account_id, id);
+         CREATE TABLE b_usage (id BIGSERIAL PRIMARY KEY, account_id TEXT NOT NULL, at TIMESTAMPTZ NOT NULL, model TEXT NOT NULL,
+             input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, credits BIGINT NOT NULL, cost_micros BIGINT NOT NULL);
+         CREATE INDEX b_usage_by_account ON b_usage (account_id, id);
+         INSERT INTO b_credits VALUES ('b', 0, 0, 1000000000);",
+    )
+    .await
+    .unwrap();
+    let select = db.prepare("SELECT monthly, rollover, purchased FROM b_credits WHERE account_id = $1 FOR UPDATE").await.unwrap();
+    let update = db.prepare("UPDATE b_credits SET monthly = $2, rollover = $3, purchased = $4 WHERE account_id = $1").await.unwrap();
+    let log = db
+        .prepare(
+            "INSERT INTO b_transactions (account_id, at, kind, d_monthly, d_rollover, d_purchased, balance_after, reference) VALUES ($1, $2, 'spend', $3, $4, $5, $6, 'bench')",
+        )
+        .await
+        .unwrap();
+    let use_row = db
+        .prepare("INSERT INTO b_usage (account_id, at, model, input_tokens, output_tokens, credits, cost_micros) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        .await
+        .unwrap();
+    let a = "b";
+    for _ in 0..n {
+        db.batch_execute("BEGIN").await.unwrap();
+        let r = db.query_one(&select, &[&a]).await.unwrap();
+        let (m, ro, p): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        db.execute(&update, &[&a, &m, &ro, &(p - 1)]).await.unwrap();
+        let now = chrono::Utc::now();
+        db.execute(&log, &[&a, &now, &0i64, &0i64, &-1i64, &(m + ro + p - 1)]).await.unwrap();
+        db.execute(&use_row, &[&a, &now, &"claude-sonnet-4-5", &1_200i64, &400i64, &1i64, &9_600i64]).await.unwrap();
+        db.batch_execute("COMMIT").await.unwrap();
+    }
 }
