@@ -486,3 +486,86 @@ fn a_batch_that_writes_other_rows_than_it_computed_commits_nothing() {
         assert_eq!(s.balance(&a).await.unwrap().total, balance_before.total - 7);
     });
 }
+
+/// A lane applies a batch on one account to the state its own last write of it left (one
+/// round trip, no locked reads), and any other write since sends the batch down the locked
+/// path instead: another node's, a key used before, a tier change, ids below the account's last
+/// entry. Each case is counted, and the ledger stays exact.
+#[test]
+fn a_lane_applies_batches_to_the_state_it_wrote_and_sees_other_writes() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        // One lane: its cache and id block serve every account.
+        let mut opts = PgOptions::new(url.clone());
+        opts.lanes = 1;
+        let store = PgStore::open(opts).await.unwrap();
+        let other = PgStore::open(PgOptions::new(url.clone())).await.unwrap();
+        let (a, b): (&dyn Store, &dyn Store) = (&store, &other);
+        let counts = || {
+            let s = store.batch_stats();
+            assert_eq!(s.failed_batches, 0, "{s:?}");
+            (s.unlocked_batches, s.stale_batches)
+        };
+        // Setting v's cost profile takes the locked path (the lane does not know v yet); the
+        // grant then applies to the state it left.
+        let v = create_user(a, "v").await;
+        assert_eq!(counts(), (0, 0));
+        grant(a, &v, Bucket::Purchased, 95, None, "gv").await;
+        assert_eq!(counts(), (1, 0), "v as the lane left it");
+
+        // u's creation allocates its entry's id after the lane's block: the block's ids would
+        // put u's next entry before it in the log.
+        let u = create_user(a, "u").await;
+        assert_eq!(counts(), (1, 0));
+        grant(a, &u, Bucket::Purchased, 95, None, "gu").await;
+        assert_eq!(counts(), (1, 1), "ids below u's last entry");
+        a.spend(spend_cmd(&u, 1, "u1")).await.unwrap().unwrap();
+        assert_eq!(counts(), (2, 1), "a new block");
+
+        // Another node writes u.
+        b.spend(spend_cmd(&u, 5, "elsewhere")).await.unwrap().unwrap();
+        let first = a.spend(spend_cmd(&u, 1, "u3")).await.unwrap().unwrap();
+        assert_eq!(counts(), (2, 2), "u changed on another node");
+        assert!(!first.replayed);
+
+        // A key used before: the unlocked statement cannot store it again.
+        a.spend(spend_cmd(&u, 1, "u4")).await.unwrap().unwrap();
+        assert_eq!(counts(), (3, 2));
+        let again = a.spend(spend_cmd(&u, 1, "u4")).await.unwrap().unwrap();
+        assert!(again.replayed, "{again:?}");
+        assert_eq!(counts(), (3, 3), "the key was in use");
+
+        // A replay that the state now rejects is not decided on the cache (nothing sent).
+        let rest = a.balance(&u).await.unwrap().total;
+        a.spend(spend_cmd(&u, rest, "all")).await.unwrap().unwrap(); // locked: u was dropped above
+        assert_eq!(counts(), (3, 3));
+        let all = a.spend(spend_cmd(&u, rest, "all")).await.unwrap().unwrap();
+        assert!(all.replayed, "{all:?}");
+        assert_eq!(counts(), (3, 3), "declined before sending");
+        assert!(matches!(a.spend(spend_cmd(&u, 1, "broke")).await.unwrap(), Err(Rejection::InsufficientCredits { .. })));
+
+        // A tier change.
+        a.spend(spend_cmd(&v, 1, "v2")).await.unwrap().unwrap();
+        assert_eq!(counts(), (4, 3));
+        let tier = prpm_playground_core::cost::TierLimits {
+            name: "analyst".into(),
+            monthly_revenue_micros: 0,
+            monthly_cost_limit_micros: Some(1_000_000),
+            daily_cost_limit_micros: None,
+            hourly_request_limit: None,
+            alert_threshold_pct: None,
+            throttle_on_exceed: true,
+        };
+        b.set_tier(tier, conformance::key("tier")).await.unwrap().unwrap();
+        a.spend(spend_cmd(&v, 1, "v3")).await.unwrap().unwrap();
+        assert_eq!(counts(), (4, 4), "the tiers changed");
+        a.spend(spend_cmd(&v, 1, "v4")).await.unwrap().unwrap();
+        assert_eq!(counts(), (5, 4));
+
+        assert_eq!(a.balance(&v).await.unwrap().total, 100 - 3);
+        assert_eq!(b.balance(&u).await.unwrap().total, 0);
+        let report = a.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}

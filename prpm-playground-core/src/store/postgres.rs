@@ -163,6 +163,8 @@ struct Stats {
     batches: AtomicU64,
     batched_commands: AtomicU64,
     failed_batches: AtomicU64,
+    unlocked_batches: AtomicU64,
+    stale_batches: AtomicU64,
     last_failure: std::sync::Mutex<Option<String>>,
 }
 
@@ -176,6 +178,11 @@ pub struct BatchStats {
     /// Batches that failed and whose commands were retried one by one (lost races with other
     /// nodes, lost connections).
     pub failed_batches: u64,
+    /// Batches applied to the lane's cached state without the locked reads (one round trip).
+    pub unlocked_batches: u64,
+    /// Unlocked batches that found the account changed (or a key used) and took the locked
+    /// path instead.
+    pub stale_batches: u64,
     pub last_failure: Option<String>,
 }
 
@@ -253,6 +260,8 @@ impl PgStore {
             batches: s.batches.load(Ordering::Relaxed),
             batched_commands: s.batched_commands.load(Ordering::Relaxed),
             failed_batches: s.failed_batches.load(Ordering::Relaxed),
+            unlocked_batches: s.unlocked_batches.load(Ordering::Relaxed),
+            stale_batches: s.stale_batches.load(Ordering::Relaxed),
             last_failure: s.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
@@ -782,7 +791,7 @@ const IDS_SQL: &str =
     (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('ledger_entries_id_seq') AS n FROM generate_series(1, $2::bigint)) e)";
 
 const TIERS_SQL: &str = "SELECT name, monthly_revenue_micros, monthly_cost_limit_micros, daily_cost_limit_micros, hourly_request_limit, alert_threshold_pct,
-    throttle_on_exceed FROM cost_tiers ORDER BY name";
+    throttle_on_exceed, xmin::text::bigint FROM cost_tiers ORDER BY name";
 
 async fn load_tiers(c: &impl GenericClient) -> Result<TierTable, TxError> {
     let rows = c.query(TIERS_SQL, &[]).await?;
@@ -2038,6 +2047,134 @@ impl Store for PgStore {
 /// Most commands one batch commits.
 const MAX_BATCH: usize = 256;
 
+/// A batch's transaction begins with its plans made without scans (see `read_batch`), and
+/// without JIT compilation: a statement that must scan (none should) would otherwise be costed
+/// as huge and compiled on every execution.
+const BEGIN_SQL: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+
+type BatchDone = (Vec<Result<Outcome>>, Vec<(AccountId, Alert)>);
+type BatchResult = Result<BatchDone>;
+
+/// What a batch reads before it applies its commands: under row locks, or from the lane's cache.
+struct Reads {
+    stored: HashMap<String, (i64, serde_json::Value)>,
+    accounts: HashMap<i64, BatchAccount>,
+    by_ext: HashMap<AccountId, i64>,
+    named: HashMap<i64, (i64, HoldRecord)>,
+    tiers: TierTable,
+    /// The tier rows' versions (`xmin`), in name order.
+    tier_stamp: Vec<i64>,
+    hold_ids: Vec<i64>,
+    entry_ids: Vec<i64>,
+    now: DateTime<Utc>,
+}
+
+/// At most this many accounts in a lane's cache (it is emptied when full).
+const CACHED_ACCOUNTS: usize = 8_192;
+/// Ids a lane takes from each sequence at a time for the batches it applies unlocked.
+const ID_BLOCK: i64 = 256;
+
+/// An account as this lane's last write left it: its state, its open holds and its row's
+/// version (`xmin`, the id of the transaction that wrote it).
+struct CachedAccount {
+    ext: AccountId,
+    state: AccountState,
+    holds: Vec<OpenHold>,
+    xmin: i64,
+}
+
+/// What a lane knows from its own writes. A batch whose commands all name one account found
+/// here (by id, or by one of its open holds) skips the locked reads: it applies the commands to
+/// the cached state and sends one statement, with its `BEGIN` and `COMMIT`, that updates the
+/// account only if its row is still at the cached version and checks the ids and tiers it used.
+/// Any other write of the account (another node, a refund, a sweep) changes the version, so a
+/// stale cache makes that statement fail and commit nothing; the batch then takes the locked
+/// path. So the cache can make a batch slower, never wrong.
+#[derive(Default)]
+struct LaneCache {
+    accounts: HashMap<i64, CachedAccount>,
+    by_ext: HashMap<AccountId, i64>,
+    tiers: Option<(TierTable, Vec<i64>)>,
+    hold_ids: std::collections::VecDeque<i64>,
+    entry_ids: std::collections::VecDeque<i64>,
+}
+
+impl LaneCache {
+    fn clear(&mut self) {
+        *self = LaneCache::default();
+    }
+
+    fn put(&mut self, id: i64, a: CachedAccount) {
+        if self.accounts.len() >= CACHED_ACCOUNTS && !self.accounts.contains_key(&id) {
+            self.accounts.clear();
+            self.by_ext.clear();
+        }
+        self.by_ext.insert(a.ext.clone(), id);
+        self.accounts.insert(id, a);
+    }
+
+    /// Drops `ids` and the id block (ids allocated since are above it).
+    fn forget(&mut self, ids: &[i64]) {
+        for id in ids {
+            if let Some(a) = self.accounts.remove(id) {
+                self.by_ext.remove(&a.ext);
+            }
+        }
+        self.hold_ids.clear();
+        self.entry_ids.clear();
+    }
+
+    /// The reads of a batch whose every command names one cached account (by its id or one of
+    /// its open holds); `None` otherwise.
+    fn reads_for(&self, jobs: &[Job], now: DateTime<Utc>) -> Option<Reads> {
+        let (tiers, tier_stamp) = self.tiers.as_ref()?;
+        let mut account: Option<i64> = None;
+        let mut named: HashMap<i64, (i64, HoldRecord)> = HashMap::new();
+        for j in jobs {
+            let id = match (j.cmd.hold(), j.cmd.account()) {
+                (Some(h), _) => {
+                    let (id, open) = self.accounts.iter().find_map(|(id, a)| a.holds.iter().find(|o| o.id == h).map(|o| (*id, o)))?;
+                    named.insert(h.0, (id, HoldRecord { id: h, amount: open.amount, deadline: open.deadline, status: HoldStatus::Open }));
+                    id
+                }
+                (None, Some(ext)) => *self.by_ext.get(ext)?,
+                (None, None) => return None,
+            };
+            if account.is_some_and(|a| a != id) {
+                return None;
+            }
+            account = Some(id);
+        }
+        let id = account?;
+        let a = &self.accounts[&id];
+        let accounts = HashMap::from([(id, BatchAccount { ext: a.ext.clone(), state: a.state.clone(), holds: a.holds.clone(), dirty: false })]);
+        let by_ext = HashMap::from([(a.ext.clone(), id)]);
+        Some(Reads {
+            stored: HashMap::new(),
+            accounts,
+            by_ext,
+            named,
+            tiers: tiers.clone(),
+            tier_stamp: tier_stamp.clone(),
+            hold_ids: Vec::new(),
+            entry_ids: Vec::new(),
+            now,
+        })
+    }
+
+    /// `holds` and `entries` ids from the lane's block, ascending, topped up from the
+    /// sequences (a new block, above every id handed out so far) when short.
+    async fn take_ids(&mut self, c: &deadpool_postgres::ClientWrapper, holds: usize, entries: usize) -> Result<(Vec<i64>, Vec<i64>)> {
+        if self.hold_ids.len() < holds || self.entry_ids.len() < entries {
+            let st = c.prepare_cached(IDS_SQL).await?;
+            let r = c.query_one(&st, &[&ID_BLOCK.max(holds as i64), &ID_BLOCK.max(entries as i64)]).await?;
+            self.hold_ids = r.get::<_, Vec<i64>>(0).into();
+            self.entry_ids = r.get::<_, Vec<i64>>(1).into();
+        }
+        Ok((self.hold_ids.drain(..holds).collect(), self.entry_ids.drain(..entries).collect()))
+    }
+}
+
 /// Commands that go through the batchers. Account creation, refunds (their charge's refunded
 /// amount is read from the table) and tier changes take the single path.
 fn batchable(cmd: &Command) -> bool {
@@ -2052,6 +2189,7 @@ fn hash_of(bytes: &[u8]) -> u64 {
 /// transaction of a few round trips whatever its size. If a batch fails (a lost race with another node, a
 /// connection lost), each of its commands is retried alone, so one cannot fail the others.
 async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut cache = LaneCache::default();
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -2060,7 +2198,7 @@ async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
-        match core.run_batch(&jobs).await {
+        match core.run_batch(&jobs, &mut cache).await {
             Ok((results, alerts)) => {
                 core.stats.batches.fetch_add(1, Ordering::Relaxed);
                 core.stats.batched_commands.fetch_add(jobs.len() as u64, Ordering::Relaxed);
@@ -2070,6 +2208,8 @@ async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 core.notify(&alerts);
             }
             Err(e) => {
+                // Whether it committed is unknown, and the commands below change the accounts.
+                cache.clear();
                 core.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 *core.stats.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 for j in jobs {
@@ -2116,7 +2256,8 @@ impl Drop for BatchTx {
 
 /// A batch's writes as one statement: a `WITH` part per table with rows to write, each with its
 /// own parameters, and the number of rows each must take; the statement fails unless each
-/// took exactly that many (see `prpm_written` in the migrations).
+/// took exactly that many (see `prpm_written` in the migrations). It returns the counts, the
+/// writing transaction's id, then the alerts.
 #[derive(Default)]
 struct BatchWrite<'a> {
     parts: Vec<String>,
@@ -2135,6 +2276,15 @@ impl<'a> BatchWrite<'a> {
         self.params.extend(params);
     }
 
+    /// Adds a read-only part that must return exactly one row. `sql` numbers its parameters
+    /// from `$1`.
+    fn check(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>) {
+        let sql = renumber(sql, self.params.len());
+        self.parts.push(format!("w{} AS ({sql})", self.parts.len()));
+        self.want.push(1);
+        self.params.extend(params);
+    }
+
     /// Adds the part whose `RETURNING` rows the statement returns, as arrays, after the counts.
     fn returning(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>) {
         debug_assert!(self.returning.is_none(), "one returning part per batch");
@@ -2150,7 +2300,7 @@ impl<'a> BatchWrite<'a> {
         let mut ctes = self.parts.clone();
         let counts: Vec<String> = (0..self.parts.len()).map(|i| format!("(SELECT count(*) FROM w{i})")).collect();
         let want = format!("${}", self.params.len() + 1);
-        let mut select = format!("SELECT prpm_written(ARRAY[{}]::bigint[], {want}::bigint[])", counts.join(", "));
+        let mut select = format!("SELECT prpm_written(ARRAY[{}]::bigint[], {want}::bigint[]), pg_current_xact_id()::text::bigint", counts.join(", "));
         if let Some(r) = &self.returning {
             ctes.push(format!("r AS ({r})"));
             select.push_str(
@@ -2208,10 +2358,39 @@ enum Slot {
 
 impl Core {
     /// Applies `jobs` one after the other in one transaction, against the state the previous
-    /// ones left (loaded once, under the accounts' row locks taken in id order), and writes
-    /// everything with one statement per table. `Err`: nothing was committed.
-    async fn run_batch(&self, jobs: &[Job]) -> Result<(Vec<Result<Outcome>>, Vec<(AccountId, Alert)>)> {
-        let mut batch_tx = BatchTx(Some(self.client().await?));
+    /// ones left, and writes everything with one statement. The state comes from the lane's
+    /// cache when it has everything the batch needs (one round trip: see [`LaneCache`]), and
+    /// otherwise is read under the accounts' row locks taken in id order (two round trips).
+    /// `Err`: nothing was committed, or it is not known whether it was.
+    async fn run_batch(&self, jobs: &[Job], cache: &mut LaneCache) -> BatchResult {
+        if let Some(reads) = cache.reads_for(jobs, to_millis(self.clock.now())) {
+            let ids: Vec<i64> = reads.accounts.keys().copied().collect();
+            match self.apply_batch(jobs, reads, BatchTx(Some(self.client().await?)), false, cache).await {
+                Ok(Some(done)) => {
+                    self.stats.unlocked_batches.fetch_add(1, Ordering::Relaxed);
+                    return Ok(done);
+                }
+                // A command the cache cannot decide alone (a rejection may be a replay of a
+                // key it does not know): nothing was sent.
+                Ok(None) => {}
+                // The cache was stale (another node, or this one on another path, wrote the
+                // account since), or a key was already used: nothing was committed.
+                Err(_) => {
+                    self.stats.stale_batches.fetch_add(1, Ordering::Relaxed);
+                    cache.forget(&ids);
+                }
+            }
+        }
+        let batch_tx = BatchTx(Some(self.client().await?));
+        let reads = self.read_batch(&batch_tx, jobs).await?;
+        let done = self.apply_batch(jobs, reads, batch_tx, true, cache).await?;
+        done.ok_or_else(|| Error::Invariant("a locked batch decides every command".into()))
+    }
+
+    /// The batch's reads, in one round trip that also begins its transaction: the accounts
+    /// locked in id order, then (after the lock) their open holds, the named holds, the keys,
+    /// the tiers and ids.
+    async fn read_batch(&self, batch_tx: &BatchTx, jobs: &[Job]) -> Result<Reads> {
         let tx: &deadpool_postgres::ClientWrapper = batch_tx.client();
 
         let keys: Vec<&str> = jobs.iter().filter_map(|j| j.cmd.key()).map(|k| k.as_str()).collect();
@@ -2251,7 +2430,7 @@ impl Core {
         // connection, at a statement's first execution, and is kept while the tables grow:
         // made on a fresh database's near-empty tables, it scanned them on every batch.
         let (_, rows, key_rows, open_rows, named_rows, tier_rows, id_row) = tokio::try_join!(
-            tx.batch_execute("BEGIN; SET LOCAL enable_seqscan = off"),
+            tx.batch_execute(BEGIN_SQL),
             tx.query(&st_lock, &p_accounts),
             async {
                 if keys.is_empty() {
@@ -2289,8 +2468,19 @@ impl Core {
             named.insert(id, (r.get(1), HoldRecord { id: HoldId(id), amount: r.get(2), deadline: r.get(3), status: HoldStatus::parse(r.get(4))? }));
         }
         let tiers = tiers_from_rows(&tier_rows)?;
+        let tier_stamp: Vec<i64> = tier_rows.iter().map(|r| r.get(7)).collect();
         // The time is read after the lock wait.
         let now = to_millis(self.clock.now());
+        Ok(Reads { stored, accounts, by_ext, named, tiers, tier_stamp, hold_ids: id_row.get(0), entry_ids: id_row.get(1), now })
+    }
+
+    /// Applies the batch to `reads` and writes it on `batch_tx`: inside the transaction the
+    /// reads began if `locked`; otherwise `reads` came from the lane's cache, and the statement
+    /// is sent with its `BEGIN` and `COMMIT` and fails unless every account is still as cached.
+    /// `Ok(None)` (only when not `locked`): declined, nothing sent.
+    async fn apply_batch(&self, jobs: &[Job], reads: Reads, mut batch_tx: BatchTx, locked: bool, cache: &mut LaneCache) -> Result<Option<BatchDone>> {
+        let Reads { stored, mut accounts, by_ext, mut named, tiers, tier_stamp, hold_ids: read_hold_ids, entry_ids: read_entry_ids, now } = reads;
+        let tx: &deadpool_postgres::ClientWrapper = batch_tx.client();
 
         let mut slots: Vec<Slot> = Vec::with_capacity(jobs.len());
         let mut batch_keys: HashMap<&str, (i64, usize)> = HashMap::new();
@@ -2373,14 +2563,29 @@ impl Core {
             slots.push(Slot::Applied(t.effect));
         }
 
-        // Ids, in command order (each account's entries stay in order: its row is locked).
-        let (mut hold_id_list, mut entry_id_list): (Vec<i64>, Vec<i64>) = (id_row.get(0), id_row.get(1));
-        let (more_holds, more_entries) = (new_holds.len().saturating_sub(hold_id_list.len()) as i64, entries.len().saturating_sub(entry_id_list.len()) as i64);
-        if more_holds > 0 || more_entries > 0 {
-            let r = tx.query_one(&st_ids, &[&more_holds, &more_entries]).await?;
-            hold_id_list.extend(r.get::<_, Vec<i64>>(0));
-            entry_id_list.extend(r.get::<_, Vec<i64>>(1));
+        // Unlocked, the batch goes ahead only if it applied every command to one account (a
+        // rejection or an error may be the replay of a key the cache does not know).
+        let dirty_accounts = accounts.values().filter(|a| a.dirty).count();
+        if !locked && (dirty_accounts != 1 || slots.iter().any(|s| matches!(s, Slot::Done(_)))) {
+            return Ok(None);
         }
+
+        // Ids, in command order. Locked, they were allocated after the lock, so each account's
+        // entries get increasing ids. Unlocked, they come from the lane's block, and the write
+        // checks that they are above the account's last entry.
+        let (mut hold_id_list, mut entry_id_list) = if locked {
+            let (mut h, mut e) = (read_hold_ids, read_entry_ids);
+            let (more_holds, more_entries) = (new_holds.len().saturating_sub(h.len()) as i64, entries.len().saturating_sub(e.len()) as i64);
+            if more_holds > 0 || more_entries > 0 {
+                let st_ids = tx.prepare_cached(IDS_SQL).await?;
+                let r = tx.query_one(&st_ids, &[&more_holds, &more_entries]).await?;
+                h.extend(r.get::<_, Vec<i64>>(0));
+                e.extend(r.get::<_, Vec<i64>>(1));
+            }
+            (h, e)
+        } else {
+            cache.take_ids(tx, new_holds.len(), entries.len()).await?
+        };
         hold_id_list.truncate(new_holds.len());
         entry_id_list.truncate(entries.len());
 
@@ -2523,7 +2728,28 @@ impl Core {
         }
         // Two or more accounts: one statement that unpacks their rows from arrays.
         let columns = (dirty.len() > 1).then(|| AccountColumns::new(&dirty));
-        if let [row] = dirty.as_slice() {
+        // Unlocked: the account must still be as cached (its row's version, `xmin`, is the one
+        // this lane's last write of it left: any other write changes it, and the update then
+        // takes no row), its last entry below the first new one, and the tiers as cached.
+        let unlocked: Option<(i64, i64, i64)> = match (locked, dirty.as_slice(), entry_id_list.first()) {
+            (false, [row], first) => {
+                let xmin = cache.accounts.get(&row.id).map(|c| c.xmin).ok_or_else(|| Error::Invariant("unlocked batch on an account not cached".into()))?;
+                Some((row.id, xmin, first.copied().unwrap_or(i64::MAX)))
+            }
+            (false, ..) => return Err(Error::Invariant("unlocked batch on more than one account".into())),
+            (true, ..) => None,
+        };
+        if let Some((id, xmin, first_entry)) = &unlocked {
+            w.check(
+                "SELECT 1 WHERE COALESCE((SELECT max(id) FROM ledger_entries WHERE account_id = $1), 0) < $2
+                   AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]",
+                vec![id, first_entry, &tier_stamp],
+            );
+            let [row] = dirty.as_slice() else { unreachable!("checked above") };
+            let mut params = row.params().to_vec();
+            params.push(xmin);
+            w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25"), params, 1);
+        } else if let [row] = dirty.as_slice() {
             // One account (a lone command, a hot account): the plain statement costs the
             // server half what the one that unpacks arrays does.
             w.part(UPDATE_ACCOUNT_SQL, row.params().to_vec(), 1);
@@ -2540,16 +2766,37 @@ impl Core {
             );
         }
         let mut new_alerts: Vec<(i64, String, NaiveDate)> = Vec::new();
+        // The transaction that wrote: the new rows' `xmin`.
+        let mut xid: Option<i64> = None;
         if let Some((sql, params)) = w.statement() {
             let st = tx.prepare_cached(&sql).await?;
-            let (row, _) = tokio::try_join!(tx.query_one(&st, &params), tx.batch_execute("COMMIT"))?;
+            let row = if locked {
+                tokio::try_join!(tx.query_one(&st, &params), tx.batch_execute("COMMIT"))?.0
+            } else {
+                // Sent together: one round trip. (The plans are made without scans, as above.)
+                tokio::try_join!(tx.batch_execute(BEGIN_SQL), tx.query_one(&st, &params), tx.batch_execute("COMMIT"))?.1
+            };
+            xid = Some(row.get::<_, i64>(1) & 0xffff_ffff);
             if w.returning.is_some() {
-                let (acc, kind, month): (Vec<i64>, Vec<String>, Vec<NaiveDate>) = (row.get(1), row.get(2), row.get(3));
+                let (acc, kind, month): (Vec<i64>, Vec<String>, Vec<NaiveDate>) = (row.get(2), row.get(3), row.get(4));
                 new_alerts = acc.into_iter().zip(kind).zip(month).map(|((a, k), m)| (a, k, m)).collect();
             }
             batch_tx.committed();
-        } else {
+        } else if locked {
             batch_tx.commit().await?;
+        } else {
+            return Err(Error::Invariant("an unlocked batch with nothing to write".into()));
+        }
+        // What this lane now knows of the accounts it wrote (their holds with their ids).
+        if let Some(xid) = xid {
+            let real: HashMap<i64, i64> = hold_id_list.iter().enumerate().map(|(k, id)| (-(k as i64) - 1, *id)).collect();
+            for (id, a) in accounts.iter().filter(|(_, a)| a.dirty) {
+                let holds = a.holds.iter().map(|h| OpenHold { id: HoldId(if h.id.0 < 0 { real[&h.id.0] } else { h.id.0 }), ..h.clone() }).collect();
+                cache.put(*id, CachedAccount { ext: a.ext.clone(), state: a.state.clone(), holds, xmin: xid });
+            }
+            if locked {
+                cache.tiers = Some((tiers.clone(), tier_stamp.clone()));
+            }
         }
 
         let fresh = new_alerts;
@@ -2570,6 +2817,6 @@ impl Core {
                 },
             });
         }
-        Ok((results, sent))
+        Ok(Some((results, sent)))
     }
 }
