@@ -110,7 +110,14 @@ async fn run() {
         let (own1, server1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks());
         let batches = (pg.batch_stats().batches - stats0.batches).max(1);
         let n = (per * callers) as f64;
-        println!("\n== {shape}: {:.0} spends/s, {batches} batches ({:.1} spends each)", n / wall.as_secs_f64(), n / batches as f64);
+        let st = pg.batch_stats();
+        println!(
+            "\n== {shape}: {:.0} spends/s, {batches} batches ({:.1} spends each; {} unlocked, {} stale)",
+            n / wall.as_secs_f64(),
+            n / batches as f64,
+            st.unlocked_batches - stats0.unlocked_batches,
+            st.stale_batches - stats0.stale_batches
+        );
         println!(
             "   CPU per spend: this process {:.0} us, the server's processes {:.0} us",
             (own1 - own0) as f64 * 10_000.0 / n,

@@ -2073,6 +2073,8 @@ struct Reads {
 const CACHED_ACCOUNTS: usize = 8_192;
 /// Ids a lane takes from each sequence at a time for the batches it applies unlocked.
 const ID_BLOCK: i64 = 256;
+/// Ids a locked batch takes beyond its guess, for the lane's next unlocked batches.
+const SPARE_IDS: i64 = 32;
 
 /// An account as this lane's last write left it: its state, its open holds and its row's
 /// version (`xmin`, the id of the transaction that wrote it).
@@ -2081,6 +2083,8 @@ struct CachedAccount {
     state: AccountState,
     holds: Vec<OpenHold>,
     xmin: i64,
+    /// Its `updated_at`: the time of that write.
+    written_at: DateTime<Utc>,
 }
 
 /// What a lane knows from its own writes. A batch whose commands all name one account found
@@ -2244,6 +2248,11 @@ impl BatchTx {
     fn committed(&mut self) {
         self.0.take();
     }
+
+    /// Nothing was sent on the connection (no transaction began): it goes back to the pool.
+    fn unused(&mut self) {
+        self.0.take();
+    }
 }
 
 impl Drop for BatchTx {
@@ -2374,9 +2383,12 @@ impl Core {
                 // key it does not know): nothing was sent.
                 Ok(None) => {}
                 // The cache was stale (another node, or this one on another path, wrote the
-                // account since), or a key was already used: nothing was committed.
-                Err(_) => {
+                // account since), or a key was already used: nothing was committed. (Or the
+                // connection was lost: then the locked path reads the keys after the lock and
+                // replays what committed.)
+                Err(e) => {
                     self.stats.stale_batches.fetch_add(1, Ordering::Relaxed);
+                    *self.stats.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("unlocked batch: {e}"));
                     cache.forget(&ids);
                 }
             }
@@ -2408,8 +2420,9 @@ impl Core {
         // Ids are allocated with the reads, after the lock (so each account's entries get
         // increasing ids): a guess that covers most batches, topped up below if short. Unused
         // ids leave gaps, which nothing minds.
-        let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64;
-        let entries_guess = 2 * jobs.len() as i64;
+        // The spare ones become the lane's block (see `LaneCache`).
+        let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64 + SPARE_IDS;
+        let entries_guess = 2 * jobs.len() as i64 + SPARE_IDS;
         let (st_keys, st_lock, st_open, st_named, st_tiers, st_ids) = tokio::try_join!(
             tx.prepare_cached("SELECT key, fingerprint, outcome FROM idempotency WHERE key = ANY($1)"),
             tx.prepare_cached(&lock_sql),
@@ -2567,6 +2580,7 @@ impl Core {
         // rejection or an error may be the replay of a key the cache does not know).
         let dirty_accounts = accounts.values().filter(|a| a.dirty).count();
         if !locked && (dirty_accounts != 1 || slots.iter().any(|s| matches!(s, Slot::Done(_)))) {
+            batch_tx.unused();
             return Ok(None);
         }
 
@@ -2586,8 +2600,8 @@ impl Core {
         } else {
             cache.take_ids(tx, new_holds.len(), entries.len()).await?
         };
-        hold_id_list.truncate(new_holds.len());
-        entry_id_list.truncate(entries.len());
+        let spare_hold_ids = hold_id_list.split_off(new_holds.len().min(hold_id_list.len()));
+        let spare_entry_ids = entry_id_list.split_off(entries.len().min(entry_id_list.len()));
 
         let mut hold_of_job: HashMap<usize, HoldId> = HashMap::new();
         for ((job, _, _), id) in new_holds.iter().zip(&hold_id_list) {
@@ -2683,6 +2697,34 @@ impl Core {
         // part took against what the batch computed and fails on a difference, which rolls the
         // transaction back: the COMMIT behind it then ends nothing.
         let mut w = BatchWrite::default();
+        // Unlocked: the account must still be as cached (its row's version, `xmin`, and its
+        // `updated_at` are what this lane's last write of it left: any other write changes the
+        // version, and the update then takes no row; the time guards against a transaction id
+        // used again, after a restore or a wraparound), its last entry below the first new one,
+        // and the tiers as cached. The update comes first, so the account's row is locked
+        // before any other row, as on the locked path.
+        let unlocked: Option<(i64, i64, DateTime<Utc>, i64)> = match (locked, dirty.as_slice(), entry_id_list.first()) {
+            (false, [row], first) => {
+                let c = cache.accounts.get(&row.id).ok_or_else(|| Error::Invariant("unlocked batch on an account not cached".into()))?;
+                Some((row.id, c.xmin, c.written_at, first.copied().unwrap_or(i64::MAX)))
+            }
+            (false, ..) => return Err(Error::Invariant("unlocked batch on more than one account".into())),
+            (true, ..) => None,
+        };
+        if let Some((id, xmin, written_at, first_entry)) = &unlocked {
+            let [row] = dirty.as_slice() else { unreachable!("checked above") };
+            let mut params = row.params().to_vec();
+            params.push(xmin);
+            params.push(written_at);
+            w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25 AND updated_at = $26"), params, 1);
+            // (The lane's block lies above every entry it wrote, and anyone else's write changes
+            // the version; the ids are checked all the same, as the log's order depends on it.)
+            w.check(
+                "SELECT 1 WHERE COALESCE((SELECT max(id) FROM ledger_entries WHERE account_id = $1), 0) < $2
+                   AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]",
+                vec![id, first_entry, &tier_stamp],
+            );
+        }
         if !new_holds.is_empty() {
             w.part(
                 "INSERT INTO holds (id, account_id, amount, cost_micros, deadline, status, reference, created_at)
@@ -2728,27 +2770,8 @@ impl Core {
         }
         // Two or more accounts: one statement that unpacks their rows from arrays.
         let columns = (dirty.len() > 1).then(|| AccountColumns::new(&dirty));
-        // Unlocked: the account must still be as cached (its row's version, `xmin`, is the one
-        // this lane's last write of it left: any other write changes it, and the update then
-        // takes no row), its last entry below the first new one, and the tiers as cached.
-        let unlocked: Option<(i64, i64, i64)> = match (locked, dirty.as_slice(), entry_id_list.first()) {
-            (false, [row], first) => {
-                let xmin = cache.accounts.get(&row.id).map(|c| c.xmin).ok_or_else(|| Error::Invariant("unlocked batch on an account not cached".into()))?;
-                Some((row.id, xmin, first.copied().unwrap_or(i64::MAX)))
-            }
-            (false, ..) => return Err(Error::Invariant("unlocked batch on more than one account".into())),
-            (true, ..) => None,
-        };
-        if let Some((id, xmin, first_entry)) = &unlocked {
-            w.check(
-                "SELECT 1 WHERE COALESCE((SELECT max(id) FROM ledger_entries WHERE account_id = $1), 0) < $2
-                   AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]",
-                vec![id, first_entry, &tier_stamp],
-            );
-            let [row] = dirty.as_slice() else { unreachable!("checked above") };
-            let mut params = row.params().to_vec();
-            params.push(xmin);
-            w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25"), params, 1);
+        if unlocked.is_some() {
+            // Written first, above.
         } else if let [row] = dirty.as_slice() {
             // One account (a lone command, a hot account): the plain statement costs the
             // server half what the one that unpacks arrays does.
@@ -2792,10 +2815,14 @@ impl Core {
             let real: HashMap<i64, i64> = hold_id_list.iter().enumerate().map(|(k, id)| (-(k as i64) - 1, *id)).collect();
             for (id, a) in accounts.iter().filter(|(_, a)| a.dirty) {
                 let holds = a.holds.iter().map(|h| OpenHold { id: HoldId(if h.id.0 < 0 { real[&h.id.0] } else { h.id.0 }), ..h.clone() }).collect();
-                cache.put(*id, CachedAccount { ext: a.ext.clone(), state: a.state.clone(), holds, xmin: xid });
+                cache.put(*id, CachedAccount { ext: a.ext.clone(), state: a.state.clone(), holds, xmin: xid, written_at: now });
             }
             if locked {
                 cache.tiers = Some((tiers.clone(), tier_stamp.clone()));
+                // The lane's block lies below the ids this batch took; what it allocated and
+                // did not use lies above them, and becomes the block.
+                cache.hold_ids = spare_hold_ids.into();
+                cache.entry_ids = spare_entry_ids.into();
             }
         }
 
