@@ -2150,7 +2150,7 @@ impl LaneCache {
             account = Some(id);
         }
         let id = account?;
-        let a = &self.accounts[&id];
+        let a = self.accounts.get(&id)?;
         let accounts = HashMap::from([(id, BatchAccount { ext: a.ext.clone(), state: a.state.clone(), holds: a.holds.clone(), dirty: false })]);
         let by_ext = HashMap::from([(a.ext.clone(), id)]);
         Some(Reads {
@@ -2814,8 +2814,16 @@ impl Core {
         if let Some(xid) = xid {
             let real: HashMap<i64, i64> = hold_id_list.iter().enumerate().map(|(k, id)| (-(k as i64) - 1, *id)).collect();
             for (id, a) in accounts.iter().filter(|(_, a)| a.dirty) {
-                let holds = a.holds.iter().map(|h| OpenHold { id: HoldId(if h.id.0 < 0 { real[&h.id.0] } else { h.id.0 }), ..h.clone() }).collect();
-                cache.put(*id, CachedAccount { ext: a.ext.clone(), state: a.state.clone(), holds, xmin: xid, written_at: now });
+                let holds: Option<Vec<OpenHold>> = a
+                    .holds
+                    .iter()
+                    .map(|h| if h.id.0 < 0 { real.get(&h.id.0).map(|id| OpenHold { id: HoldId(*id), ..h.clone() }) } else { Some(h.clone()) })
+                    .collect();
+                match holds {
+                    Some(holds) => cache.put(*id, CachedAccount { ext: a.ext.clone(), state: a.state.clone(), holds, xmin: xid, written_at: now }),
+                    // Cannot happen (every new hold got an id); not cached, to be safe.
+                    None => cache.forget(&[*id]),
+                }
             }
             if locked {
                 cache.tiers = Some((tiers.clone(), tier_stamp.clone()));
