@@ -2098,6 +2098,8 @@ struct CachedAccount {
 struct LaneCache {
     accounts: HashMap<i64, CachedAccount>,
     by_ext: HashMap<AccountId, i64>,
+    /// The cached accounts' open holds: hold id → account id.
+    by_hold: HashMap<i64, i64>,
     tiers: Option<(TierTable, Vec<i64>)>,
     hold_ids: std::collections::VecDeque<i64>,
     entry_ids: std::collections::VecDeque<i64>,
@@ -2112,17 +2114,27 @@ impl LaneCache {
         if self.accounts.len() >= CACHED_ACCOUNTS && !self.accounts.contains_key(&id) {
             self.accounts.clear();
             self.by_ext.clear();
+            self.by_hold.clear();
         }
+        self.remove(id);
         self.by_ext.insert(a.ext.clone(), id);
+        self.by_hold.extend(a.holds.iter().map(|h| (h.id.0, id)));
         self.accounts.insert(id, a);
+    }
+
+    fn remove(&mut self, id: i64) {
+        if let Some(a) = self.accounts.remove(&id) {
+            self.by_ext.remove(&a.ext);
+            for h in &a.holds {
+                self.by_hold.remove(&h.id.0);
+            }
+        }
     }
 
     /// Drops `ids` and the id block (ids allocated since are above it).
     fn forget(&mut self, ids: &[i64]) {
         for id in ids {
-            if let Some(a) = self.accounts.remove(id) {
-                self.by_ext.remove(&a.ext);
-            }
+            self.remove(*id);
         }
         self.hold_ids.clear();
         self.entry_ids.clear();
@@ -2137,7 +2149,8 @@ impl LaneCache {
         for j in jobs {
             let id = match (j.cmd.hold(), j.cmd.account()) {
                 (Some(h), _) => {
-                    let (id, open) = self.accounts.iter().find_map(|(id, a)| a.holds.iter().find(|o| o.id == h).map(|o| (*id, o)))?;
+                    let id = *self.by_hold.get(&h.0)?;
+                    let open = self.accounts.get(&id)?.holds.iter().find(|o| o.id == h)?;
                     named.insert(h.0, (id, HoldRecord { id: h, amount: open.amount, deadline: open.deadline, status: HoldStatus::Open }));
                     id
                 }
@@ -2239,18 +2252,13 @@ impl BatchTx {
     /// Commits; the connection goes back to the pool only if the commit succeeded.
     async fn commit(&mut self) -> Result<(), tokio_postgres::Error> {
         self.client().batch_execute("COMMIT").await?;
-        self.committed();
+        self.release();
         Ok(())
     }
 
-    /// Marks the transaction committed (by a COMMIT sent with its last statement): the
-    /// connection goes back to the pool.
-    fn committed(&mut self) {
-        self.0.take();
-    }
-
-    /// Nothing was sent on the connection (no transaction began): it goes back to the pool.
-    fn unused(&mut self) {
+    /// The connection goes back to the pool: the transaction was committed (by a COMMIT sent
+    /// with its last statement), or none began (nothing was sent).
+    fn release(&mut self) {
         self.0.take();
     }
 }
@@ -2580,7 +2588,7 @@ impl Core {
         // rejection or an error may be the replay of a key the cache does not know).
         let dirty_accounts = accounts.values().filter(|a| a.dirty).count();
         if !locked && (dirty_accounts != 1 || slots.iter().any(|s| matches!(s, Slot::Done(_)))) {
-            batch_tx.unused();
+            batch_tx.release();
             return Ok(None);
         }
 
@@ -2804,7 +2812,7 @@ impl Core {
                 let (acc, kind, month): (Vec<i64>, Vec<String>, Vec<NaiveDate>) = (row.get(2), row.get(3), row.get(4));
                 new_alerts = acc.into_iter().zip(kind).zip(month).map(|((a, k), m)| (a, k, m)).collect();
             }
-            batch_tx.committed();
+            batch_tx.release();
         } else if locked {
             batch_tx.commit().await?;
         } else {
