@@ -2071,10 +2071,6 @@ struct Reads {
 
 /// At most this many accounts in a lane's cache (it is emptied when full).
 const CACHED_ACCOUNTS: usize = 8_192;
-/// Ids a lane takes from each sequence at a time for the batches it applies unlocked.
-const ID_BLOCK: i64 = 256;
-/// Ids a locked batch takes beyond its guess, for the lane's next unlocked batches.
-const SPARE_IDS: i64 = 32;
 
 /// An account as this lane's last write left it: its state, its open holds and its row's
 /// version (`xmin`, the id of the transaction that wrote it).
@@ -2101,8 +2097,6 @@ struct LaneCache {
     /// The cached accounts' open holds: hold id → account id.
     by_hold: HashMap<i64, i64>,
     tiers: Option<(TierTable, Vec<i64>)>,
-    hold_ids: std::collections::VecDeque<i64>,
-    entry_ids: std::collections::VecDeque<i64>,
 }
 
 impl LaneCache {
@@ -2131,13 +2125,11 @@ impl LaneCache {
         }
     }
 
-    /// Drops `ids` and the id block (ids allocated since are above it).
+    /// Drops `ids`.
     fn forget(&mut self, ids: &[i64]) {
         for id in ids {
             self.remove(*id);
         }
-        self.hold_ids.clear();
-        self.entry_ids.clear();
     }
 
     /// The reads of a batch whose every command names one cached account (by its id or one of
@@ -2177,18 +2169,6 @@ impl LaneCache {
             entry_ids: Vec::new(),
             now,
         })
-    }
-
-    /// `holds` and `entries` ids from the lane's block, ascending, topped up from the
-    /// sequences (a new block, above every id handed out so far) when short.
-    async fn take_ids(&mut self, c: &deadpool_postgres::ClientWrapper, holds: usize, entries: usize) -> Result<(Vec<i64>, Vec<i64>)> {
-        if self.hold_ids.len() < holds || self.entry_ids.len() < entries {
-            let st = c.prepare_cached(IDS_SQL).await?;
-            let r = c.query_one(&st, &[&ID_BLOCK.max(holds as i64), &ID_BLOCK.max(entries as i64)]).await?;
-            self.hold_ids = r.get::<_, Vec<i64>>(0).into();
-            self.entry_ids = r.get::<_, Vec<i64>>(1).into();
-        }
-        Ok((self.hold_ids.drain(..holds).collect(), self.entry_ids.drain(..entries).collect()))
     }
 }
 
@@ -2429,8 +2409,8 @@ impl Core {
         // increasing ids): a guess that covers most batches, topped up below if short. Unused
         // ids leave gaps, which nothing minds.
         // The spare ones become the lane's block (see `LaneCache`).
-        let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64 + SPARE_IDS;
-        let entries_guess = 2 * jobs.len() as i64 + SPARE_IDS;
+        let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64;
+        let entries_guess = 2 * jobs.len() as i64;
         let (st_keys, st_lock, st_open, st_named, st_tiers, st_ids) = tokio::try_join!(
             tx.prepare_cached("SELECT key, fingerprint, outcome FROM idempotency WHERE key = ANY($1)"),
             tx.prepare_cached(&lock_sql),
@@ -2592,24 +2572,22 @@ impl Core {
             return Ok(None);
         }
 
-        // Ids, in command order. Locked, they were allocated after the lock, so each account's
-        // entries get increasing ids. Unlocked, they come from the lane's block, and the write
-        // checks that they are above the account's last entry.
-        let (mut hold_id_list, mut entry_id_list) = if locked {
-            let (mut h, mut e) = (read_hold_ids, read_entry_ids);
-            let (more_holds, more_entries) = (new_holds.len().saturating_sub(h.len()) as i64, entries.len().saturating_sub(e.len()) as i64);
-            if more_holds > 0 || more_entries > 0 {
-                let st_ids = tx.prepare_cached(IDS_SQL).await?;
-                let r = tx.query_one(&st_ids, &[&more_holds, &more_entries]).await?;
-                h.extend(r.get::<_, Vec<i64>>(0));
-                e.extend(r.get::<_, Vec<i64>>(1));
-            }
-            (h, e)
-        } else {
-            cache.take_ids(tx, new_holds.len(), entries.len()).await?
-        };
-        let spare_hold_ids = hold_id_list.split_off(new_holds.len().min(hold_id_list.len()));
-        let spare_entry_ids = entry_id_list.split_off(entries.len().min(entry_id_list.len()));
+        // Ids, in command order, allocated from the sequences just before the write (locked:
+        // after the lock, with the reads; unlocked: now), so ids follow the order of writes
+        // across accounts as closely as a sequence can (exports page by id). The unlocked write
+        // still checks that they lie above the account's last entry.
+        let (mut h, mut e) = if locked { (read_hold_ids, read_entry_ids) } else { (Vec::new(), Vec::new()) };
+        let (more_holds, more_entries) = (new_holds.len().saturating_sub(h.len()) as i64, entries.len().saturating_sub(e.len()) as i64);
+        if more_holds > 0 || more_entries > 0 {
+            let st_ids = tx.prepare_cached(IDS_SQL).await?;
+            let r = tx.query_one(&st_ids, &[&more_holds, &more_entries]).await?;
+            h.extend(r.get::<_, Vec<i64>>(0));
+            e.extend(r.get::<_, Vec<i64>>(1));
+        }
+        // A locked batch's guess may exceed its needs; the rest are gaps in the sequences.
+        h.truncate(new_holds.len());
+        e.truncate(entries.len());
+        let (hold_id_list, entry_id_list) = (h, e);
 
         let mut hold_of_job: HashMap<usize, HoldId> = HashMap::new();
         for ((job, _, _), id) in new_holds.iter().zip(&hold_id_list) {
@@ -2835,10 +2813,6 @@ impl Core {
             }
             if locked {
                 cache.tiers = Some((tiers.clone(), tier_stamp.clone()));
-                // The lane's block lies below the ids this batch took; what it allocated and
-                // did not use lies above them, and becomes the block.
-                cache.hold_ids = spare_hold_ids.into();
-                cache.entry_ids = spare_entry_ids.into();
             }
         }
 
