@@ -2408,7 +2408,6 @@ impl Core {
         // Ids are allocated with the reads, after the lock (so each account's entries get
         // increasing ids): a guess that covers most batches, topped up below if short. Unused
         // ids leave gaps, which nothing minds.
-        // The spare ones become the lane's block (see `LaneCache`).
         let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64;
         let entries_guess = 2 * jobs.len() as i64;
         let (st_keys, st_lock, st_open, st_named, st_tiers, st_ids) = tokio::try_join!(
@@ -2703,8 +2702,9 @@ impl Core {
             params.push(xmin);
             params.push(written_at);
             w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25 AND updated_at = $26"), params, 1);
-            // (The lane's block lies above every entry it wrote, and anyone else's write changes
-            // the version; the ids are checked all the same, as the log's order depends on it.)
+            // (The ids were allocated after this lane's last write of the account, and anyone
+            // else's write changes the version; they are checked all the same, as the log's
+            // order depends on it.)
             w.check(
                 "SELECT 1 WHERE COALESCE((SELECT max(id) FROM ledger_entries WHERE account_id = $1), 0) < $2
                    AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]",
