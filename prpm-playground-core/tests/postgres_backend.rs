@@ -491,6 +491,63 @@ fn a_batch_that_writes_other_rows_than_it_computed_commits_nothing() {
 /// round trip, no locked reads), and any other write since sends the batch down the locked
 /// path instead: another node's, a key used before, a tier change. Each case is counted, and
 /// the ledger stays exact.
+/// Unlocked batches take their ids from the node's block while it holds the newest ids of the
+/// sequences; once another node allocates, the block is stale (the write checks the sequences),
+/// the batch takes the locked path, and its entry lies above the other node's: ids follow the
+/// order of writes across nodes.
+#[test]
+fn the_id_block_serves_while_it_is_newest() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let mut opts = PgOptions::new(url.clone());
+        opts.lanes = 1;
+        let store = PgStore::open(opts).await.unwrap();
+        let other = PgStore::open(PgOptions::new(url.clone())).await.unwrap();
+        let (a, b): (&dyn Store, &dyn Store) = (&store, &other);
+        let counts = || {
+            let s = store.batch_stats();
+            assert_eq!(s.failed_batches, 0, "{s:?}");
+            (s.unlocked_batches, s.stale_batches, s.block_batches)
+        };
+        let entry = |o: Committed| match o.effect {
+            Effect::Spent { entry, .. } => entry.0,
+            e => panic!("expected a spend, got {e:?}"),
+        };
+        // v's cost profile is set on the locked path, whose spare ids become the block.
+        let v = create_user(a, "v").await;
+        grant(a, &v, Bucket::Purchased, 95, None, "gv").await;
+        let mut last = 0;
+        for i in 0..3 {
+            let id = entry(a.spend(spend_cmd(&v, 1, &format!("v{i}"))).await.unwrap().unwrap());
+            assert!(id > last);
+            last = id;
+        }
+        assert_eq!(counts(), (4, 0, 4), "the grant and three spends, ids from the block");
+
+        // Another node allocates ids (for another account).
+        let w = create_user(b, "w").await;
+        grant(b, &w, Bucket::Purchased, 10, None, "gw").await;
+        let theirs = entry(b.spend(spend_cmd(&w, 1, "w1")).await.unwrap().unwrap());
+        assert!(theirs > last);
+        let ours = entry(a.spend(spend_cmd(&v, 1, "v3")).await.unwrap().unwrap());
+        assert!(ours > theirs, "{ours} after the other node's {theirs}");
+        assert_eq!(counts(), (4, 1, 4), "the block was stale: the locked path");
+
+        // Cooling down, unlocked batches allocate their ids (a round trip of their own).
+        let mut last = ours;
+        for i in 4..8 {
+            let id = entry(a.spend(spend_cmd(&v, 1, &format!("v{i}"))).await.unwrap().unwrap());
+            assert!(id > last);
+            last = id;
+        }
+        assert_eq!(counts(), (8, 1, 4));
+        assert_eq!(a.balance(&v).await.unwrap().total, 100 - 8);
+        let report = a.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}
+
 #[test]
 fn a_lane_applies_batches_to_the_state_it_wrote_and_sees_other_writes() {
     let Some(cluster) = shared_cluster() else { return };

@@ -156,6 +156,7 @@ struct Core {
     ledger: LedgerConfig,
     sink: Option<Arc<dyn AlertSink>>,
     stats: Stats,
+    ids: std::sync::Mutex<IdBlock>,
 }
 
 #[derive(Default)]
@@ -165,6 +166,7 @@ struct Stats {
     failed_batches: AtomicU64,
     unlocked_batches: AtomicU64,
     stale_batches: AtomicU64,
+    block_batches: AtomicU64,
     last_failure: std::sync::Mutex<Option<String>>,
 }
 
@@ -183,6 +185,9 @@ pub struct BatchStats {
     /// Unlocked batches that found the account changed (or a key used) and took the locked
     /// path instead.
     pub stale_batches: u64,
+    /// Unlocked batches that took their ids from the node's block (see `IdBlock`), not from
+    /// the sequences in a round trip of their own.
+    pub block_batches: u64,
     pub last_failure: Option<String>,
 }
 
@@ -239,7 +244,7 @@ impl PgStore {
         pg.options(options.trim());
         let mgr = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(mgr).max_size(opts.pool_size).build().map_err(|e| Error::Backend(format!("pool: {e}")))?;
-        let core = Arc::new(Core { pool, clock: opts.clock, ledger: opts.ledger, sink: opts.alert_sink, stats: Stats::default() });
+        let core = Arc::new(Core { pool, clock: opts.clock, ledger: opts.ledger, sink: opts.alert_sink, stats: Stats::default(), ids: Default::default() });
         let mut client = core.client().await?;
         migrate(&mut client).await?;
         drop(client);
@@ -262,6 +267,7 @@ impl PgStore {
             failed_batches: s.failed_batches.load(Ordering::Relaxed),
             unlocked_batches: s.unlocked_batches.load(Ordering::Relaxed),
             stale_batches: s.stale_batches.load(Ordering::Relaxed),
+            block_batches: s.block_batches.load(Ordering::Relaxed),
             last_failure: s.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
@@ -2071,6 +2077,71 @@ struct Reads {
 
 /// At most this many accounts in a lane's cache (it is emptied when full).
 const CACHED_ACCOUNTS: usize = 8_192;
+/// Ids a locked batch allocates beyond its guess, for the node's block.
+const SPARE_IDS: i64 = 32;
+/// Ids an unlocked batch that found the block short allocates for it, after its `COMMIT`.
+const BLOCK_IDS: i64 = 256;
+/// Unlocked batches that take fresh ids after a block was found stale (another node, or a
+/// path that allocates on its own, took ids since).
+const BLOCK_COOL_DOWN: u32 = 64;
+
+/// Ids this node took from the sequences and has not used, for unlocked batches: one round trip
+/// fewer than allocating them. Ids must follow the order of writes (a write that ended before
+/// another began has the lower ids; exports page by id), so a block serves only while it holds
+/// the newest ids of both sequences: on this node (its tops), and on the server (the unlocked
+/// statement checks the sequences' `last_value` against the block's last ids, and fails, like a
+/// stale account, if anyone allocated since).
+#[derive(Default)]
+struct IdBlock {
+    holds: std::collections::VecDeque<i64>,
+    entries: std::collections::VecDeque<i64>,
+    /// The block's last ids: what the sequences' `last_value` must still be.
+    last: (i64, i64),
+    /// The highest ids this node has taken from each sequence.
+    top: (i64, i64),
+    cool_down: u32,
+}
+
+impl IdBlock {
+    /// Records ids this node took from the sequences (ascending).
+    fn note(&mut self, holds: &[i64], entries: &[i64]) {
+        self.top.0 = self.top.0.max(holds.last().copied().unwrap_or(0));
+        self.top.1 = self.top.1.max(entries.last().copied().unwrap_or(0));
+    }
+
+    /// Ids this node took and will not use (ascending): the block, if they are the newest.
+    fn offer(&mut self, holds: Vec<i64>, entries: Vec<i64>) {
+        self.note(&holds, &entries);
+        if let (Some(h), Some(e)) = (holds.last(), entries.last())
+            && (*h, *e) == self.top
+        {
+            self.last = (*h, *e);
+            self.holds = holds.into();
+            self.entries = entries.into();
+        }
+    }
+
+    /// `holds` and `entries` ids from the block and the `last_value`s the write must check;
+    /// `None` if it is short, not the newest, or cooling down.
+    fn take(&mut self, holds: usize, entries: usize) -> Option<(Vec<i64>, Vec<i64>, (i64, i64))> {
+        if self.cool_down > 0 {
+            self.cool_down -= 1;
+            return None;
+        }
+        if self.last != self.top || self.holds.len() < holds || self.entries.len() < entries {
+            return None;
+        }
+        Some((self.holds.drain(..holds).collect(), self.entries.drain(..entries).collect(), self.last))
+    }
+
+    /// Someone else allocated since the block was taken: drop it, and take fresh ids a while.
+    fn stale(&mut self) {
+        self.holds.clear();
+        self.entries.clear();
+        self.last = (0, 0);
+        self.cool_down = BLOCK_COOL_DOWN;
+    }
+}
 
 /// An account as this lane's last write left it: its state, its open holds and its row's
 /// version (`xmin`, the id of the transaction that wrote it).
@@ -2408,8 +2479,9 @@ impl Core {
         // Ids are allocated with the reads, after the lock (so each account's entries get
         // increasing ids): a guess that covers most batches, topped up below if short. Unused
         // ids leave gaps, which nothing minds.
-        let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64;
-        let entries_guess = 2 * jobs.len() as i64;
+        // The spare ones become the node's block (see `IdBlock`).
+        let holds_guess = jobs.iter().filter(|j| matches!(j.cmd, Command::Hold(_))).count() as i64 + SPARE_IDS;
+        let entries_guess = 2 * jobs.len() as i64 + SPARE_IDS;
         let (st_keys, st_lock, st_open, st_named, st_tiers, st_ids) = tokio::try_join!(
             tx.prepare_cached("SELECT key, fingerprint, outcome FROM idempotency WHERE key = ANY($1)"),
             tx.prepare_cached(&lock_sql),
@@ -2571,21 +2643,43 @@ impl Core {
             return Ok(None);
         }
 
-        // Ids, in command order, allocated from the sequences just before the write (locked:
-        // after the lock, with the reads; unlocked: now), so ids follow the order of writes
-        // across accounts as closely as a sequence can (exports page by id). The unlocked write
-        // still checks that they lie above the account's last entry.
-        let (mut h, mut e) = if locked { (read_hold_ids, read_entry_ids) } else { (Vec::new(), Vec::new()) };
+        // Ids, in command order, so that ids follow the order of writes across accounts as
+        // closely as a sequence can (exports page by id). Locked: allocated after the lock,
+        // with the reads. Unlocked: from the node's block, whose last ids the write checks
+        // against the sequences (see `IdBlock`), or allocated now. The unlocked write also
+        // checks that they lie above the account's last entry.
+        let mut block_last: Option<(i64, i64)> = None;
+        let mut refill = false;
+        let (mut h, mut e) = if locked {
+            self.ids.lock().unwrap_or_else(|e| e.into_inner()).note(&read_hold_ids, &read_entry_ids);
+            (read_hold_ids, read_entry_ids)
+        } else {
+            let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+            match ids.take(new_holds.len(), entries.len()) {
+                Some((h, e, last)) => {
+                    block_last = Some(last);
+                    (h, e)
+                }
+                None => {
+                    // It allocates a new block after its COMMIT (same round trip), unless
+                    // blocks are cooling down.
+                    refill = ids.cool_down == 0;
+                    (Vec::new(), Vec::new())
+                }
+            }
+        };
         let (more_holds, more_entries) = (new_holds.len().saturating_sub(h.len()) as i64, entries.len().saturating_sub(e.len()) as i64);
         if more_holds > 0 || more_entries > 0 {
             let st_ids = tx.prepare_cached(IDS_SQL).await?;
             let r = tx.query_one(&st_ids, &[&more_holds, &more_entries]).await?;
-            h.extend(r.get::<_, Vec<i64>>(0));
-            e.extend(r.get::<_, Vec<i64>>(1));
+            let (mh, me): (Vec<i64>, Vec<i64>) = (r.get(0), r.get(1));
+            self.ids.lock().unwrap_or_else(|e| e.into_inner()).note(&mh, &me);
+            h.extend(mh);
+            e.extend(me);
         }
-        // A locked batch's guess may exceed its needs; the rest are gaps in the sequences.
-        h.truncate(new_holds.len());
-        e.truncate(entries.len());
+        // A locked batch's guess may exceed its needs: the rest, allocated last, is offered as
+        // the node's block.
+        let spare = (h.split_off(new_holds.len().min(h.len())), e.split_off(entries.len().min(e.len())));
         let (hold_id_list, entry_id_list) = (h, e);
 
         let mut hold_of_job: HashMap<usize, HoldId> = HashMap::new();
@@ -2688,15 +2782,15 @@ impl Core {
         // used again, after a restore or a wraparound), its last entry below the first new one,
         // and the tiers as cached. The update comes first, so the account's row is locked
         // before any other row, as on the locked path.
-        let unlocked: Option<(i64, i64, DateTime<Utc>, i64)> = match (locked, dirty.as_slice(), entry_id_list.first()) {
+        let unlocked: Option<(i64, i64, DateTime<Utc>, i64, Option<i64>, Option<i64>)> = match (locked, dirty.as_slice(), entry_id_list.first()) {
             (false, [row], first) => {
                 let c = cache.accounts.get(&row.id).ok_or_else(|| Error::Invariant("unlocked batch on an account not cached".into()))?;
-                Some((row.id, c.xmin, c.written_at, first.copied().unwrap_or(i64::MAX)))
+                Some((row.id, c.xmin, c.written_at, first.copied().unwrap_or(i64::MAX), block_last.map(|l| l.0), block_last.map(|l| l.1)))
             }
             (false, ..) => return Err(Error::Invariant("unlocked batch on more than one account".into())),
             (true, ..) => None,
         };
-        if let Some((id, xmin, written_at, first_entry)) = &unlocked {
+        if let Some((id, xmin, written_at, first_entry, hold_last, entry_last)) = &unlocked {
             let [row] = dirty.as_slice() else { unreachable!("checked above") };
             let mut params = row.params().to_vec();
             params.push(xmin);
@@ -2704,11 +2798,13 @@ impl Core {
             w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25 AND updated_at = $26"), params, 1);
             // (The ids were allocated after this lane's last write of the account, and anyone
             // else's write changes the version; they are checked all the same, as the log's
-            // order depends on it.)
+            // order depends on it.) Ids from the block: no one has allocated since.
             w.check(
                 "SELECT 1 WHERE COALESCE((SELECT max(id) FROM ledger_entries WHERE account_id = $1), 0) < $2
-                   AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]",
-                vec![id, first_entry, &tier_stamp],
+                   AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]
+                   AND ($4::bigint IS NULL OR (SELECT last_value FROM holds_id_seq) = $4)
+                   AND ($5::bigint IS NULL OR (SELECT last_value FROM ledger_entries_id_seq) = $5)",
+                vec![id, first_entry, &tier_stamp, hold_last, entry_last],
             );
         }
         if !new_holds.is_empty() {
@@ -2779,12 +2875,43 @@ impl Core {
         let mut xid: Option<i64> = None;
         if let Some((sql, params)) = w.statement() {
             let st = tx.prepare_cached(&sql).await?;
-            let row = if locked {
-                tokio::try_join!(tx.query_one(&st, &params), tx.batch_execute("COMMIT"))?.0
+            let st_ids = if refill { Some(tx.prepare_cached(IDS_SQL).await?) } else { None };
+            let block_params: [&(dyn ToSql + Sync); 2] = [&BLOCK_IDS, &BLOCK_IDS];
+            // After the COMMIT, in the same round trip: a new block, if this batch found none.
+            let new_block = async {
+                match &st_ids {
+                    Some(st) => tx.query_one(st, &block_params).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let written = if locked {
+                tokio::try_join!(tx.query_one(&st, &params), tx.batch_execute("COMMIT"), new_block).map(|r| (r.0, r.2))
             } else {
                 // Sent together: one round trip. (The plans are made without scans, as above.)
-                tokio::try_join!(tx.batch_execute(BEGIN_SQL), tx.query_one(&st, &params), tx.batch_execute("COMMIT"))?.1
+                tokio::try_join!(tx.batch_execute(BEGIN_SQL), tx.query_one(&st, &params), tx.batch_execute("COMMIT"), new_block).map(|r| (r.1, r.3))
             };
+            let (row, block_row) = match written {
+                Ok(w) => w,
+                Err(e) => {
+                    if block_last.is_some() {
+                        // Perhaps the sequences moved past the block (or the account changed).
+                        self.ids.lock().unwrap_or_else(|e| e.into_inner()).stale();
+                    }
+                    return Err(e.into());
+                }
+            };
+            if block_last.is_some() {
+                self.stats.block_batches.fetch_add(1, Ordering::Relaxed);
+            }
+            {
+                let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+                if locked {
+                    ids.offer(spare.0.clone(), spare.1.clone());
+                }
+                if let Some(r) = block_row {
+                    ids.offer(r.get(0), r.get(1));
+                }
+            }
             xid = Some(row.get::<_, i64>(1) & 0xffff_ffff);
             if w.returning.is_some() {
                 let (acc, kind, month): (Vec<i64>, Vec<String>, Vec<NaiveDate>) = (row.get(2), row.get(3), row.get(4));
