@@ -112,16 +112,17 @@ async fn run() {
         let n = (per * callers) as f64;
         let st = pg.batch_stats();
         println!(
-            "\n== {shape}: {:.0} spends/s, {batches} batches ({:.1} spends each; {} unlocked, {} stale)",
+            "\n== {shape}: {:.0} spends/s, {batches} batches ({:.1} spends each; {} unlocked, {} stale, {} with ids from the block)",
             n / wall.as_secs_f64(),
             n / batches as f64,
             st.unlocked_batches - stats0.unlocked_batches,
-            st.stale_batches - stats0.stale_batches
+            st.stale_batches - stats0.stale_batches,
+            st.block_batches - stats0.block_batches
         );
         println!(
             "   CPU per spend: this process {:.0} us, the server's processes {:.0} us",
             (own1 - own0) as f64 * 10_000.0 / n,
-            (server1 - server0) as f64 * 10_000.0 / n
+            server1.saturating_sub(server0) as f64 * 10_000.0 / n
         );
         let rows = db
             .query(

@@ -2658,6 +2658,9 @@ impl Core {
             match ids.take(new_holds.len(), entries.len()) {
                 Some((h, e, last)) => {
                     block_last = Some(last);
+                    // What is left would not serve a batch like this one: a new block, after
+                    // the COMMIT (its ids lie above the ones this batch checks).
+                    refill = ids.holds.len() < h.len() || ids.entries.len() < e.len();
                     (h, e)
                 }
                 None => {
