@@ -247,6 +247,13 @@ impl PgStore {
         let core = Arc::new(Core { pool, clock: opts.clock, ledger: opts.ledger, sink: opts.alert_sink, stats: Stats::default(), ids: Default::default() });
         let mut client = core.client().await?;
         migrate(&mut client).await?;
+        // The id block relies on each `nextval` being visible in `last_value` (no per-session
+        // cache of ids); a sequence altered to cache them turns the block off.
+        let caches: i64 = client
+            .query_one("SELECT count(*) FROM pg_sequence WHERE seqrelid IN ('holds_id_seq'::regclass, 'ledger_entries_id_seq'::regclass) AND seqcache = 1", &[])
+            .await?
+            .get(0);
+        core.ids.lock().unwrap_or_else(|e| e.into_inner()).enabled = caches == 2;
         drop(client);
         let lanes = (0..opts.lanes.max(1))
             .map(|_| {
@@ -2100,6 +2107,9 @@ struct IdBlock {
     /// The highest ids this node has taken from each sequence.
     top: (i64, i64),
     cool_down: u32,
+    /// Both sequences hand out one id at a time (`CACHE 1`), so `last_value` is the last id
+    /// anyone took; checked on open, otherwise no block is ever used.
+    enabled: bool,
 }
 
 impl IdBlock {
@@ -2109,11 +2119,17 @@ impl IdBlock {
         self.top.1 = self.top.1.max(entries.last().copied().unwrap_or(0));
     }
 
-    /// Ids this node took and will not use (ascending): the block, if they are the newest.
+    /// Ids this node took and will not use (ascending): the block, if they are the newest and
+    /// contiguous. (`nextval` per row: another session's id can fall between two of ours, and
+    /// the `last_value` check only proves that no one allocated after the block's last id.)
     fn offer(&mut self, holds: Vec<i64>, entries: Vec<i64>) {
         self.note(&holds, &entries);
+        let contiguous = |ids: &[i64]| ids.last().zip(ids.first()).is_some_and(|(l, f)| l - f + 1 == ids.len() as i64);
         if let (Some(h), Some(e)) = (holds.last(), entries.last())
             && (*h, *e) == self.top
+            && self.enabled
+            && contiguous(&holds)
+            && contiguous(&entries)
         {
             self.last = (*h, *e);
             self.holds = holds.into();
@@ -2881,11 +2897,12 @@ impl Core {
             let st_ids = if refill { Some(tx.prepare_cached(IDS_SQL).await?) } else { None };
             let block_params: [&(dyn ToSql + Sync); 2] = [&BLOCK_IDS, &BLOCK_IDS];
             // After the COMMIT, in the same round trip: a new block, if this batch found none.
+            // Its failure must not fail a batch that committed: the block is only not made.
             let new_block = async {
-                match &st_ids {
-                    Some(st) => tx.query_one(st, &block_params).await.map(Some),
-                    None => Ok(None),
-                }
+                Ok::<_, tokio_postgres::Error>(match &st_ids {
+                    Some(st) => tx.query_one(st, &block_params).await.ok(),
+                    None => None,
+                })
             };
             let written = if locked {
                 tokio::try_join!(tx.query_one(&st, &params), tx.batch_execute("COMMIT"), new_block).map(|r| (r.0, r.2))
@@ -2965,5 +2982,47 @@ impl Core {
             });
         }
         Ok(Some((results, sent)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block() -> IdBlock {
+        IdBlock { enabled: true, ..IdBlock::default() }
+    }
+
+    #[test]
+    fn an_id_block_serves_only_contiguous_newest_ids() {
+        let mut b = block();
+        // Another session's id (13) fell between ours: not a block.
+        b.offer(vec![1, 2], vec![10, 11, 12, 14]);
+        assert_eq!(b.take(0, 1), None);
+        // Contiguous and newest: served from the front, with the last ids to check.
+        b.offer(vec![3, 4], vec![20, 21, 22]);
+        assert_eq!(b.take(1, 2), Some((vec![3], vec![20, 21], (4, 22))));
+        // Short: not served (and nothing taken).
+        assert_eq!(b.take(0, 2), None);
+        assert_eq!(b.take(1, 1), Some((vec![4], vec![22], (4, 22))));
+        // Ids this node took elsewhere since: the block is no longer the newest.
+        b.offer(vec![5, 6], vec![30, 31]);
+        b.note(&[], &[32]);
+        assert_eq!(b.take(0, 1), None);
+        // Older ids than the top are never a block.
+        b.offer(vec![5, 6], vec![25, 26]);
+        assert_eq!(b.take(0, 1), None);
+        // Stale: cools down for BLOCK_COOL_DOWN takes, whatever is offered.
+        b.offer(vec![7], vec![40, 41]);
+        b.stale();
+        b.offer(vec![8], vec![50, 51]);
+        for _ in 0..BLOCK_COOL_DOWN {
+            assert_eq!(b.take(0, 1), None);
+        }
+        assert_eq!(b.take(0, 1), Some((vec![], vec![50], (8, 51))));
+        // Turned off (a sequence caches ids): never a block.
+        let mut off = IdBlock::default();
+        off.offer(vec![1], vec![1, 2]);
+        assert_eq!(off.take(0, 1), None);
     }
 }
