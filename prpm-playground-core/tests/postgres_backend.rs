@@ -562,6 +562,15 @@ fn ids_follow_the_order_of_writes_across_lanes_and_nodes() {
     });
 }
 
+/// A node with one lane (its cache and the node's id block serve every account) and another
+/// node, on a fresh database.
+async fn one_lane_and_another_node(cluster: &PgCluster) -> (PgStore, PgStore) {
+    let url = cluster.create_database().await.unwrap();
+    let mut opts = PgOptions::new(url.clone());
+    opts.lanes = 1;
+    (PgStore::open(opts).await.unwrap(), PgStore::open(PgOptions::new(url)).await.unwrap())
+}
+
 /// Unlocked batches take their ids from the node's block while it holds the newest ids of the
 /// sequences; once another node allocates, the block is stale (the write checks the sequences),
 /// the batch takes the locked path, and its entry lies above the other node's: ids follow the
@@ -570,11 +579,7 @@ fn ids_follow_the_order_of_writes_across_lanes_and_nodes() {
 fn the_id_block_serves_while_it_is_newest() {
     let Some(cluster) = shared_cluster() else { return };
     rt().block_on(async {
-        let url = cluster.create_database().await.unwrap();
-        let mut opts = PgOptions::new(url.clone());
-        opts.lanes = 1;
-        let store = PgStore::open(opts).await.unwrap();
-        let other = PgStore::open(PgOptions::new(url.clone())).await.unwrap();
+        let (store, other) = one_lane_and_another_node(&cluster).await;
         let (a, b): (&dyn Store, &dyn Store) = (&store, &other);
         let counts = || {
             let s = store.batch_stats();
@@ -627,12 +632,7 @@ fn the_id_block_serves_while_it_is_newest() {
 fn a_lane_applies_batches_to_the_state_it_wrote_and_sees_other_writes() {
     let Some(cluster) = shared_cluster() else { return };
     rt().block_on(async {
-        let url = cluster.create_database().await.unwrap();
-        // One lane: its cache serves every account.
-        let mut opts = PgOptions::new(url.clone());
-        opts.lanes = 1;
-        let store = PgStore::open(opts).await.unwrap();
-        let other = PgStore::open(PgOptions::new(url.clone())).await.unwrap();
+        let (store, other) = one_lane_and_another_node(&cluster).await;
         let (a, b): (&dyn Store, &dyn Store) = (&store, &other);
         let counts = || {
             let s = store.batch_stats();
