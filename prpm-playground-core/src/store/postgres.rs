@@ -253,7 +253,7 @@ impl PgStore {
             .query_one("SELECT count(*) FROM pg_sequence WHERE seqrelid IN ('holds_id_seq'::regclass, 'ledger_entries_id_seq'::regclass) AND seqcache = 1", &[])
             .await?
             .get(0);
-        core.ids.lock().unwrap_or_else(|e| e.into_inner()).enabled = caches == 2;
+        core.id_block().enabled = caches == 2;
         drop(client);
         let lanes = (0..opts.lanes.max(1))
             .map(|_| {
@@ -283,6 +283,11 @@ impl PgStore {
 impl Core {
     /// A pooled connection that is still open (a server restart or an administrator may have
     /// ended pooled ones: those are dropped from the pool, not handed out).
+    /// The node's id block (see `IdBlock`); never held across an `.await`.
+    fn id_block(&self) -> std::sync::MutexGuard<'_, IdBlock> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         for _ in 0..=self.pool.status().max_size {
             let c = self.pool.get().await.map_err(|e| Error::Backend(format!("postgres pool: {e}")))?;
@@ -2667,10 +2672,10 @@ impl Core {
         let mut block_last: Option<(i64, i64)> = None;
         let mut refill = false;
         let (mut h, mut e) = if locked {
-            self.ids.lock().unwrap_or_else(|e| e.into_inner()).note(&read_hold_ids, &read_entry_ids);
+            self.id_block().note(&read_hold_ids, &read_entry_ids);
             (read_hold_ids, read_entry_ids)
         } else {
-            let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ids = self.id_block();
             match ids.take(new_holds.len(), entries.len()) {
                 Some((h, e, last)) => {
                     block_last = Some(last);
@@ -2692,7 +2697,7 @@ impl Core {
             let st_ids = tx.prepare_cached(IDS_SQL).await?;
             let r = tx.query_one(&st_ids, &[&more_holds, &more_entries]).await?;
             let (mh, me): (Vec<i64>, Vec<i64>) = (r.get(0), r.get(1));
-            self.ids.lock().unwrap_or_else(|e| e.into_inner()).note(&mh, &me);
+            self.id_block().note(&mh, &me);
             h.extend(mh);
             e.extend(me);
         }
@@ -2915,7 +2920,7 @@ impl Core {
                 Err(e) => {
                     if block_last.is_some() {
                         // Perhaps the sequences moved past the block (or the account changed).
-                        self.ids.lock().unwrap_or_else(|e| e.into_inner()).stale();
+                        self.id_block().stale();
                     }
                     return Err(e.into());
                 }
@@ -2924,9 +2929,9 @@ impl Core {
                 self.stats.block_batches.fetch_add(1, Ordering::Relaxed);
             }
             {
-                let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+                let mut ids = self.id_block();
                 if locked {
-                    ids.offer(spare.0.clone(), spare.1.clone());
+                    ids.offer(spare.0, spare.1);
                 }
                 if let Some(r) = block_row {
                     ids.offer(r.get(0), r.get(1));
