@@ -1,5 +1,6 @@
 //! A load generator: `callers` concurrent tasks spending 1 credit at a time from `accounts`
 //! accounts of one SQLite file; prints the throughput and checks `verify()`.
+//! `PRPM_SYNCHRONOUS=normal` opens the file with `synchronous=NORMAL` (no fsyncs).
 //!
 //! ```text
 //! cargo run --release --example spend_load -- [db-path] [callers] [spends] [accounts]
@@ -17,10 +18,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let callers: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let spends: usize = args.get(3).map_or(Ok(50_000), |s| s.parse())?;
     let accounts: usize = args.get(4).map_or(Ok(1_000), |s| s.parse())?;
-    let store: Arc<dyn Store> = Arc::new(match path.as_str() {
+    let sqlite = Arc::new(match path.as_str() {
         ":memory:" => SqliteStore::open_in_memory()?,
+        // PRPM_SYNCHRONOUS=normal: no fsyncs (what they cost, by difference).
+        _ if std::env::var("PRPM_SYNCHRONOUS").is_ok_and(|v| v.eq_ignore_ascii_case("normal")) => {
+            SqliteStore::open_with(SqliteOptions::file(&path).synchronous(Synchronous::Normal))?
+        }
         _ => SqliteStore::open(&path)?,
     });
+    let store: Arc<dyn Store> = sqlite.clone();
     let id = |i: usize| AccountId::new(format!("load-{i:05}")).unwrap();
     for i in 0..accounts {
         store.create_account(id(i), AccountKind::User, IdempotencyKey::new(format!("load-create-{i}"))?).await?.ok();
@@ -67,6 +73,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let e = t0.elapsed();
     let n = per * callers;
     println!("{n} spends by {callers} callers over {accounts} accounts in {e:.2?}: {:.0} spends/s", n as f64 / e.as_secs_f64());
+    if let Some(s) = sqlite.sync_stats() {
+        println!("{} groups, {} fsyncs of the WAL ({} on the sync thread)", s.groups, s.syncs, s.background_syncs);
+    }
     let report = store.verify().await?;
     println!("verify: {}", if report.is_clean() { "clean" } else { "DIFFERENCES" });
     Ok(())

@@ -185,6 +185,59 @@ fn threads_on_a_file_never_overspend() {
     });
 }
 
+/// Many tasks spending over a few accounts of a file: the WAL's fsyncs overlap the groups after
+/// them (some run on the store's sync thread), and still every caller gets its own exact outcome
+/// and not a credit more is spent than there was.
+#[test]
+fn concurrent_spends_overlap_their_fsyncs_with_the_next_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Arc::new(SqliteStore::open(dir.path().join("l.db")).unwrap());
+    let store: Arc<dyn Store> = sqlite.clone();
+    let rt = rt();
+    rt.block_on(async {
+        for a in 0..8 {
+            let u = create_user(&*store, &format!("a{a}")).await;
+            grant(&*store, &u, Bucket::Purchased, 95, None, &format!("g{a}")).await; // 100 each
+        }
+    });
+    let before = sqlite.sync_stats().unwrap();
+    // 32 tasks x 30 spends, each account asked for 120 credits and holding 100.
+    let tasks: Vec<_> = (0..32)
+        .map(|t| {
+            let store = store.clone();
+            rt.spawn(async move {
+                let (mut ok, mut short) = (0, 0);
+                for i in 0..30 {
+                    match store.spend(spend_cmd(&acct(&format!("a{}", (t + i) % 8)), 1, &format!("t{t}-{i}"))).await.unwrap() {
+                        Ok(_) => ok += 1,
+                        Err(Rejection::InsufficientCredits { .. }) => short += 1,
+                        Err(other) => panic!("{other:?}"),
+                    }
+                }
+                (ok, short)
+            })
+        })
+        .collect();
+    let (ok, short) = rt.block_on(async {
+        let mut sum = (0, 0);
+        for t in tasks {
+            let (o, s) = t.await.unwrap();
+            sum = (sum.0 + o, sum.1 + s);
+        }
+        sum
+    });
+    assert_eq!((ok, short), (800, 160));
+    rt.block_on(async {
+        for a in 0..8 {
+            assert_eq!(store.balance(&acct(&format!("a{a}"))).await.unwrap().total, 0);
+        }
+        assert!(store.verify().await.unwrap().is_clean());
+    });
+    let after = sqlite.sync_stats().unwrap();
+    assert!(after.background_syncs > before.background_syncs, "no fsync ran beside the writer: {before:?} -> {after:?}");
+    assert!(after.syncs - before.syncs <= after.groups - before.groups, "more fsyncs than groups: {before:?} -> {after:?}");
+}
+
 #[test]
 fn rejections_and_replays_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
