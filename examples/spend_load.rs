@@ -1,5 +1,6 @@
 //! A load generator: `callers` concurrent tasks spending 1 credit at a time from `accounts`
 //! accounts of one SQLite file; prints the throughput and checks `verify()`.
+//! `PRPM_LOAD=pairs` makes each operation a hold and its settle.
 //! `PRPM_SYNCHRONOUS=normal` opens the file with `synchronous=NORMAL` (no fsyncs).
 //!
 //! ```text
@@ -43,6 +44,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         store.grant(g).await?.ok();
     }
+    // PRPM_LOAD=pairs: each operation is a hold and its settle instead of a spend.
+    let pairs = std::env::var("PRPM_LOAD").is_ok_and(|v| v == "pairs");
     let per = spends.div_ceil(callers);
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..callers)
@@ -50,19 +53,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let store = store.clone();
             tokio::spawn(async move {
                 for k in 0..per {
-                    let s = Spend {
-                        account: id((c * 7919 + k * 104_729) % accounts),
-                        amount: 1,
-                        usage: Some(Usage {
-                            operation: "playground_run".into(),
-                            model: "claude-sonnet-4-5".into(),
-                            tokens: TokenUsage { input: 1_200, output: 400, cache_read: 0, cache_write: 0 },
-                            cost_micros: 9_600,
-                        }),
-                        reference: "load".into(),
-                        key: IdempotencyKey::generate(),
-                    };
-                    store.spend(s).await.unwrap().unwrap();
+                    let account = id((c * 7919 + k * 104_729) % accounts);
+                    let usage = Some(Usage {
+                        operation: "playground_run".into(),
+                        model: "claude-sonnet-4-5".into(),
+                        tokens: TokenUsage { input: 1_200, output: 400, cache_read: 0, cache_write: 0 },
+                        cost_micros: 9_600,
+                    });
+                    if !pairs {
+                        let s = Spend { account, amount: 1, usage, reference: "load".into(), key: IdempotencyKey::generate() };
+                        store.spend(s).await.unwrap().unwrap();
+                        continue;
+                    }
+                    let h = Hold { account, amount: 4, ttl_secs: 600, cost_micros: 0, reference: "load".into(), key: IdempotencyKey::generate() };
+                    let Effect::Held { hold, .. } = store.hold(h).await.unwrap().unwrap().effect else { panic!("not held") };
+                    store.settle(Settle { hold, credits: 1, usage, key: IdempotencyKey::generate() }).await.unwrap().unwrap();
                 }
             })
         })
@@ -72,7 +77,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let e = t0.elapsed();
     let n = per * callers;
-    println!("{n} spends by {callers} callers over {accounts} accounts in {e:.2?}: {:.0} spends/s", n as f64 / e.as_secs_f64());
+    let what = if pairs { "hold + settle pairs" } else { "spends" };
+    println!("{n} {what} by {callers} callers over {accounts} accounts in {e:.2?}: {:.0} {what}/s", n as f64 / e.as_secs_f64());
     if let Some(s) = sqlite.sync_stats() {
         println!("{} groups, {} fsyncs of the WAL ({} on the sync thread)", s.groups, s.syncs, s.background_syncs);
     }
