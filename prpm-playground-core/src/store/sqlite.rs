@@ -339,12 +339,13 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("prpm-sqlite-writer".into())
             .spawn(move || {
-                let mut conn = writer_loop(conn, rx, clock, ledger, max_batch, index_batch, sink, writer_sync.clone());
-                // Every group answered before the store is closed.
-                if let (Some(s), Some(t)) = (writer_sync, syncer) {
-                    s.stop();
-                    let _ = t.join();
-                }
+                // Every group answered and the sync thread ended when the writer stops, even by
+                // a panic.
+                let stop = writer_sync.clone().map(|s| StopSync(s, syncer));
+                let w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch, sink, alerts: Vec::new(), sync: writer_sync };
+                let mut conn = writer_loop(w, rx, clock, max_batch);
+                // Before the connection closes (the last to close removes the WAL).
+                drop(stop);
                 // The checkpoint thread's connection closes first, then this one, alone: SQLite
                 // copies the WAL back and removes it only in the last connection to close, and
                 // two connections closing at once each see the other and both leave it. (Should
@@ -378,16 +379,20 @@ impl SqliteStore {
         match &self.readers {
             Some(pool) => {
                 let pool = pool.clone();
-                let v = tokio::task::spawn_blocking(move || pool.run(f)).await.map_err(|e| Error::Backend(format!("read task failed: {e}")))??;
+                let r = tokio::task::spawn_blocking(move || pool.run(f)).await.map_err(|e| Error::Backend(format!("read task failed: {e}")))?;
                 self.settled().await?;
-                Ok(v)
+                r
             }
             None => {
                 let (tx, rx) = oneshot::channel();
                 self.send(Job::Run(Box::new(move |c| {
                     let _ = tx.send(f(c));
                 })))?;
-                rx.await.map_err(|_| Error::Closed)?
+                // On the writer's connection (in memory, or a file without read connections),
+                // right after a group whose fsync may still be under way.
+                let r = rx.await.map_err(|_| Error::Closed)?;
+                self.settled().await?;
+                r
             }
         }
     }
@@ -404,9 +409,9 @@ impl SqliteStore {
     {
         match &self.readers {
             Some(pool) => {
-                let v = pool.run(f)?;
+                let r = pool.run(f);
                 self.settled().await?;
-                Ok(v)
+                r
             }
             None => self.read(f).await,
         }
@@ -436,7 +441,11 @@ impl SqliteStore {
         self.send(Job::Run(Box::new(move |c| {
             let _ = tx.send(in_write(c, f));
         })))?;
-        rx.await.map_err(|_| Error::Closed)?
+        let r = rx.await.map_err(|_| Error::Closed)?;
+        // A write that changed nothing commits without an fsync, and may have read a group
+        // whose fsync is under way.
+        self.settled().await?;
+        r
     }
 
     /// Stops the writer (and its checkpoint thread) after the queued commands and waits for it.
@@ -444,6 +453,18 @@ impl SqliteStore {
         self.jobs.lock().unwrap().take();
         if let Some(h) = self.writer.lock().unwrap().take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// Stops a store's [`WalSync`] (answering what waits) and joins its thread when dropped.
+struct StopSync(Arc<WalSync>, Option<JoinHandle<()>>);
+
+impl Drop for StopSync {
+    fn drop(&mut self) {
+        self.0.stop();
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
         }
     }
 }
@@ -637,17 +658,7 @@ struct Writer {
     sync: Option<Arc<WalSync>>,
 }
 
-fn writer_loop(
-    conn: Connection,
-    rx: mpsc::Receiver<Job>,
-    clock: Arc<dyn Clock>,
-    ledger: LedgerConfig,
-    max_batch: usize,
-    index_batch: i64,
-    sink: Option<Arc<dyn AlertSink>>,
-    sync: Option<Arc<WalSync>>,
-) -> Connection {
-    let mut w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch, sink, alerts: Vec::new(), sync };
+fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, max_batch: usize) -> Connection {
     let mut group = Vec::with_capacity(max_batch);
     // Reads and playground writes, in arrival order, after the group.
     let mut others: Vec<ConnFn> = Vec::new();
@@ -699,7 +710,11 @@ fn writer_loop(
             // visible), which also makes the groups before them durable. Should the setting
             // fail (it cannot inside no transaction), they are not run: their callers get an
             // error rather than an answer before their write is durable.
-            let full = w.sync.is_none() || w.conn.pragma_update(None, "synchronous", "FULL").is_ok();
+            // After a failed fsync they are not run either (the store refuses everything).
+            let full = match &w.sync {
+                None => true,
+                Some(s) => s.failed().is_none() && w.conn.pragma_update(None, "synchronous", "FULL").is_ok(),
+            };
             for f in others.drain(..) {
                 if full {
                     f(&w.conn);
@@ -2657,6 +2672,16 @@ mod tests {
         }
     }
 
+    /// Opens the gate when dropped: a failing test must not leave the store's threads held
+    /// (closing the store waits for them).
+    struct OpenOnDrop(Arc<Gate>);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.set(GateMode::Open);
+        }
+    }
+
     fn until(what: &str, f: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !f() {
@@ -2702,6 +2727,7 @@ mod tests {
         let path = dir.path().join("t.db");
         let (rt, store) = with_user(SqliteOptions::file(&path));
         let gate = Gate::install(&store);
+        let _open = OpenOnDrop(gate.clone());
         gate.set(GateMode::HoldAll);
         let syncs = store.sync_stats().unwrap().syncs;
         let s: Arc<dyn Store> = store.clone();
@@ -2725,6 +2751,41 @@ mod tests {
         assert_eq!(store.sync_stats().unwrap().syncs, syncs + 1);
     }
 
+    /// A file without read connections reads on the writer's connection, right after the group
+    /// it arrived with: the read still waits for that group's fsync (run on the sync thread).
+    #[test]
+    fn a_read_on_the_writers_connection_waits_for_the_fsync_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (rt, store) = with_user(SqliteOptions { readers: 0, ..SqliteOptions::file(&path) });
+        let gate = Gate::install(&store);
+        let _open = OpenOnDrop(gate.clone());
+        gate.set(GateMode::HoldAll);
+        let s: Arc<dyn Store> = store.clone();
+        // The writer, alone, syncs this spend itself: held there, the next two queue up.
+        let first = rt.spawn({
+            let s = s.clone();
+            async move { s.execute(spend_of("u", "first")).await }
+        });
+        until("the first spend's fsync begins", || gate.entered() == 1);
+        let mut spend = Box::pin(s.execute(spend_of("u", "second")));
+        let u = AccountId::new("u").unwrap();
+        let mut read = Box::pin(s.balance(&u));
+        assert!(pending(&mut spend) && pending(&mut read));
+        // The second spend's group, then the read, run while that group's fsync is held.
+        gate.set(GateMode::HoldBackground);
+        rt.block_on(first).unwrap().unwrap().unwrap();
+        until("the sync thread's fsync begins", || gate.entered() >= 2);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(pending(&mut read), "a read returned a commit that was not durable yet");
+        assert!(pending(&mut spend));
+        gate.set(GateMode::Open);
+        rt.block_on(async {
+            spend.await.unwrap().unwrap();
+            assert_eq!(read.await.unwrap().total, 3, "the read saw the second spend");
+        });
+    }
+
     /// While the fsync of one group is held back, the writer commits the next group (the sync
     /// runs on its own thread); neither is answered until a sync covers it.
     #[test]
@@ -2734,6 +2795,7 @@ mod tests {
         // One command per group, so that the two spends below make two groups.
         let (rt, store) = with_user(SqliteOptions { max_batch: 1, ..SqliteOptions::file(&path) });
         let gate = Gate::install(&store);
+        let _open = OpenOnDrop(gate.clone());
         gate.set(GateMode::HoldAll);
         let s: Arc<dyn Store> = store.clone();
         // The writer, alone, syncs the first spend itself: held there, it takes nothing else.
@@ -2770,6 +2832,7 @@ mod tests {
         let path = dir.path().join("t.db");
         let (rt, store) = with_user(SqliteOptions::file(&path));
         let gate = Gate::install(&store);
+        let _open = OpenOnDrop(gate.clone());
         gate.set(GateMode::Fail);
         let s: Arc<dyn Store> = store.clone();
         let e = rt.block_on(s.execute(spend_of("u", "s1"))).unwrap_err();

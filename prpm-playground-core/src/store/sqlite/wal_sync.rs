@@ -16,6 +16,11 @@
 //! WAL frames into the database) syncs the WAL before it copies and the database after, also with
 //! `NORMAL`, so no frame reaches the database before it is durable in the WAL.
 //!
+//! This relies on SQLite's power-safe overwrite (`SQLITE_POWERSAFE_OVERWRITE`, on by default
+//! and in the bundled build): writing the next group's frames cannot damage the bytes of a
+//! synced frame beside them. Without it, `FULL` pads each commit's last frame to a sector
+//! boundary and `NORMAL` does not.
+//!
 //! What differs: another connection can read a group between its `COMMIT` and its fsync. Reads of
 //! this store wait until every commit begun before the read ended is durable ([`WalSync::settled`]),
 //! so no caller of the store ever sees a write that a power loss could take back. Other processes
@@ -66,10 +71,35 @@ struct State {
     wal: Option<(Arc<File>, (u64, u64))>,
     /// Why an fsync failed: the store refuses everything from then on.
     failed: Option<String>,
-    /// fsyncs under way (on either thread).
+    /// fsyncs under way (on either thread), and the highest sequence one of them covers.
     syncing: u32,
+    syncing_upto: u64,
     stop: bool,
     stats: SyncStats,
+}
+
+#[cfg(test)]
+pub(super) type SyncGate = Arc<dyn Fn(bool) -> std::io::Result<()> + Send + Sync>;
+
+/// An fsync to run: every commit up to `target` has returned.
+struct Job {
+    target: u64,
+    file: std::result::Result<Arc<File>, String>,
+}
+
+/// Pops the groups that can be answered now: after a failed fsync every one (with the error),
+/// otherwise those whose commits are all durable.
+fn answerable(st: &mut State) -> Vec<(Finished, Option<String>)> {
+    match st.failed.clone() {
+        Some(msg) => st.pending.drain(..).map(|(_, f)| (f, Some(msg.clone()))).collect(),
+        None => {
+            let mut out = Vec::new();
+            while st.pending.front().is_some_and(|(seq, _)| *seq <= st.durable) {
+                out.push((st.pending.pop_front().expect("front").1, None));
+            }
+            out
+        }
+    }
 }
 
 pub(super) struct WalSync {
@@ -84,7 +114,19 @@ pub(super) struct WalSync {
     /// Test only: runs in place of each fsync (told whether on the sync thread), to hold it
     /// back or fail it.
     #[cfg(test)]
-    pub(super) gate: Mutex<Option<Arc<dyn Fn(bool) -> std::io::Result<()> + Send + Sync>>>,
+    pub(super) gate: Mutex<Option<SyncGate>>,
+}
+
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// Elsewhere the file is taken to stay the same (the writer's connection keeps it).
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> (u64, u64) {
+    (0, 0)
 }
 
 fn wal_path(db: &Path) -> PathBuf {
@@ -104,6 +146,7 @@ impl WalSync {
                 wal: None,
                 failed: None,
                 syncing: 0,
+                syncing_upto: 0,
                 stop: false,
                 stats: SyncStats::default(),
             }),
@@ -135,78 +178,72 @@ impl WalSync {
 
     /// The writer has committed (or failed to commit) a group: its replies wait for the fsync
     /// that makes every commit begun so far durable. `idle`: the writer has nothing else queued;
-    /// then, unless a sync is under way or other groups wait for one, it syncs on its own thread
-    /// at once (as SQLite's `FULL` would: no hand-off for a lone caller). Otherwise the sync
-    /// thread does, while the writer goes on.
+    /// then, unless a sync is under way, it syncs on its own thread at once (as SQLite's `FULL`
+    /// would: no hand-off for a lone caller). Otherwise the sync thread does, while the writer
+    /// goes on. A group with nothing to make durable (it never reached `COMMIT`), or any group
+    /// after a failed fsync, is answered at once.
     pub(super) fn finished(&self, done: Finished, idle: bool) {
-        let now = {
+        let (job, answered) = {
             let mut st = self.lock();
             let seq = self.begun.load(Ordering::SeqCst);
             debug_assert!(seq >= st.finished);
-            let now = idle && st.syncing == 0 && st.pending.is_empty();
             st.finished = seq;
             st.stats.groups += 1;
             st.pending.push_back((seq, done));
-            now
+            let job = if idle && st.syncing == 0 { self.take(&mut st) } else { None };
+            (job, answerable(&mut st))
         };
-        if now {
-            self.sync(false);
-        } else {
-            self.wake.notify_one();
+        self.answer(answered);
+        match job {
+            Some(job) => self.complete(job, false),
+            None => self.wake.notify_one(),
         }
     }
 
-    /// fsyncs the WAL and hands every group it made durable to its callers. Either thread may
-    /// call it, even both at once: each group is answered once, by whichever sync covered it. A
-    /// group whose commits are all durable already (one that never reached `COMMIT`) is answered
-    /// without an fsync.
-    fn sync(&self, background: bool) {
-        let job = {
-            let mut st = self.lock();
-            let job = (st.failed.is_none() && st.finished > st.durable).then(|| (st.finished, self.wal_file(&mut st)));
-            st.syncing += u32::from(job.is_some());
-            job
-        };
-        let synced = job.map(|(target, file)| {
-            let fsync = |f: Arc<File>| {
-                #[cfg(test)]
-                if let Some(gate) = self.gate.lock().unwrap().clone() {
-                    return gate(background);
-                }
-                f.sync_data()
-            };
-            (target, file.and_then(|f| fsync(f).map_err(|e| format!("fsync of {}: {e}", self.wal_path.display()))))
+    /// Takes the next fsync to run, if commits have finished that no fsync done or under way
+    /// covers (so two fsyncs never cover the same commits alone).
+    fn take(&self, st: &mut State) -> Option<Job> {
+        if st.failed.is_some() || st.finished <= st.durable.max(st.syncing_upto) {
+            return None;
+        }
+        st.syncing += 1;
+        st.syncing_upto = st.finished;
+        Some(Job { target: st.finished, file: self.wal_file(st) })
+    }
+
+    /// Runs an fsync taken by [`WalSync::take`] and answers every group it made durable.
+    fn complete(&self, job: Job, background: bool) {
+        let synced = job.file.and_then(|f| {
+            #[cfg(test)]
+            if let Some(gate) = self.gate.lock().unwrap().clone() {
+                return gate(background).map_err(|e| format!("fsync of {}: {e}", self.wal_path.display()));
+            }
+            f.sync_data().map_err(|e| format!("fsync of {}: {e}", self.wal_path.display()))
         });
-        let mut answered = Vec::new();
-        let state = {
+        let (answered, state) = {
             let mut st = self.lock();
-            if let Some((target, r)) = synced {
-                st.syncing -= 1;
-                st.stats.syncs += 1;
-                if background {
-                    st.stats.background_syncs += 1;
-                }
-                match r {
-                    Ok(()) => st.durable = st.durable.max(target),
-                    Err(e) if st.failed.is_none() => {
-                        st.failed = Some(format!("the WAL could not be made durable ({e}); committed writes may be lost on power loss: reopen the store"));
-                        st.wal = None;
-                    }
-                    Err(_) => {}
-                }
+            st.syncing -= 1;
+            st.stats.syncs += 1;
+            if background {
+                st.stats.background_syncs += 1;
             }
-            match st.failed.clone() {
-                // Everything waiting, synced or not: its outcome is unknown.
-                Some(msg) => answered.extend(st.pending.drain(..).map(|(_, f)| (f, Some(msg.clone())))),
-                None => {
-                    while st.pending.front().is_some_and(|(seq, _)| *seq <= st.durable) {
-                        answered.push((st.pending.pop_front().expect("front").1, None));
-                    }
+            match synced {
+                Ok(()) => st.durable = st.durable.max(job.target),
+                Err(e) if st.failed.is_none() => {
+                    st.failed = Some(format!("the WAL could not be made durable ({e}); committed writes may be lost on power loss: reopen the store"));
+                    st.wal = None;
                 }
+                Err(_) => {}
             }
-            (st.durable, st.failed.is_some())
+            (answerable(&mut st), (st.durable, st.failed.is_some()))
         };
         self.watch.send_replace(state);
+        self.answer(answered);
+    }
+
+    /// Sends the replies of answered groups (an error for each after a failed fsync), and hands
+    /// on the alerts of those that are durable.
+    fn answer(&self, answered: Vec<(Finished, Option<String>)>) {
         for (f, error) in answered {
             for (reply, result) in f.replies {
                 let result = match &error {
@@ -229,10 +266,8 @@ impl WalSync {
     /// (SQLite removes the WAL when its last connection closes; a new one is a new file, whose
     /// directory entry is synced once too).
     fn wal_file(&self, st: &mut State) -> std::result::Result<Arc<File>, String> {
-        use std::os::unix::fs::MetadataExt;
         let err = |e: std::io::Error| format!("{}: {e}", self.wal_path.display());
-        let meta = std::fs::metadata(&self.wal_path).map_err(err)?;
-        let id = (meta.dev(), meta.ino());
+        let id = file_id(&std::fs::metadata(&self.wal_path).map_err(err)?);
         if let Some((f, known)) = &st.wal
             && *known == id
         {
@@ -246,25 +281,32 @@ impl WalSync {
         Ok(f)
     }
 
-    /// The sync thread: fsyncs whenever a group waits, until [`WalSync::stop`].
+    /// The sync thread: runs each fsync the writer leaves to it, until [`WalSync::stop`].
     pub(super) fn run(&self) {
         loop {
-            {
+            let job = {
                 let mut st = self.lock();
-                while !st.stop && st.pending.is_empty() {
+                loop {
+                    if st.stop {
+                        return;
+                    }
+                    if let Some(job) = self.take(&mut st) {
+                        break job;
+                    }
                     st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
-                if st.stop {
-                    return;
-                }
-            }
-            self.sync(true);
+            };
+            self.complete(job, true);
         }
     }
 
-    /// Answers what still waits (the writer has stopped) and ends the sync thread.
+    /// The writer has stopped: syncs what no fsync covers yet (an fsync under way on the sync
+    /// thread answers what it covers) and ends the sync thread once that is done.
     pub(super) fn stop(&self) {
-        self.sync(false);
+        let job = self.take(&mut self.lock());
+        if let Some(job) = job {
+            self.complete(job, false);
+        }
         self.lock().stop = true;
         self.wake.notify_all();
     }
