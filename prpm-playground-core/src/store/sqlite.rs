@@ -2639,6 +2639,8 @@ mod tests {
         Open,
         HoldAll,
         HoldBackground,
+        /// Lets the first `n` fsyncs since the gate was installed through, holds every later one.
+        HoldFrom(usize),
         Fail,
     }
 
@@ -2651,13 +2653,14 @@ mod tests {
             gate
         }
         fn pass(&self, background: bool) -> std::io::Result<()> {
-            self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let i = self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut mode = self.mode.lock().unwrap();
             loop {
                 match *mode {
                     GateMode::Fail => return Err(std::io::Error::other("injected fsync failure")),
                     GateMode::HoldAll => {}
                     GateMode::HoldBackground if background => {}
+                    GateMode::HoldFrom(n) if i >= n => {}
                     _ => return Ok(()),
                 }
                 mode = self.cv.wait(mode).unwrap();
@@ -2786,13 +2789,13 @@ mod tests {
         });
     }
 
-    /// While the fsync of one group is held back, the writer commits the next group (the sync
-    /// runs on its own thread); neither is answered until a sync covers it.
+    /// While the fsync of one group waits, the writer commits the next groups (with commands
+    /// queued, it leaves fsyncs to the sync thread); none is answered until an fsync covers it.
     #[test]
     fn the_writer_commits_the_next_group_while_one_is_being_synced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        // One command per group, so that the two spends below make two groups.
+        // One command per group, so that the spends below make a group each.
         let (rt, store) = with_user(SqliteOptions { max_batch: 1, ..SqliteOptions::file(&path) });
         let gate = Gate::install(&store);
         let _open = OpenOnDrop(gate.clone());
@@ -2804,24 +2807,23 @@ mod tests {
             async move { s.execute(spend_of("u", "first")).await }
         });
         until("the first spend's fsync begins", || gate.entered() == 1);
-        let mut a = Box::pin(s.execute(spend_of("u", "a")));
-        let mut b = Box::pin(s.execute(spend_of("u", "b")));
-        assert!(pending(&mut a) && pending(&mut b), "both queued behind the first");
-        // Let the writer's own sync through; hold the sync thread's.
-        gate.set(GateMode::HoldBackground);
+        let mut queued: Vec<_> = ["a", "b", "c"].iter().map(|k| Box::pin(s.execute(spend_of("u", k)))).collect();
+        assert!(queued.iter_mut().all(pending), "queued behind the first");
+        // The first spend's fsync through, every later one held: `a` and `b` each finish with
+        // another command queued, so the writer goes on to the next without syncing.
+        gate.set(GateMode::HoldFrom(1));
         rt.block_on(first).unwrap().unwrap().unwrap();
-        until("both spends are committed", || spends_in(&path) == 3);
-        until("the sync thread's fsync begins", || gate.entered() >= 2);
+        until("all three spends are committed", || spends_in(&path) == 4);
+        until("an fsync of them begins", || gate.entered() >= 2);
         std::thread::sleep(Duration::from_millis(100));
-        assert!(pending(&mut a) && pending(&mut b), "answered before an fsync covered them");
+        assert!(queued.iter_mut().all(pending), "answered before an fsync covered them");
         gate.set(GateMode::Open);
         rt.block_on(async {
-            a.await.unwrap().unwrap();
-            b.await.unwrap().unwrap();
+            for q in queued {
+                q.await.unwrap().unwrap();
+            }
         });
-        let stats = store.sync_stats().unwrap();
-        assert!(stats.background_syncs >= 1, "{stats:?}");
-        assert_eq!(rt.block_on(s.balance(&AccountId::new("u").unwrap())).unwrap().total, 2);
+        assert_eq!(rt.block_on(s.balance(&AccountId::new("u").unwrap())).unwrap().total, 1);
     }
 
     /// A failed fsync: the callers waiting get a backend error, and the store refuses writes
