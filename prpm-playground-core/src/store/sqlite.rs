@@ -2722,6 +2722,18 @@ mod tests {
         (rt, store)
     }
 
+    /// Holds every fsync and has the writer, alone, sync a spend itself: held there, it takes
+    /// nothing else until the gate lets that fsync through; what is sent meanwhile queues up.
+    fn hold_the_writer(rt: &tokio::runtime::Runtime, s: &Arc<dyn Store>, gate: &Gate) -> tokio::task::JoinHandle<Result<Outcome>> {
+        gate.set(GateMode::HoldAll);
+        let first = rt.spawn({
+            let s = s.clone();
+            async move { s.execute(spend_of("u", "first")).await }
+        });
+        until("the first spend's fsync begins", || gate.entered() == 1);
+        first
+    }
+
     /// A spend's reply, and a read that may see it, wait for the fsync of the WAL that makes it
     /// durable; the commit itself is in the file (another connection sees it) before that.
     #[test]
@@ -2763,14 +2775,8 @@ mod tests {
         let (rt, store) = with_user(SqliteOptions { readers: 0, ..SqliteOptions::file(&path) });
         let gate = Gate::install(&store);
         let _open = OpenOnDrop(gate.clone());
-        gate.set(GateMode::HoldAll);
         let s: Arc<dyn Store> = store.clone();
-        // The writer, alone, syncs this spend itself: held there, the next two queue up.
-        let first = rt.spawn({
-            let s = s.clone();
-            async move { s.execute(spend_of("u", "first")).await }
-        });
-        until("the first spend's fsync begins", || gate.entered() == 1);
+        let first = hold_the_writer(&rt, &s, &gate);
         let mut spend = Box::pin(s.execute(spend_of("u", "second")));
         let u = AccountId::new("u").unwrap();
         let mut read = Box::pin(s.balance(&u));
@@ -2799,14 +2805,8 @@ mod tests {
         let (rt, store) = with_user(SqliteOptions { max_batch: 1, ..SqliteOptions::file(&path) });
         let gate = Gate::install(&store);
         let _open = OpenOnDrop(gate.clone());
-        gate.set(GateMode::HoldAll);
         let s: Arc<dyn Store> = store.clone();
-        // The writer, alone, syncs the first spend itself: held there, it takes nothing else.
-        let first = rt.spawn({
-            let s = s.clone();
-            async move { s.execute(spend_of("u", "first")).await }
-        });
-        until("the first spend's fsync begins", || gate.entered() == 1);
+        let first = hold_the_writer(&rt, &s, &gate);
         let mut queued: Vec<_> = ["a", "b", "c"].iter().map(|k| Box::pin(s.execute(spend_of("u", k)))).collect();
         assert!(queued.iter_mut().all(pending), "queued behind the first");
         // The first spend's fsync through, every later one held: `a` and `b` each finish with
