@@ -693,16 +693,7 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ma
                     carried = if others.is_empty() { rx.try_recv().ok() } else { None };
                     s.finished(Finished { replies, alerts }, carried.is_none() && others.is_empty());
                 }
-                None => {
-                    for (reply, r) in replies {
-                        let _ = reply.send(r);
-                    }
-                    if let Some(sink) = &w.sink {
-                        for (account, alert) in &alerts {
-                            sink.alert(account, alert);
-                        }
-                    }
-                }
+                None => Finished { replies, alerts }.deliver(w.sink.as_ref()),
             }
         }
         if !others.is_empty() {

@@ -49,6 +49,20 @@ pub(super) struct Finished {
     pub alerts: Vec<(AccountId, Alert)>,
 }
 
+impl Finished {
+    /// Answers the group's callers and hands its alerts to the sink.
+    pub(super) fn deliver(self, sink: Option<&Arc<dyn AlertSink>>) {
+        for (reply, result) in self.replies {
+            let _ = reply.send(result);
+        }
+        if let Some(sink) = sink {
+            for (account, alert) in &self.alerts {
+                sink.alert(account, alert);
+            }
+        }
+    }
+}
+
 /// How the writer's commits were made durable (file stores with `synchronous=FULL`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncStats {
@@ -245,20 +259,13 @@ impl WalSync {
     /// on the alerts of those that are durable.
     fn answer(&self, answered: Vec<(Finished, Option<String>)>) {
         for (f, error) in answered {
-            for (reply, result) in f.replies {
-                let result = match &error {
-                    Some(msg) => Err(Error::Backend(msg.clone())),
-                    None => result,
-                };
-                let _ = reply.send(result);
-            }
-            if error.is_none()
-                && let Some(sink) = &self.sink
-            {
-                for (account, alert) in &f.alerts {
-                    sink.alert(account, alert);
+            let f = match error {
+                Some(msg) => {
+                    Finished { replies: f.replies.into_iter().map(|(reply, _)| (reply, Err(Error::Backend(msg.clone())))).collect(), alerts: Vec::new() }
                 }
-            }
+                None => f,
+            };
+            f.deliver(self.sink.as_ref());
         }
     }
 
