@@ -25,7 +25,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ if std::env::var("PRPM_SYNCHRONOUS").is_ok_and(|v| v.eq_ignore_ascii_case("normal")) => {
             SqliteStore::open_with(SqliteOptions::file(&path).synchronous(Synchronous::Normal))?
         }
-        _ => SqliteStore::open(&path)?,
+        // PRPM_CHECKPOINT_PAGES: the WAL's checkpoint mark (default 4,000 pages).
+        _ => {
+            let mut opts = SqliteOptions::file(&path);
+            if let Ok(pages) = std::env::var("PRPM_CHECKPOINT_PAGES") {
+                opts.wal_autocheckpoint_pages = pages.parse()?;
+            }
+            SqliteStore::open_with(opts)?
+        }
     });
     let store: Arc<dyn Store> = sqlite.clone();
     let id = |i: usize| AccountId::new(format!("load-{i:05}")).unwrap();
@@ -47,6 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // PRPM_LOAD=pairs: each operation is a hold and its settle instead of a spend.
     let pairs = std::env::var("PRPM_LOAD").is_ok_and(|v| v == "pairs");
     let per = spends.div_ceil(callers);
+    let cpu0 = thread_cpu();
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|c| {
@@ -82,7 +90,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(s) = sqlite.sync_stats() {
         println!("{} groups, {} fsyncs of the WAL ({} on the sync thread)", s.groups, s.syncs, s.background_syncs);
     }
+    // CPU time per thread during the run (Linux: /proc), to see which thread limits it.
+    let cpu1 = thread_cpu();
+    let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+    for (tid, (name, t1)) in &cpu1 {
+        let t0 = cpu0.get(tid).map_or(0.0, |(_, t)| *t);
+        *by_name.entry(name.clone()).or_default() += t1 - t0;
+    }
+    let busy: Vec<String> = by_name.iter().filter(|(_, s)| **s > 0.0).map(|(n, s)| format!("{n} {:.0}%", 100.0 * s / e.as_secs_f64())).collect();
+    if !busy.is_empty() {
+        println!("CPU by thread (share of the run's wall time): {}", busy.join(", "));
+    }
     let report = store.verify().await?;
     println!("verify: {}", if report.is_clean() { "clean" } else { "DIFFERENCES" });
     Ok(())
+}
+
+/// Each thread's CPU seconds (user + system), by thread id, with its name. Empty off Linux.
+fn thread_cpu() -> std::collections::HashMap<String, (String, f64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        // pid (comm) state ppid ... utime(14) stime(15): fields after the closing parenthesis.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15, i.e. 12 and 13 after the state (field 3).
+        out.insert(t.file_name().to_string_lossy().into_owned(), (name, (ticks(11) + ticks(12)) / 100.0));
+    }
+    out
 }

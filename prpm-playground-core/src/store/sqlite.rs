@@ -37,6 +37,7 @@ use crate::purchase::{PurchaseKind, PurchaseStatus};
 use crate::session::{Role, RunId, RunOutcome, SharedTurn, Turn};
 
 mod wal_sync;
+mod wal_writes;
 pub use wal_sync::SyncStats;
 use wal_sync::{Finished, WalSync};
 
@@ -265,7 +266,10 @@ impl SqliteStore {
         let mut conn = match &opts.path {
             Some(path) => {
                 check_header(path)?;
-                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+                // The writer's connection writes each commit to the WAL in one call (see
+                // `wal_writes`); every other connection opens the file plainly.
+                let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                Connection::open_with_flags_and_vfs(path, flags, wal_writes::register()?)?
             }
             None => Connection::open_in_memory()?,
         };
