@@ -6,19 +6,25 @@
 //! (frames are 4,120 bytes and straddle them); on this project's virtual machine that was a
 //! fifth of the writer thread's time.
 //!
-//! This is a VFS that wraps the default one and changes only the WAL file: writes that continue
-//! one another are gathered in memory and written with one call when the commit's last frame
-//! (the one whose header carries the database size) is complete. Anything else that touches the
-//! file (a read, a sync, a truncate, its size, a file control, a write elsewhere, its close)
+//! This is a VFS that wraps the default one and changes only the WAL file: appends (writes that
+//! continue one another past everything written since the WAL last started over) are gathered
+//! in memory and written with one call when the commit's last frame (the one whose header
+//! carries the database size) is complete. Anything else that touches the file (a read, a sync,
+//! a truncate, its size, a file control, its close, any write that is not the next append)
 //! first writes what is gathered, and so does a gathering past [`MAX_GATHERED_BYTES`] (the
-//! frames a large transaction spills before its commit). So:
+//! frames a large transaction spills before its commit). A write over frames already written
+//! (a spilled page SQLite changed again, then the checksums of the frames after it, rewritten
+//! after the commit's last frame) goes straight through. So:
 //!
 //! - by the time SQLite publishes a commit in the WAL index (after its frames are written), its
 //!   frames are in the file, as without this layer: other connections and processes read them
-//!   there, and a crash of the process loses nothing that `COMMIT` reported done;
+//!   there, a crash of the process loses nothing that `COMMIT` reported done, and an fsync of
+//!   the file begun afterwards covers them;
 //! - the bytes and their order in the file are those SQLite wrote; only the number of calls
-//!   changes. A failed write fails the frame write SQLite was making (the commit's last), and
-//!   SQLite rolls the transaction back.
+//!   changes. A failed write fails the write SQLite was making (the commit's last frame, or the
+//!   next one), and SQLite fails the transaction. Should gathered bytes fail to be written when
+//!   something other than a write needs them, SQLite was told they were written, so the file
+//!   fails every call from then on and the store stops until it is opened again.
 //!
 //! Only the writer's connection opens files through this VFS; the main database file and every
 //! other file it opens are the default VFS's own, unwrapped.
@@ -58,7 +64,18 @@ struct Gathered {
     bytes: Vec<u8>,
     /// The last write was the header of a commit's last frame: write once its page is in.
     commit_frame: bool,
+    /// The end of the furthest write since the WAL last started over (its header, at offset 0,
+    /// is rewritten then). Only writes from here on are appends, and only appends are gathered:
+    /// a write below it is SQLite going back over frames of the transaction (a page it spilled
+    /// and changed again, the checksums of the frames after), which goes straight through.
+    appended_to: i64,
+    /// Why gathered bytes could not be written when something other than a write asked for
+    /// them (SQLite was told the earlier writes succeeded): every later call fails with it.
+    failed: Option<c_int>,
     stats: WriteStats,
+    /// Test only: the next flush fails as a full disk would.
+    #[cfg(test)]
+    fail_next_flush: bool,
 }
 
 /// A WAL file opened through this VFS: our methods, what is gathered, then the default VFS's file
@@ -154,24 +171,42 @@ unsafe extern "C" fn x_open(_vfs: *mut ffi::sqlite3_vfs, name: ffi::sqlite3_file
             }
             return rc;
         }
-        let g = Box::new(Gathered { offset: 0, bytes: Vec::new(), commit_frame: false, stats: WriteStats::default() });
+        let g = Box::new(Gathered {
+            offset: 0,
+            bytes: Vec::new(),
+            commit_frame: false,
+            appended_to: 0,
+            failed: None,
+            stats: WriteStats::default(),
+            #[cfg(test)]
+            fail_next_flush: false,
+        });
         (*file.cast::<GatheringFile>()).gathered = Box::into_raw(g);
         (*file).pMethods = &METHODS;
         ffi::SQLITE_OK
     }
 }
 
-/// Writes what is gathered, if anything. On failure it is dropped (the transaction it belonged
-/// to fails with the error).
+/// Writes what is gathered, if anything, for a write that cannot go on without it. On failure
+/// the bytes are dropped and the error is that write's: SQLite fails the transaction they
+/// belong to (rolled back at its commit, or the pager stopped after a spill).
 ///
 /// # Safety
 /// `file` is an open [`GatheringFile`].
 unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
         let g = gathered(file);
+        if let Some(rc) = g.failed {
+            return rc;
+        }
         g.commit_frame = false;
         if g.bytes.is_empty() {
             return ffi::SQLITE_OK;
+        }
+        #[cfg(test)]
+        if std::mem::take(&mut g.fail_next_flush) {
+            g.bytes.clear();
+            return ffi::SQLITE_FULL;
         }
         let real = real_file(file);
         let write = (*(*real).pMethods).xWrite.expect("files write");
@@ -195,6 +230,23 @@ unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
+/// As [`flush`], for a call that is not a write (a read, a sync, ...). Should the bytes fail to
+/// be written here, no write of SQLite's can report it, so the file fails every call from then
+/// on: the store stops until it is opened again.
+///
+/// # Safety
+/// `file` is an open [`GatheringFile`].
+unsafe fn flush_before(file: *mut ffi::sqlite3_file) -> c_int {
+    unsafe {
+        let rc = flush(file);
+        if rc != ffi::SQLITE_OK {
+            let g = gathered(file);
+            g.failed.get_or_insert(rc);
+        }
+        rc
+    }
+}
+
 /// The default VFS's methods of the wrapped file.
 ///
 /// # Safety
@@ -210,24 +262,39 @@ unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, data: *const c_void, 
     unsafe {
         let g = gathered(file);
         g.stats.asked += 1;
+        if let Some(rc) = g.failed {
+            return rc;
+        }
         let Ok(len) = usize::try_from(amount) else {
             return ffi::SQLITE_IOERR_WRITE;
         };
-        let end = g.offset + i64::try_from(g.bytes.len()).unwrap_or(i64::MAX);
-        if !g.bytes.is_empty() && offset != end {
+        let end = offset + i64::from(amount);
+        if offset == 0 {
+            // The WAL's header: the log starts over from the beginning of the file.
+            g.appended_to = 0;
+        }
+        let gathered_end = g.offset + i64::try_from(g.bytes.len()).expect("bounded");
+        if !g.bytes.is_empty() && offset != gathered_end {
             let rc = flush(file);
             if rc != ffi::SQLITE_OK {
                 return rc;
             }
         }
         let g = gathered(file);
+        if offset < g.appended_to {
+            // Over frames already written (or just flushed above): straight through, now.
+            g.stats.written += 1;
+            let (m, real) = real_methods(file);
+            return m.xWrite.expect("files write")(real, data, amount, offset);
+        }
+        g.appended_to = end;
         if g.bytes.is_empty() {
             g.offset = offset;
         }
         let bytes = std::slice::from_raw_parts(data.cast::<u8>(), len);
         g.bytes.extend_from_slice(bytes);
         if amount == FRAME_HEADER {
-            // A frame's header: does it end a commit? Its page comes next.
+            // A new frame's header: does it end a commit? Its page comes next.
             g.commit_frame = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) != 0;
             return ffi::SQLITE_OK;
         }
@@ -253,7 +320,7 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
 
 unsafe extern "C" fn x_read(file: *mut ffi::sqlite3_file, data: *mut c_void, amount: c_int, offset: i64) -> c_int {
     unsafe {
-        let rc = flush(file);
+        let rc = flush_before(file);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
@@ -264,7 +331,7 @@ unsafe extern "C" fn x_read(file: *mut ffi::sqlite3_file, data: *mut c_void, amo
 
 unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
     unsafe {
-        let rc = flush(file);
+        let rc = flush_before(file);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
@@ -275,7 +342,7 @@ unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_in
 
 unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     unsafe {
-        let rc = flush(file);
+        let rc = flush_before(file);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
@@ -286,7 +353,7 @@ unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int
 
 unsafe extern "C" fn x_file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
     unsafe {
-        let rc = flush(file);
+        let rc = flush_before(file);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
@@ -324,7 +391,7 @@ unsafe extern "C" fn x_check_reserved_lock(file: *mut ffi::sqlite3_file, out: *m
 
 unsafe extern "C" fn x_file_control(file: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
     unsafe {
-        let rc = flush(file);
+        let rc = flush_before(file);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
@@ -371,19 +438,23 @@ static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xUnfetch: None,
 };
 
+/// `conn`'s WAL file, if it is open through this VFS.
+#[cfg(test)]
+fn wal_of(conn: &rusqlite::Connection) -> Option<*mut ffi::sqlite3_file> {
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: `SQLITE_FCNTL_JOURNAL_POINTER` stores the journal's (here the WAL's) file pointer,
+    // owned by the connection (SQLite answers it without calling the file's methods).
+    unsafe {
+        let rc = ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), ffi::SQLITE_FCNTL_JOURNAL_POINTER, (&raw mut file).cast());
+        (rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &METHODS)).then_some(file)
+    }
+}
+
 /// The counts of `conn`'s WAL file, if it is open through this VFS.
 #[cfg(test)]
 pub(super) fn stats(conn: &rusqlite::Connection) -> Option<WriteStats> {
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    // SAFETY: `SQLITE_FCNTL_JOURNAL_POINTER` stores the journal's (here the WAL's) file pointer,
-    // owned by the connection, which we only read while `conn` is borrowed.
-    unsafe {
-        let rc = ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), ffi::SQLITE_FCNTL_JOURNAL_POINTER, (&raw mut file).cast());
-        if rc != ffi::SQLITE_OK || file.is_null() || !std::ptr::eq((*file).pMethods, &METHODS) {
-            return None;
-        }
-        Some(gathered(file).stats)
-    }
+    // SAFETY: an open file of ours, used by this thread only while `conn` is borrowed.
+    wal_of(conn).map(|f| unsafe { gathered(f).stats })
 }
 
 #[cfg(test)]
@@ -478,6 +549,10 @@ mod tests {
         insert(&c, 0, 3_000, 2_000);
         let s = stats(&c).unwrap();
         assert!(s.written > 2, "a 6 MB transaction is written in pieces: {s:?}");
+        // Pages it had spilled and changed again were written over in place, and SQLite then
+        // rewrote the headers of its frames (their checksums) up to the commit's: all of it is
+        // in the file the moment `COMMIT` returns.
+        check(&copy_aside(&path, dir.path()), 3_000, 2_000);
         // A transaction that spills, then rolls back: its frames are in the file, never
         // committed; the next commit goes on from the last committed frame.
         {
@@ -494,6 +569,61 @@ mod tests {
         c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
         drop(c);
         check(&Connection::open(&path).unwrap(), 3_050, 2_000);
+    }
+
+    #[test]
+    fn a_commit_whose_write_fails_is_rolled_back_and_the_next_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let c = gathering(&path);
+        insert(&c, 0, 10, 1_000);
+        let wal = wal_of(&c).unwrap();
+        // SAFETY: an open file of ours; this thread is the only one using `c`.
+        unsafe { gathered(wal).fail_next_flush = true };
+        let tx = c.unchecked_transaction().unwrap();
+        tx.execute("INSERT INTO t (id, body) VALUES (10, x'00')", []).unwrap();
+        let err = tx.commit().unwrap_err();
+        assert_eq!(err.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull), "{err}");
+        // Nothing of it stayed; the connection goes on.
+        assert!(c.is_autocommit());
+        check(&c, 10, 1_000);
+        insert(&c, 10, 5, 1_000);
+        check(&Connection::open(&path).unwrap(), 15, 1_000);
+        check(&copy_aside(&path, dir.path()), 15, 1_000);
+    }
+
+    #[test]
+    fn bytes_that_fail_to_be_written_for_a_read_fail_the_file_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let c = gathering(&path);
+        insert(&c, 0, 10, 1_000);
+        let wal = wal_of(&c).unwrap();
+        // SAFETY: calls the methods of an open file of ours directly, as SQLite would, on this
+        // thread (the only one using `c`). The frame written is past every committed one.
+        unsafe {
+            let methods = &*(*wal).pMethods;
+            let mut size = 0i64;
+            assert_eq!(methods.xFileSize.unwrap()(wal, &mut size), ffi::SQLITE_OK);
+            // Half a frame (a header that ends no commit) stays gathered...
+            let header = [0u8; 24];
+            assert_eq!(methods.xWrite.unwrap()(wal, header.as_ptr().cast(), 24, size), ffi::SQLITE_OK);
+            assert!(!gathered(wal).bytes.is_empty());
+            // ...and cannot be written when a read needs it: the read fails, and so does every
+            // later call, though nothing is gathered any more.
+            gathered(wal).fail_next_flush = true;
+            let mut buf = [0u8; 32];
+            assert_eq!(methods.xRead.unwrap()(wal, buf.as_mut_ptr().cast(), 32, 0), ffi::SQLITE_FULL);
+            assert!(gathered(wal).bytes.is_empty());
+            assert_eq!(methods.xRead.unwrap()(wal, buf.as_mut_ptr().cast(), 32, 0), ffi::SQLITE_FULL);
+            assert_eq!(methods.xSync.unwrap()(wal, ffi::SQLITE_SYNC_NORMAL), ffi::SQLITE_FULL);
+        }
+        let tx = c.unchecked_transaction().unwrap();
+        tx.execute("INSERT INTO t (id, body) VALUES (10, x'00')", []).unwrap();
+        assert!(tx.commit().is_err(), "no commit while the WAL has failed");
+        drop(c);
+        // Opened again, the committed rows are all there.
+        check(&Connection::open(&path).unwrap(), 10, 1_000);
     }
 
     #[test]
