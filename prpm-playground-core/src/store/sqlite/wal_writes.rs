@@ -247,6 +247,21 @@ unsafe fn flush_before(file: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
+/// Writes what is gathered ([`flush_before`]), then calls `f` with the wrapped file's methods.
+///
+/// # Safety
+/// `file` is an open [`GatheringFile`].
+unsafe fn after_flush(file: *mut ffi::sqlite3_file, f: impl FnOnce(&ffi::sqlite3_io_methods, *mut ffi::sqlite3_file) -> c_int) -> c_int {
+    unsafe {
+        let rc = flush_before(file);
+        if rc != ffi::SQLITE_OK {
+            return rc;
+        }
+        let (m, real) = real_methods(file);
+        f(m, real)
+    }
+}
+
 /// The default VFS's methods of the wrapped file.
 ///
 /// # Safety
@@ -319,47 +334,19 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
 }
 
 unsafe extern "C" fn x_read(file: *mut ffi::sqlite3_file, data: *mut c_void, amount: c_int, offset: i64) -> c_int {
-    unsafe {
-        let rc = flush_before(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (m, real) = real_methods(file);
-        m.xRead.expect("files read")(real, data, amount, offset)
-    }
+    unsafe { after_flush(file, |m, real| m.xRead.expect("files read")(real, data, amount, offset)) }
 }
 
 unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    unsafe {
-        let rc = flush_before(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (m, real) = real_methods(file);
-        m.xTruncate.expect("files truncate")(real, size)
-    }
+    unsafe { after_flush(file, |m, real| m.xTruncate.expect("files truncate")(real, size)) }
 }
 
 unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    unsafe {
-        let rc = flush_before(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (m, real) = real_methods(file);
-        m.xSync.expect("files sync")(real, flags)
-    }
+    unsafe { after_flush(file, |m, real| m.xSync.expect("files sync")(real, flags)) }
 }
 
 unsafe extern "C" fn x_file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    unsafe {
-        let rc = flush_before(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (m, real) = real_methods(file);
-        m.xFileSize.expect("files have a size")(real, size)
-    }
+    unsafe { after_flush(file, |m, real| m.xFileSize.expect("files have a size")(real, size)) }
 }
 
 unsafe extern "C" fn x_lock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
@@ -390,14 +377,7 @@ unsafe extern "C" fn x_check_reserved_lock(file: *mut ffi::sqlite3_file, out: *m
 }
 
 unsafe extern "C" fn x_file_control(file: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    unsafe {
-        let rc = flush_before(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (m, real) = real_methods(file);
-        m.xFileControl.map_or(ffi::SQLITE_NOTFOUND, |f| f(real, op, arg))
-    }
+    unsafe { after_flush(file, |m, real| m.xFileControl.map_or(ffi::SQLITE_NOTFOUND, |f| f(real, op, arg))) }
 }
 
 unsafe extern "C" fn x_sector_size(file: *mut ffi::sqlite3_file) -> c_int {
