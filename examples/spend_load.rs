@@ -112,12 +112,12 @@ fn thread_cpu() -> std::collections::HashMap<String, (String, f64)> {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
     for t in dir.flatten() {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
-        // pid (comm) state ppid ... utime(14) stime(15): fields after the closing parenthesis.
+        // `pid (comm) state ppid ...`: after the closing parenthesis, the state (field 3) is at
+        // index 0, so utime (field 14) and stime (field 15) are at indices 11 and 12.
         let Some((head, rest)) = stat.rsplit_once(')') else { continue };
         let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15, i.e. 12 and 13 after the state (field 3).
         out.insert(t.file_name().to_string_lossy().into_owned(), (name, (ticks(11) + ticks(12)) / 100.0));
     }
     out
