@@ -90,6 +90,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(s) = sqlite.sync_stats() {
         println!("{} groups, {} fsyncs of the WAL ({} on the sync thread)", s.groups, s.syncs, s.background_syncs);
     }
+    if let Some(c) = sqlite.checkpoint_stats() {
+        println!("WAL started over {} times between groups ({} tries), {} times at the bound", c.early_restarts, c.early_tries, c.bound_restarts);
+    }
     // CPU time per thread during the run (Linux: /proc), to see which thread limits it.
     let cpu1 = thread_cpu();
     let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();

@@ -46,7 +46,7 @@ pub use pricing::{Estimate, EstimateRequest, PriceTable, Pricing, Quote, TokenUs
 pub use session::{
     NewSession, NewTurn, Package, Role, RunId, RunOutcome, RunRecord, Session, SessionId, SessionPage, SessionSummary, ShareToken, SharedSession,
 };
-pub use store::sqlite::{SqliteOptions, SqliteStore, SyncStats, Synchronous};
+pub use store::sqlite::{CheckpointStats, SqliteOptions, SqliteStore, SyncStats, Synchronous};
 pub use store::{
     AlertQuery, AnalyticsReport, BalanceView, CostFilter, CostView, DailyUsage, DailyUsageQuery, Due, Entry, HistoryPage, HistoryQuery, SettleRun, SettledRun,
     Store, StoredAlert, UsageRow, VerifyReport,

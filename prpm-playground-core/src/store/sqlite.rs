@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -235,6 +236,8 @@ pub struct SqliteStore {
     ledger: LedgerConfig,
     /// Pipelined fsyncs of the WAL (a file with `synchronous=FULL`), see [`wal_sync`].
     sync: Option<Arc<WalSync>>,
+    /// A file's checkpoints (see [`start_checkpointer`]).
+    checkpoints: Option<Arc<Checkpoints>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -290,13 +293,14 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", true)?;
         // A file's checkpoints run on their own thread (its WAL hook replaces SQLite's automatic
         // checkpoint); otherwise `0` turns them off (and in memory there is no WAL).
-        let checkpointer = match &opts.path {
+        let (checkpointer, checkpoints) = match &opts.path {
             Some(path) if opts.wal_autocheckpoint_pages > 0 => {
-                Some(start_checkpointer(&mut conn, path, sync, opts.wal_autocheckpoint_pages, opts.busy_timeout)?)
+                let (thread, shared) = start_checkpointer(&mut conn, path, sync, opts.wal_autocheckpoint_pages, opts.busy_timeout)?;
+                (Some(thread), Some(shared))
             }
             _ => {
                 conn.pragma_update(None, "wal_autocheckpoint", opts.wal_autocheckpoint_pages)?;
-                None
+                (None, None)
             }
         };
         if let Some(bytes) = opts.max_size_bytes {
@@ -340,13 +344,26 @@ impl SqliteStore {
         let index_batch = i64::from(opts.history_index_batch);
         let sink = opts.alert_sink.clone();
         let writer_sync = sync.clone();
+        let writer_checkpoints = checkpoints.clone();
+        let busy_timeout = opts.busy_timeout;
         let writer = std::thread::Builder::new()
             .name("prpm-sqlite-writer".into())
             .spawn(move || {
                 // Every group answered and the sync thread ended when the writer stops, even by
                 // a panic.
                 let stop = writer_sync.clone().map(|s| StopSync(s, syncer));
-                let w = Writer { conn, ledger, cache: Cache::default(), data_version: -1, index_batch, sink, alerts: Vec::new(), sync: writer_sync };
+                let w = Writer {
+                    conn,
+                    ledger,
+                    cache: Cache::default(),
+                    data_version: -1,
+                    index_batch,
+                    sink,
+                    alerts: Vec::new(),
+                    sync: writer_sync,
+                    checkpoints: writer_checkpoints,
+                    busy_timeout,
+                };
                 let mut conn = writer_loop(w, rx, clock, max_batch);
                 // Before the connection closes (the last to close removes the WAL).
                 drop(stop);
@@ -366,7 +383,7 @@ impl SqliteStore {
             .as_ref()
             .filter(|_| opts.readers > 0)
             .map(|p| Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers }));
-        Ok(SqliteStore { jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), readers, clock: opts.clock, ledger: opts.ledger, sync })
+        Ok(SqliteStore { jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), readers, clock: opts.clock, ledger: opts.ledger, sync, checkpoints })
     }
 
     fn send(&self, job: Job) -> Result<()> {
@@ -435,6 +452,15 @@ impl SqliteStore {
         self.sync.as_ref().map(|s| s.stats())
     }
 
+    /// How the WAL was started over: `None` unless the store is a file that checkpoints.
+    pub fn checkpoint_stats(&self) -> Option<CheckpointStats> {
+        self.checkpoints.as_ref().map(|c| CheckpointStats {
+            early_restarts: c.early_restarts.load(Ordering::Relaxed),
+            early_tries: c.early_tries.load(Ordering::Relaxed),
+            bound_restarts: c.bound_restarts.load(Ordering::Relaxed),
+        })
+    }
+
     /// Runs `f` on the writer's connection in its own write transaction (see [`in_write`]).
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
@@ -476,16 +502,25 @@ impl Drop for StopSync {
 /// Starts the thread that checkpoints the WAL of `path` on its own connection, and has the
 /// writer's connection `conn` wake it after each commit that leaves `pages` or more in the WAL
 /// (in place of SQLite's automatic checkpoint, which runs inside that commit). A checkpoint is
-/// `PASSIVE`: it copies what no reader still needs and never blocks the writer or a reader. If
-/// the WAL reaches four times `pages` all the same (that thread short of CPU, a long read, or
-/// commits so close together that the WAL is never found fully copied when one begins, which is
-/// when SQLite starts it over), the writer checkpoints itself in `RESTART` mode: it copies
-/// everything, waits for readers still using the WAL and starts the WAL over, so the next commit
-/// writes at its beginning and the file stays bounded. It waits up to `busy_timeout` for that
-/// thread's checkpoint under way (SQLite answers `BUSY` at once while another connection
-/// checkpoints, without asking the busy handler); past that, the next commit tries again. The
-/// thread ends when `conn`'s WAL hook is removed or `conn` is closed.
-fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32, busy_timeout: Duration) -> Result<JoinHandle<()>> {
+/// `PASSIVE`: it copies what no reader still needs and never blocks the writer or a reader.
+///
+/// SQLite starts the WAL over only when a write transaction begins with the WAL fully copied
+/// back. Under a steady stream of commits that never happens by itself: each commit adds
+/// frames before the thread has copied those of the one before, so the WAL would grow and the
+/// thread would checkpoint after every commit, sorting the WAL's index each time. So once the
+/// thread reports that all but the last `pages / 8` frames are copied, the hook marks the WAL
+/// due to start over, and the writer does it before its next group
+/// ([`Writer::restart_wal_if_due`]): it copies the rest (a few commits' frames) and starts the
+/// WAL over, waiting for nothing.
+///
+/// Should the WAL reach four times `pages` all the same (that thread short of CPU, a long read),
+/// the writer checkpoints itself in `RESTART` mode inside the hook: it copies everything, waits
+/// for readers still using the WAL and starts it over, so the next commit writes at its
+/// beginning and the file stays bounded. It waits up to `busy_timeout` for that thread's
+/// checkpoint under way (SQLite answers `BUSY` at once while another connection checkpoints,
+/// without asking the busy handler); past that, the next commit tries again. The thread ends
+/// when `conn`'s WAL hook is removed or `conn` is closed.
+fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32, busy_timeout: Duration) -> Result<(JoinHandle<()>, Arc<Checkpoints>)> {
     use rusqlite::hooks::Wal;
     use rusqlite::wal::CheckpointMode;
     let own = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
@@ -493,20 +528,33 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
     own.pragma_update(None, "synchronous", sync)?;
     // At most one wake-up waits: commits that cross the mark while a checkpoint runs add none.
     let (wake, woken) = mpsc::sync_channel::<()>(1);
+    let shared = Arc::new(Checkpoints::default());
+    let thread_shared = shared.clone();
     let handle = std::thread::Builder::new()
         .name("prpm-sqlite-checkpoint".into())
         .spawn(move || {
             while woken.recv().is_ok() {
                 // An error (I/O, a lock) is left to the next wake-up or to the writer's bound.
-                let _ = own.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE);
+                if let Ok((log, copied)) = own.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE) {
+                    thread_shared.report(log, copied);
+                }
             }
         })
         .map_err(|e| Error::Backend(format!("cannot start the checkpoint thread: {e}")))?;
     let bound = pages.saturating_mul(4);
+    let slack = (pages / 8).max(1);
+    let hook_shared = shared.clone();
+    let mut last_frames = 0;
     // Replaces SQLite's automatic checkpoint (both are this hook). Never an error: the commit it
     // follows is already durable, and an error here would be reported as the commit's.
     conn.wal_hook(Some(move |wal: &mut Wal, frames: std::ffi::c_int| {
+        let c = &hook_shared;
         let frames = u32::try_from(frames).unwrap_or(0);
+        if frames < last_frames {
+            // The WAL started over: the thread's last report was about the one before.
+            c.progress.store(0, Ordering::Release);
+        }
+        last_frames = frames;
         if frames >= bound {
             let deadline = std::time::Instant::now() + busy_timeout;
             while let Err(e) = wal.checkpoint_v2(CheckpointMode::RESTART) {
@@ -516,12 +564,65 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
+            c.bound_restarts.fetch_add(1, Ordering::Relaxed);
         } else if frames >= pages {
-            let _ = wake.try_send(());
+            let (log, copied) = Progress::unpack(c.progress.load(Ordering::Acquire));
+            if log <= frames && copied >= pages / 2 && frames - copied <= slack {
+                // Once per report: should the writer's attempt fail (a reader on the WAL), the
+                // thread is woken again and the next report may mark it due again.
+                c.progress.store(0, Ordering::Release);
+                c.restart_due.store(true, Ordering::Release);
+            } else {
+                let _ = wake.try_send(());
+            }
         }
         Ok(())
     }))?;
-    Ok(handle)
+    Ok((handle, shared))
+}
+
+/// What the writer's WAL hook, the checkpoint thread and the writer share.
+#[derive(Default)]
+struct Checkpoints {
+    /// The thread's last checkpoint: the WAL's frames it found and those then copied back
+    /// ([`Progress::pack`]); 0 when none since the WAL started over.
+    progress: AtomicU64,
+    /// Set by the hook: the writer is to copy the rest and start the WAL over before its next group.
+    restart_due: AtomicBool,
+    /// WAL restarts by the writer before a group, and those it tried.
+    early_restarts: AtomicU64,
+    early_tries: AtomicU64,
+    /// Checkpoints the hook ran at the bound.
+    bound_restarts: AtomicU64,
+}
+
+impl Checkpoints {
+    fn report(&self, log: std::ffi::c_int, copied: std::ffi::c_int) {
+        self.progress.store(Progress::pack(log, copied), Ordering::Release);
+    }
+}
+
+/// Two frame counts of the WAL in one atomic word.
+struct Progress;
+
+impl Progress {
+    fn pack(log: std::ffi::c_int, copied: std::ffi::c_int) -> u64 {
+        (u64::from(u32::try_from(log).unwrap_or(0)) << 32) | u64::from(u32::try_from(copied).unwrap_or(0))
+    }
+    fn unpack(v: u64) -> (u32, u32) {
+        ((v >> 32) as u32, v as u32)
+    }
+}
+
+/// How the WAL was started over since the store opened (see [`SqliteOptions::wal_autocheckpoint_pages`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointStats {
+    /// By the writer between groups, once the checkpoint thread had copied nearly everything.
+    pub early_restarts: u64,
+    /// Those it tried (the others found a reader on the WAL or the thread checkpointing).
+    pub early_tries: u64,
+    /// By the writer's commit that took the WAL to four times the mark.
+    pub bound_restarts: u64,
 }
 
 impl Drop for SqliteStore {
@@ -660,6 +761,8 @@ struct Writer {
     /// Alerts of the group being committed, for the sink.
     alerts: Vec<(AccountId, Alert)>,
     sync: Option<Arc<WalSync>>,
+    checkpoints: Option<Arc<Checkpoints>>,
+    busy_timeout: Duration,
 }
 
 fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, max_batch: usize) -> Connection {
@@ -687,7 +790,10 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ma
                 Some(msg) => {
                     replies.extend(group.into_iter().map(|(_, reply)| (reply, Err(Error::Backend(msg.clone())))));
                 }
-                None => w.commit_group(group, now, &mut replies),
+                None => {
+                    w.restart_wal_if_due();
+                    w.commit_group(group, now, &mut replies)
+                }
             }
             let alerts = std::mem::take(&mut w.alerts);
             match &w.sync {
@@ -742,6 +848,28 @@ fn next_job(rx: &mpsc::Receiver<Job>) -> Option<Job> {
 }
 
 impl Writer {
+    /// Copies the rest of the WAL back and starts it over, if the hook found the checkpoint
+    /// thread nearly done (see [`start_checkpointer`]). Between groups, so no write is open;
+    /// waiting for nothing: a reader still on the WAL (or the thread checkpointing) leaves it
+    /// for a later report. A failure changes nothing a commit relies on.
+    fn restart_wal_if_due(&mut self) {
+        let Some(c) = &self.checkpoints else { return };
+        if !c.restart_due.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        c.early_tries.fetch_add(1, Ordering::Relaxed);
+        if self.conn.busy_timeout(Duration::ZERO).is_err() {
+            return;
+        }
+        let r = self.conn.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), rusqlite::wal::CheckpointMode::RESTART);
+        if matches!(r, Ok((log, copied)) if log == copied) {
+            c.early_restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        // Should this fail, the connection keeps no busy timeout: a commit that finds the file
+        // locked (another process) fails at once rather than after waiting.
+        let _ = self.conn.busy_timeout(self.busy_timeout);
+    }
+
     /// Commits the group in one transaction. If a write fails (I/O, a broken invariant), the
     /// transaction is rolled back, the cache dropped, and each command retried alone, so one
     /// bad command cannot fail the others. If the transaction cannot even begin (the file is
@@ -2848,6 +2976,120 @@ mod tests {
             assert!(again.execute(spend_of("u", "s1")).await.unwrap().unwrap().replayed);
             again.execute(spend_of("u", "s2")).await.unwrap().unwrap();
             assert_eq!(again.balance(&AccountId::new("u").unwrap()).await.unwrap().total, 3);
+            assert!(again.verify().await.unwrap().is_clean());
+        });
+    }
+
+    /// Grants `amount` credits to "u" and lifts its hourly request limit (the unlimited tier).
+    fn fund_u(rt: &tokio::runtime::Runtime, s: &dyn Store, amount: i64) {
+        let u = AccountId::new("u").unwrap();
+        rt.block_on(s.set_cost_profile(u, false, Some("unlimited".into()), IdempotencyKey::new("unlimited-u").unwrap())).unwrap().unwrap();
+        let key = IdempotencyKey::new("grant-u").unwrap();
+        let g = Grant {
+            account: AccountId::new("u").unwrap(),
+            bucket: Bucket::Purchased,
+            amount,
+            source: GrantSource::Admin,
+            expires_at: None,
+            reference: "t".into(),
+            key,
+        };
+        rt.block_on(s.grant(g)).unwrap().unwrap();
+    }
+
+    /// The WAL header's checkpoint sequence number: SQLite adds one each time it starts the WAL
+    /// over (written with the first frame after).
+    fn wal_restarts_seen(path: &Path) -> u32 {
+        let mut wal = std::fs::read(path.with_extension("db-wal")).unwrap();
+        wal.truncate(16);
+        u32::from_be_bytes(wal[12..16].try_into().unwrap())
+    }
+
+    /// Under a steady stream of commits the WAL is never found fully copied back when one begins
+    /// (SQLite's condition to start it over); the writer starts it over between groups once the
+    /// checkpoint thread has copied nearly everything, and every spend is still there.
+    #[test]
+    fn a_steady_stream_of_commits_starts_the_wal_over_between_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut opts = SqliteOptions::file(&path).synchronous(Synchronous::Normal);
+        opts.wal_autocheckpoint_pages = 400;
+        let (rt, store) = with_user(opts);
+        let s: Arc<dyn Store> = store.clone();
+        fund_u(&rt, &*s, 1_000_000);
+        let (callers, each) = (32, 300);
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..callers)
+                .map(|c| {
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        for i in 0..each {
+                            s.execute(spend_of("u", &format!("s-{c}-{i}"))).await.unwrap().unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let stats = store.checkpoint_stats().unwrap();
+        assert!(stats.early_restarts >= 1, "{stats:?}");
+        assert!(stats.early_tries >= stats.early_restarts, "{stats:?}");
+        assert!(rt.block_on(s.verify()).unwrap().is_clean());
+        drop(s);
+        store.close();
+        drop(store);
+        assert_eq!(spends_in(&path), callers * each);
+    }
+
+    /// The writer's restart between groups waits for no reader: with a read still on the WAL it
+    /// leaves the WAL as it is at once (a restart inside the commit's hook, as at the bound,
+    /// would wait out the busy timeout); once the read ends it starts the WAL over.
+    #[test]
+    fn the_writers_restart_between_groups_waits_for_no_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut opts = SqliteOptions::file(&path);
+        // No checkpoint of its own: the test marks the restart due itself.
+        opts.wal_autocheckpoint_pages = 1_000_000;
+        opts.busy_timeout = Duration::from_secs(3);
+        let (rt, store) = with_user(opts);
+        let s: Arc<dyn Store> = store.clone();
+        fund_u(&rt, &*s, 1_000);
+        for i in 0..20 {
+            rt.block_on(s.execute(spend_of("u", &format!("a{i}")))).unwrap().unwrap();
+        }
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let seen: i64 = reader.query_row("SELECT count(*) FROM ledger_entries WHERE kind = 'spend'", [], |r| r.get(0)).unwrap();
+        assert_eq!(seen, 20);
+        rt.block_on(s.execute(spend_of("u", "b1"))).unwrap().unwrap();
+        let restarts = wal_restarts_seen(&path);
+        let due = || store.checkpoints.as_ref().unwrap().restart_due.store(true, Ordering::Release);
+
+        due();
+        let t0 = std::time::Instant::now();
+        rt.block_on(s.execute(spend_of("u", "b2"))).unwrap().unwrap();
+        assert!(t0.elapsed() < Duration::from_millis(1500), "the writer waited {:?} for the reader", t0.elapsed());
+        assert_eq!(store.checkpoint_stats().unwrap(), CheckpointStats { early_restarts: 0, early_tries: 1, bound_restarts: 0 });
+        rt.block_on(s.execute(spend_of("u", "b3"))).unwrap().unwrap();
+        assert_eq!(wal_restarts_seen(&path), restarts, "the WAL was started over under a reader");
+
+        reader.execute_batch("COMMIT").unwrap();
+        due();
+        rt.block_on(s.execute(spend_of("u", "c1"))).unwrap().unwrap();
+        assert_eq!(store.checkpoint_stats().unwrap(), CheckpointStats { early_restarts: 1, early_tries: 2, bound_restarts: 0 });
+        rt.block_on(s.execute(spend_of("u", "c2"))).unwrap().unwrap();
+        assert_eq!(wal_restarts_seen(&path), restarts.wrapping_add(1));
+
+        assert_eq!(rt.block_on(s.balance(&AccountId::new("u").unwrap())).unwrap().total, 5 + 1_000 - 25);
+        drop(s);
+        store.close();
+        drop(store);
+        let again: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        rt.block_on(async {
+            assert_eq!(again.balance(&AccountId::new("u").unwrap()).await.unwrap().total, 5 + 1_000 - 25);
             assert!(again.verify().await.unwrap().is_clean());
         });
     }
