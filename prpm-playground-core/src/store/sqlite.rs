@@ -84,8 +84,11 @@ pub struct SqliteOptions {
     /// larger WAL file (4,000 pages: 16 MiB). For a file, the checkpoint runs on a thread and
     /// connection of its own, so no commit waits for it (a checkpoint copies and fsyncs
     /// megabytes: 15–20 ms on this project's machine, which the commit that crossed the mark
-    /// used to wait for, as SQLite's `wal_autocheckpoint` does). Should that thread fall behind
-    /// (a long read pinning the WAL), the writer checkpoints itself at four times this.
+    /// used to wait for, as SQLite's `wal_autocheckpoint` does). Once that thread has copied
+    /// all but the last eighth of this, the writer copies the rest and starts the WAL over
+    /// between two groups (under a steady stream of commits SQLite never would). Should the
+    /// thread fall behind (a long read pinning the WAL), the writer checkpoints itself at four
+    /// times this.
     /// `0`: never checkpoint (as `PRAGMA wal_autocheckpoint = 0`).
     pub wal_autocheckpoint_pages: u32,
     /// Log entries appended before the writer indexes them by account, all at once inside the
