@@ -576,6 +576,9 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
                 c.progress.store(0, Ordering::Release);
                 c.restart_due.store(true, Ordering::Release);
             } else {
+                // A wake-up may wait behind a checkpoint under way, so the thread catches up with
+                // the last commit before an idle spell. The writer's restart then sometimes finds
+                // it busy (a few microseconds lost; the next report marks it due again).
                 let _ = wake.try_send(());
             }
         }
