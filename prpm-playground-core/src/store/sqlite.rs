@@ -298,8 +298,8 @@ impl SqliteStore {
         // checkpoint); otherwise `0` turns them off (and in memory there is no WAL).
         let (checkpointer, checkpoints) = match &opts.path {
             Some(path) if opts.wal_autocheckpoint_pages > 0 => {
-                let (thread, shared) = start_checkpointer(&mut conn, path, sync, opts.wal_autocheckpoint_pages, opts.busy_timeout)?;
-                (Some(thread), Some(shared))
+                let (thread, shared, wake) = start_checkpointer(&mut conn, path, sync, opts.wal_autocheckpoint_pages, opts.busy_timeout)?;
+                (Some(thread), Some((shared, wake)))
             }
             _ => {
                 conn.pragma_update(None, "wal_autocheckpoint", opts.wal_autocheckpoint_pages)?;
@@ -347,7 +347,10 @@ impl SqliteStore {
         let index_batch = i64::from(opts.history_index_batch);
         let sink = opts.alert_sink.clone();
         let writer_sync = sync.clone();
-        let writer_checkpoints = checkpoints.clone();
+        let (checkpoints, writer_checkpoints) = match checkpoints {
+            Some((shared, wake)) => (Some(shared.clone()), Some((shared, wake))),
+            None => (None, None),
+        };
         let busy_timeout = opts.busy_timeout;
         let writer = std::thread::Builder::new()
             .name("prpm-sqlite-writer".into())
@@ -523,7 +526,13 @@ impl Drop for StopSync {
 /// checkpoint under way (SQLite answers `BUSY` at once while another connection checkpoints,
 /// without asking the busy handler); past that, the next commit tries again. The thread ends
 /// when `conn`'s WAL hook is removed or `conn` is closed.
-fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32, busy_timeout: Duration) -> Result<(JoinHandle<()>, Arc<Checkpoints>)> {
+fn start_checkpointer(
+    conn: &mut Connection,
+    path: &Path,
+    sync: &str,
+    pages: u32,
+    busy_timeout: Duration,
+) -> Result<(JoinHandle<()>, Arc<Checkpoints>, mpsc::SyncSender<()>)> {
     use rusqlite::hooks::Wal;
     use rusqlite::wal::CheckpointMode;
     let own = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
@@ -547,6 +556,7 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
     let bound = pages.saturating_mul(4);
     let slack = (pages / 8).max(1);
     let hook_shared = shared.clone();
+    let writer_wake = wake.clone();
     let mut last_frames = 0;
     // Replaces SQLite's automatic checkpoint (both are this hook). Never an error: the commit it
     // follows is already durable, and an error here would be reported as the commit's.
@@ -584,7 +594,7 @@ fn start_checkpointer(conn: &mut Connection, path: &Path, sync: &str, pages: u32
         }
         Ok(())
     }))?;
-    Ok((handle, shared))
+    Ok((handle, shared, writer_wake))
 }
 
 /// What the writer's WAL hook, the checkpoint thread and the writer share.
@@ -767,7 +777,9 @@ struct Writer {
     /// Alerts of the group being committed, for the sink.
     alerts: Vec<(AccountId, Alert)>,
     sync: Option<Arc<WalSync>>,
-    checkpoints: Option<Arc<Checkpoints>>,
+    /// With the wake-up of the checkpoint thread (dropped with the writer, before the thread is
+    /// joined).
+    checkpoints: Option<(Arc<Checkpoints>, mpsc::SyncSender<()>)>,
     busy_timeout: Duration,
 }
 
@@ -810,6 +822,11 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ma
                     s.finished(Finished { replies, alerts }, carried.is_none() && others.is_empty());
                 }
                 None => Finished { replies, alerts }.deliver(w.sink.as_ref()),
+            }
+            if carried.is_none() && others.is_empty() {
+                // Nothing waiting (the replies are out): a WAL restart found due is done now,
+                // so the last commits before an idle spell are copied back too.
+                w.restart_wal_if_due();
             }
         }
         if !others.is_empty() {
@@ -857,9 +874,10 @@ impl Writer {
     /// Copies the rest of the WAL back and starts it over, if the hook found the checkpoint
     /// thread nearly done (see [`start_checkpointer`]). Between groups, so no write is open;
     /// waiting for nothing: a reader still on the WAL (or the thread checkpointing) leaves it
-    /// for a later report. A failure changes nothing a commit relies on.
+    /// to the thread, woken for it, and to a later report. A failure changes nothing a commit
+    /// relies on.
     fn restart_wal_if_due(&mut self) {
-        let Some(c) = &self.checkpoints else { return };
+        let Some((c, wake)) = &self.checkpoints else { return };
         if !c.restart_due.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -870,6 +888,9 @@ impl Writer {
         let r = self.conn.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), rusqlite::wal::CheckpointMode::RESTART);
         if matches!(r, Ok((log, copied)) if log == copied) {
             c.early_restarts.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // The thread copies what it may, should no commit follow to wake it.
+            let _ = wake.try_send(());
         }
         // Should this fail, the connection keeps no busy timeout: a commit that finds the file
         // locked (another process) fails at once rather than after waiting.
