@@ -515,9 +515,9 @@ impl Drop for StopSync {
 /// frames before the thread has copied those of the one before, so the WAL would grow and the
 /// thread would checkpoint after every commit, sorting the WAL's index each time. So once the
 /// thread reports that all but the last `pages / 8` frames are copied, the hook marks the WAL
-/// due to start over, and the writer does it before its next group
-/// ([`Writer::restart_wal_if_due`]): it copies the rest (a few commits' frames) and starts the
-/// WAL over, waiting for nothing.
+/// due to start over, and the writer does it before its next group, or at once when nothing
+/// is queued ([`Writer::restart_wal_if_due`]): it copies the rest (a few commits' frames) and
+/// starts the WAL over, waiting for nothing.
 ///
 /// Should the WAL reach four times `pages` all the same (that thread short of CPU, a long read),
 /// the writer checkpoints itself in `RESTART` mode inside the hook: it copies everything, waits
@@ -579,7 +579,7 @@ fn start_checkpointer(
             }
             c.bound_restarts.fetch_add(1, Ordering::Relaxed);
         } else if frames >= pages {
-            let (log, copied) = Progress::unpack(c.progress.load(Ordering::Acquire));
+            let (log, copied) = c.reported();
             if log <= frames && copied >= pages / 2 && frames - copied <= slack {
                 // Once per report: should the writer's attempt fail (a reader on the WAL), the
                 // thread is woken again and the next report may mark it due again.
@@ -601,31 +601,27 @@ fn start_checkpointer(
 #[derive(Default)]
 struct Checkpoints {
     /// The thread's last checkpoint: the WAL's frames it found and those then copied back
-    /// ([`Progress::pack`]); 0 when none since the WAL started over.
+    /// ([`Checkpoints::report`]); 0 when none since the WAL started over.
     progress: AtomicU64,
     /// Set by the hook: the writer is to copy the rest and start the WAL over before its next group.
     restart_due: AtomicBool,
     /// WAL restarts by the writer before a group, and those it tried.
     early_restarts: AtomicU64,
     early_tries: AtomicU64,
-    /// Checkpoints the hook ran at the bound.
+    /// `RESTART` checkpoints the hook ran at the bound (whether or not they got through).
     bound_restarts: AtomicU64,
 }
 
 impl Checkpoints {
+    /// Frame counts are below 2^32 (the WAL is bounded far below).
     fn report(&self, log: std::ffi::c_int, copied: std::ffi::c_int) {
-        self.progress.store(Progress::pack(log, copied), Ordering::Release);
+        let frames = |n: std::ffi::c_int| u64::from(u32::try_from(n).unwrap_or(0));
+        self.progress.store((frames(log) << 32) | frames(copied), Ordering::Release);
     }
-}
 
-/// Two frame counts of the WAL in one atomic word.
-struct Progress;
-
-impl Progress {
-    fn pack(log: std::ffi::c_int, copied: std::ffi::c_int) -> u64 {
-        (u64::from(u32::try_from(log).unwrap_or(0)) << 32) | u64::from(u32::try_from(copied).unwrap_or(0))
-    }
-    fn unpack(v: u64) -> (u32, u32) {
+    /// The last report: (the WAL's frames, those copied back).
+    fn reported(&self) -> (u32, u32) {
+        let v = self.progress.load(Ordering::Acquire);
         ((v >> 32) as u32, v as u32)
     }
 }
@@ -637,7 +633,8 @@ pub struct CheckpointStats {
     pub early_restarts: u64,
     /// Those it tried (the others found a reader on the WAL or the thread checkpointing).
     pub early_tries: u64,
-    /// By the writer's commit that took the WAL to four times the mark.
+    /// Tried by the writer's commit that took the WAL to four times the mark (whether or not
+    /// it got through).
     pub bound_restarts: u64,
 }
 
