@@ -452,8 +452,9 @@ fn main() {
             let (ops, e) = bench.run(load, n);
             let t0 = Instant::now();
             bench.checkpoint();
-            *checkpoints.entry(load).or_default() += t0.elapsed();
-            let e = e + t0.elapsed();
+            let closing = t0.elapsed();
+            *checkpoints.entry(load).or_default() += closing;
+            let e = e + closing;
             let t = totals.entry(load).or_default();
             t.0 += ops;
             t.1 += e;

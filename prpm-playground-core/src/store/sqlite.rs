@@ -3007,26 +3007,19 @@ mod tests {
     /// Grants `amount` credits to "u" and lifts its hourly request limit (the unlimited tier).
     fn fund_u(rt: &tokio::runtime::Runtime, s: &dyn Store, amount: i64) {
         let u = AccountId::new("u").unwrap();
-        rt.block_on(s.set_cost_profile(u, false, Some("unlimited".into()), IdempotencyKey::new("unlimited-u").unwrap())).unwrap().unwrap();
+        rt.block_on(s.set_cost_profile(u.clone(), false, Some("unlimited".into()), IdempotencyKey::new("unlimited-u").unwrap())).unwrap().unwrap();
         let key = IdempotencyKey::new("grant-u").unwrap();
-        let g = Grant {
-            account: AccountId::new("u").unwrap(),
-            bucket: Bucket::Purchased,
-            amount,
-            source: GrantSource::Admin,
-            expires_at: None,
-            reference: "t".into(),
-            key,
-        };
+        let g = Grant { account: u, bucket: Bucket::Purchased, amount, source: GrantSource::Admin, expires_at: None, reference: "t".into(), key };
         rt.block_on(s.grant(g)).unwrap().unwrap();
     }
 
     /// The WAL header's checkpoint sequence number: SQLite adds one each time it starts the WAL
     /// over (written with the first frame after).
     fn wal_restarts_seen(path: &Path) -> u32 {
-        let mut wal = std::fs::read(path.with_extension("db-wal")).unwrap();
-        wal.truncate(16);
-        u32::from_be_bytes(wal[12..16].try_into().unwrap())
+        use std::io::Read;
+        let mut header = [0; 16];
+        std::fs::File::open(wal_sync::wal_path(path)).unwrap().read_exact(&mut header).unwrap();
+        u32::from_be_bytes(header[12..16].try_into().unwrap())
     }
 
     /// Under a steady stream of commits the WAL is never found fully copied back when one begins

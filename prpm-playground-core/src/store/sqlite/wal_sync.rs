@@ -143,7 +143,7 @@ fn file_id(_: &std::fs::Metadata) -> (u64, u64) {
     (0, 0)
 }
 
-fn wal_path(db: &Path) -> PathBuf {
+pub(super) fn wal_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
     p.push("-wal");
     PathBuf::from(p)
