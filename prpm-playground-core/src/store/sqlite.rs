@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -97,6 +97,15 @@ pub struct SqliteOptions {
     pub history_index_batch: u32,
     /// Where alerts go besides the `cost_alerts` table.
     pub alert_sink: Option<Arc<dyn AlertSink>>,
+    /// A command that finds the writer idle (nothing queued, no group being written) commits
+    /// on the caller's own thread, as a plain transaction would: its transaction and, with
+    /// `FULL`, its fsync run there, and the two hand-offs between threads (to the writer and
+    /// back, tens of microseconds each on a virtual machine) are saved. Commands that arrive
+    /// meanwhile queue for the writer thread, which groups them as ever. The caller's thread
+    /// is then busy for one commit (a fraction of a millisecond with a quick fsync; an async
+    /// runtime's thread too, as with any synchronous SQLite call). `false`: every command goes
+    /// to the writer thread.
+    pub inline_commits: bool,
 }
 
 impl std::fmt::Debug for dyn AlertSink {
@@ -122,6 +131,7 @@ impl SqliteOptions {
             wal_autocheckpoint_pages: 4_000,
             history_index_batch: 8_192,
             alert_sink: None,
+            inline_commits: true,
         }
     }
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -233,6 +243,16 @@ impl ReadPool {
 /// the commands already queued.
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Jobs sent and not yet taken by the writer thread.
+    queued: Arc<AtomicUsize>,
+    /// Set while the writer thread sleeps for want of jobs (see [`next_job`]).
+    writer_asleep: Arc<AtomicBool>,
+    /// The writer: the writer thread's between its groups, and a caller's that finds it idle
+    /// (see [`SqliteOptions::inline_commits`]). `None` once the writer thread has stopped.
+    shared: Arc<Mutex<Option<Writer>>>,
+    inline_commits: bool,
+    /// Commands committed on their caller's thread.
+    inline_count: AtomicU64,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Option<Arc<ReadPool>>,
     clock: Arc<dyn Clock>,
@@ -351,33 +371,38 @@ impl SqliteStore {
             Some((shared, wake)) => (Some(shared.clone()), Some((shared, wake))),
             None => (None, None),
         };
-        let busy_timeout = opts.busy_timeout;
+        let shared = Arc::new(Mutex::new(Some(Writer {
+            conn,
+            ledger,
+            cache: Cache::default(),
+            data_version: -1,
+            index_batch,
+            sink,
+            alerts: Vec::new(),
+            sync: writer_sync.clone(),
+            checkpoints: writer_checkpoints,
+            busy_timeout: opts.busy_timeout,
+            last_group: 0,
+        })));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer_asleep = Arc::new(AtomicBool::new(false));
+        let queue = Queue { rx, queued: queued.clone(), asleep: writer_asleep.clone() };
+        let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("prpm-sqlite-writer".into())
             .spawn(move || {
                 // Every group answered and the sync thread ended when the writer stops, even by
                 // a panic.
-                let stop = writer_sync.clone().map(|s| StopSync(s, syncer));
-                let w = Writer {
-                    conn,
-                    ledger,
-                    cache: Cache::default(),
-                    data_version: -1,
-                    index_batch,
-                    sink,
-                    alerts: Vec::new(),
-                    sync: writer_sync,
-                    checkpoints: writer_checkpoints,
-                    busy_timeout,
-                };
-                let mut conn = writer_loop(w, rx, clock, max_batch);
+                let stop = writer_sync.map(|s| StopSync(s, syncer));
+                let conn = writer_loop(&writer_shared, queue, clock, max_batch);
                 // Before the connection closes (the last to close removes the WAL).
                 drop(stop);
                 // The checkpoint thread's connection closes first, then this one, alone: SQLite
                 // copies the WAL back and removes it only in the last connection to close, and
                 // two connections closing at once each see the other and both leave it. (Should
                 // the hook not come off, its end in this connection's close stops that thread.)
-                if let Some(checkpointer) = checkpointer
+                if let Some(mut conn) = conn
+                    && let Some(checkpointer) = checkpointer
                     && conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, std::ffi::c_int) -> rusqlite::Result<()>>).is_ok()
                 {
                     let _ = checkpointer.join();
@@ -389,12 +414,65 @@ impl SqliteStore {
             .as_ref()
             .filter(|_| opts.readers > 0)
             .map(|p| Arc::new(ReadPool { path: p.clone(), busy_timeout: opts.busy_timeout, idle: Mutex::new(Vec::new()), max_idle: opts.readers }));
-        Ok(SqliteStore { jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), readers, clock: opts.clock, ledger: opts.ledger, sync, checkpoints })
+        Ok(SqliteStore {
+            jobs: Mutex::new(Some(tx)),
+            queued,
+            writer_asleep,
+            shared,
+            inline_commits: opts.inline_commits,
+            inline_count: AtomicU64::new(0),
+            writer: Mutex::new(Some(writer)),
+            readers,
+            clock: opts.clock,
+            ledger: opts.ledger,
+            sync,
+            checkpoints,
+        })
     }
 
     fn send(&self, job: Job) -> Result<()> {
         let jobs = self.jobs.lock().unwrap();
-        jobs.as_ref().ok_or(Error::Closed)?.send(job).map_err(|_| Error::Closed)
+        let jobs = jobs.as_ref().ok_or(Error::Closed)?;
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        jobs.send(job).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            Error::Closed
+        })
+    }
+
+    /// Runs a command: on this thread if the writer is idle (see
+    /// [`SqliteOptions::inline_commits`]), else on the writer thread with the group it joins.
+    async fn exec(&self, p: Prepared) -> Result<Done> {
+        let (tx, rx) = oneshot::channel();
+        if let Err((p, tx)) = self.try_inline(p, tx) {
+            self.send(Job::Exec(Box::new(p), tx))?;
+        }
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Commits `p` alone on this thread if the writer thread sleeps for want of jobs (no
+    /// command came for a while: under a stream of commands it is awake, and they are grouped)
+    /// and nothing is queued; its answer goes to `reply` (at once, or once an fsync under way
+    /// on the sync thread covers it). Hands `p` back otherwise.
+    fn try_inline(&self, p: Prepared, reply: Reply) -> Result<(), (Prepared, Reply)> {
+        if !self.inline_commits || !self.writer_asleep.load(Ordering::Acquire) || self.queued.load(Ordering::Acquire) != 0 {
+            return Err((p, reply));
+        }
+        // Busy (or poisoned by a panic, or closed): the writer thread answers, or the send
+        // fails with `Closed`.
+        let Ok(mut guard) = self.shared.try_lock() else { return Err((p, reply)) };
+        let Some(w) = guard.as_mut().filter(|w| w.last_group <= 1) else { return Err((p, reply)) };
+        let now = to_millis(self.clock.now());
+        let queued = &self.queued;
+        w.commit_and_answer(vec![(p, reply)], now, || queued.load(Ordering::Acquire) == 0);
+        self.inline_count.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Commands committed on their caller's thread, the writer thread being idle (see
+    /// [`SqliteOptions::inline_commits`]).
+    pub fn inline_commits(&self) -> u64 {
+        self.inline_count.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on a read connection (or on the writer for in-memory databases).
@@ -778,15 +856,51 @@ struct Writer {
     /// joined).
     checkpoints: Option<(Arc<Checkpoints>, mpsc::SyncSender<()>)>,
     busy_timeout: Duration,
+    /// Commands in the last group committed: more than one, and commands are arriving
+    /// together (callers answered by one fsync come back at once), so the next is left to the
+    /// writer thread to group, even should it find that thread asleep.
+    last_group: usize,
 }
 
-fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, max_batch: usize) -> Connection {
+/// The writer thread's end of the job queue, counting what it takes off (see
+/// [`SqliteStore::try_inline`]).
+struct Queue {
+    rx: mpsc::Receiver<Job>,
+    queued: Arc<AtomicUsize>,
+    /// Set while the writer thread sleeps for want of jobs.
+    asleep: Arc<AtomicBool>,
+}
+
+impl Queue {
+    fn taken(&self, job: Option<Job>) -> Option<Job> {
+        if job.is_some() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        job
+    }
+    /// The next job, waiting for it.
+    fn next(&self) -> Option<Job> {
+        self.taken(next_job(&self.rx, &self.asleep))
+    }
+    /// The next job, if one is queued.
+    fn try_next(&self) -> Option<Job> {
+        self.taken(self.rx.try_recv().ok())
+    }
+}
+
+/// The writer thread: takes jobs until the queue closes, and commits their commands in groups
+/// on the shared writer. Returns the writer's connection (`None` if a panic while it was in use
+/// left it poisoned: dropping it then rolls back whatever was open).
+fn writer_loop(shared: &Mutex<Option<Writer>>, queue: Queue, clock: Arc<dyn Clock>, max_batch: usize) -> Option<Connection> {
     let mut group = Vec::with_capacity(max_batch);
     // Reads and playground writes, in arrival order, after the group.
     let mut others: Vec<ConnFn> = Vec::new();
     // A command taken from the queue to see whether one waits (it starts the next group).
     let mut carried: Option<Job> = None;
-    while let Some(first) = carried.take().or_else(|| next_job(&rx)) {
+    while let Some(first) = carried.take().or_else(|| queue.next()) {
+        // Commands that queue while a caller commits on its own thread join this group.
+        let Ok(mut guard) = shared.lock() else { break };
+        let Some(w) = guard.as_mut() else { break };
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
@@ -794,37 +908,18 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ma
                 Job::Run(f) => others.push(f),
             }
             if group.len() < max_batch {
-                next = rx.try_recv().ok();
+                next = queue.try_next();
             }
         }
         if !group.is_empty() {
             let now = to_millis(clock.now());
             let group = std::mem::take(&mut group);
-            let mut replies = Vec::with_capacity(group.len());
-            match w.sync.as_ref().and_then(|s| s.failed()) {
-                Some(msg) => {
-                    replies.extend(group.into_iter().map(|(_, reply)| (reply, Err(Error::Backend(msg.clone())))));
+            w.commit_and_answer(group, now, || {
+                if others.is_empty() {
+                    carried = queue.try_next();
                 }
-                None => {
-                    w.restart_wal_if_due();
-                    w.commit_group(group, now, &mut replies)
-                }
-            }
-            let alerts = std::mem::take(&mut w.alerts);
-            match &w.sync {
-                Some(s) => {
-                    // With commands queued, the next group is written while the sync thread
-                    // fsyncs this one; alone, this thread fsyncs at once.
-                    carried = if others.is_empty() { rx.try_recv().ok() } else { None };
-                    s.finished(Finished { replies, alerts }, carried.is_none() && others.is_empty());
-                }
-                None => Finished { replies, alerts }.deliver(w.sink.as_ref()),
-            }
-            if carried.is_none() && others.is_empty() {
-                // Nothing waiting (the replies are out): a WAL restart found due is done now,
-                // so the last commits before an idle spell are copied back too.
-                w.restart_wal_if_due();
-            }
+                carried.is_none() && others.is_empty()
+            });
         }
         if !others.is_empty() {
             // Their own transactions commit with `FULL` (SQLite fsyncs before it makes them
@@ -847,7 +942,11 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ma
             }
         }
     }
-    w.conn
+    let w = shared.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if shared.is_poisoned() {
+        return None;
+    }
+    w.map(|w| w.conn)
 }
 
 /// How long the writer polls for the next command before it sleeps: a caller that sends its
@@ -855,19 +954,54 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Job>, clock: Arc<dyn Clock>, ma
 /// costs tens of microseconds on a virtual machine).
 const SPIN: Duration = Duration::from_micros(50);
 
-fn next_job(rx: &mpsc::Receiver<Job>) -> Option<Job> {
+fn next_job(rx: &mpsc::Receiver<Job>, asleep: &AtomicBool) -> Option<Job> {
     let t0 = std::time::Instant::now();
     loop {
         match rx.try_recv() {
             Ok(job) => return Some(job),
             Err(mpsc::TryRecvError::Disconnected) => return None,
             Err(mpsc::TryRecvError::Empty) if t0.elapsed() < SPIN => std::hint::spin_loop(),
-            Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
+            Err(mpsc::TryRecvError::Empty) => {
+                asleep.store(true, Ordering::Release);
+                let job = rx.recv().ok();
+                asleep.store(false, Ordering::Release);
+                return job;
+            }
         }
     }
 }
 
 impl Writer {
+    /// Commits a group ([`Writer::commit_group`]) and answers its callers: through the sync
+    /// thread with `FULL` (at once, with the fsync on this thread, if `idle` says nothing waits
+    /// and no fsync is under way), else at once. With nothing waiting, a WAL restart found due
+    /// is done next (the replies are out), so the last commits before an idle spell are copied
+    /// back too.
+    fn commit_and_answer(&mut self, group: Vec<(Prepared, Reply)>, now: DateTime<Utc>, idle: impl FnOnce() -> bool) {
+        self.last_group = group.len();
+        let mut replies = Vec::with_capacity(group.len());
+        match self.sync.as_ref().and_then(|s| s.failed()) {
+            Some(msg) => {
+                replies.extend(group.into_iter().map(|(_, reply)| (reply, Err(Error::Backend(msg.clone())))));
+            }
+            None => {
+                self.restart_wal_if_due();
+                self.commit_group(group, now, &mut replies)
+            }
+        }
+        let alerts = std::mem::take(&mut self.alerts);
+        // With commands queued, the next group is written while the sync thread fsyncs this
+        // one; alone, this thread fsyncs at once.
+        let idle = idle();
+        match &self.sync {
+            Some(s) => s.finished(Finished { replies, alerts }, idle),
+            None => Finished { replies, alerts }.deliver(self.sink.as_ref()),
+        }
+        if idle {
+            self.restart_wal_if_due();
+        }
+    }
+
     /// Copies the rest of the WAL back and starts it over, if the hook found the checkpoint
     /// thread nearly done (see [`start_checkpointer`]). Between groups, so no write is open;
     /// waiting for nothing: a reader still on the WAL (or the thread checkpointing) leaves it
@@ -2264,9 +2398,7 @@ impl Store for SqliteStore {
     async fn execute(&self, cmd: Command) -> Result<Outcome> {
         cmd.validate()?;
         let fingerprint = fingerprint(&cmd);
-        let (tx, rx) = oneshot::channel();
-        self.send(Job::Exec(Box::new(Prepared { cmd, fingerprint, run: None }), tx))?;
-        Ok(rx.await.map_err(|_| Error::Closed)??.outcome)
+        Ok(self.exec(Prepared { cmd, fingerprint, run: None }).await?.outcome)
     }
 
     async fn settle_run(&self, r: SettleRun) -> Result<SettledRun> {
@@ -2275,9 +2407,7 @@ impl Store for SqliteStore {
         let fingerprint = fingerprint(&cmd);
         let run = RunRecord { at: to_millis(r.run.at), ..r.run };
         let attached = RunToRecord { run, turns: r.turns, new_session: r.new_session };
-        let (tx, rx) = oneshot::channel();
-        self.send(Job::Exec(Box::new(Prepared { cmd, fingerprint, run: Some(Box::new(attached)) }), tx))?;
-        let done = rx.await.map_err(|_| Error::Closed)??;
+        let done = self.exec(Prepared { cmd, fingerprint, run: Some(Box::new(attached)) }).await?;
         Ok(SettledRun { settled: done.outcome, session: done.session })
     }
 
@@ -3058,6 +3188,97 @@ mod tests {
         store.close();
         drop(store);
         assert_eq!(spends_in(&path), callers * each);
+    }
+
+    /// A lone caller's commands commit on its own thread once the writer thread sleeps (no
+    /// hand-off to it and back), durably (each answered after its fsync, on that thread too);
+    /// with `inline_commits` off every one goes through the writer thread. Same outcomes.
+    #[test]
+    fn a_lone_callers_commands_commit_on_its_own_thread() {
+        for inline in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.db");
+            let mut opts = SqliteOptions::file(&path);
+            opts.inline_commits = inline;
+            let (rt, store) = with_user(opts);
+            let s: Arc<dyn Store> = store.clone();
+            fund_u(&rt, &*s, 100);
+            let before = store.inline_commits();
+            let n = 40;
+            for i in 0..n {
+                let Ok(Committed { effect: Effect::Spent { charged, .. }, replayed: false }) = rt.block_on(s.execute(spend_of("u", &format!("s{i}")))).unwrap()
+                else {
+                    panic!("spend {i} did not commit")
+                };
+                assert_eq!(charged.total(), 1);
+            }
+            // A replay answers the first outcome and writes nothing, on either path.
+            assert!(matches!(rt.block_on(s.execute(spend_of("u", "s0"))).unwrap(), Ok(Committed { replayed: true, .. })));
+            let inlined = store.inline_commits() - before;
+            if inline {
+                // The writer thread may still be awake for the first (it sleeps after 50 µs
+                // without a command).
+                assert!(inlined >= n as u64 - 2, "{inlined} of {n} on the caller's thread");
+            } else {
+                assert_eq!(inlined, 0);
+            }
+            let stats = store.sync_stats().unwrap();
+            assert!(stats.syncs >= n as u64, "{stats:?}: every lone commit has its fsync");
+            assert_eq!(rt.block_on(s.balance(&AccountId::new("u").unwrap())).unwrap().available, 105 - n);
+            assert!(rt.block_on(s.verify()).unwrap().is_clean());
+            drop(s);
+            store.close();
+            drop(store);
+            assert_eq!(spends_in(&path), n);
+        }
+    }
+
+    /// Commits on callers' threads and groups on the writer thread, racing: callers pause now
+    /// and then (so the writer thread falls asleep and the next caller commits on its own
+    /// thread while others queue). Exactly as many spends succeed as the balance allows, and
+    /// every one of them is in the file after a reopen.
+    #[test]
+    fn commits_on_callers_threads_and_groups_race_without_overspend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (rt, store) = with_user(SqliteOptions::file(&path));
+        let s: Arc<dyn Store> = store.clone();
+        fund_u(&rt, &*s, 295);
+        let (callers, each) = (16, 30);
+        let ok = rt.block_on(async {
+            let tasks: Vec<_> = (0..callers)
+                .map(|c| {
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        let mut ok = 0;
+                        for i in 0..each {
+                            if (c + i) % 4 == 0 {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                            match s.execute(spend_of("u", &format!("s-{c}-{i}"))).await.unwrap() {
+                                Ok(_) => ok += 1,
+                                Err(Rejection::InsufficientCredits { .. }) => {}
+                                Err(r) => panic!("{r:?}"),
+                            }
+                        }
+                        ok
+                    })
+                })
+                .collect();
+            let mut ok = 0;
+            for t in tasks {
+                ok += t.await.unwrap();
+            }
+            ok
+        });
+        assert_eq!(ok, 300, "5 free credits and 295 granted");
+        assert!(store.inline_commits() >= 1, "no command committed on its caller's thread");
+        assert_eq!(rt.block_on(s.balance(&AccountId::new("u").unwrap())).unwrap().available, 0);
+        assert!(rt.block_on(s.verify()).unwrap().is_clean());
+        drop(s);
+        store.close();
+        drop(store);
+        assert_eq!(spends_in(&path), 300);
     }
 
     /// The writer's restart between groups waits for no reader: with a read still on the WAL it
