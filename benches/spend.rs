@@ -155,8 +155,12 @@ impl Baseline {
 // ---------------------------------------------------------------------------------------------
 // Ours
 
+/// `PRPM_BENCH_INLINE=0`: every command through the writer thread (see
+/// `SqliteOptions::inline_commits`), for comparison.
 fn open_store(path: &Path) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open_with(SqliteOptions::file(path).synchronous(Synchronous::Full)).unwrap())
+    let mut opts = SqliteOptions::file(path).synchronous(Synchronous::Full);
+    opts.inline_commits = std::env::var("PRPM_BENCH_INLINE").map_or(true, |v| v != "0");
+    Arc::new(SqliteStore::open_with(opts).unwrap())
 }
 
 async fn seed_accounts(store: &dyn Store) {
