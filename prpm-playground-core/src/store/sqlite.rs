@@ -97,11 +97,12 @@ pub struct SqliteOptions {
     pub history_index_batch: u32,
     /// Where alerts go besides the `cost_alerts` table.
     pub alert_sink: Option<Arc<dyn AlertSink>>,
-    /// A command that finds the writer idle (nothing queued, no group being written) commits
-    /// on the caller's own thread, as a plain transaction would: its transaction and, with
-    /// `FULL`, its fsync run there, and the two hand-offs between threads (to the writer and
-    /// back, tens of microseconds each on a virtual machine) are saved. Commands that arrive
-    /// meanwhile queue for the writer thread, which groups them as ever. The caller's thread
+    /// A command that finds the writer thread asleep (no command for 50 µs, nothing queued)
+    /// after three groups of one command in a row commits on the caller's own thread, as a
+    /// plain transaction would: its transaction and, with `FULL`, its fsync run there, and the
+    /// two hand-offs between threads (to the writer and back, tens of microseconds each on a
+    /// virtual machine) are saved. Commands that arrive meanwhile queue for the writer thread,
+    /// which groups them as ever (and after a group of more than one, commands go to it). The caller's thread
     /// is then busy for one commit (a fraction of a millisecond with a quick fsync; an async
     /// runtime's thread too, as with any synchronous SQLite call). `false`: every command goes
     /// to the writer thread.
@@ -948,11 +949,13 @@ fn writer_loop(shared: &Mutex<Option<Writer>>, queue: Queue, clock: Arc<dyn Cloc
             }
         }
     }
-    let w = shared.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if shared.is_poisoned() {
-        return None;
+    match shared.lock() {
+        Ok(mut w) => w.take().map(|w| w.conn),
+        Err(poisoned) => {
+            poisoned.into_inner().take();
+            None
+        }
     }
-    w.map(|w| w.conn)
 }
 
 /// How long the writer polls for the next command before it sleeps: a caller that sends its
