@@ -54,6 +54,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // PRPM_LOAD=pairs: each operation is a hold and its settle instead of a spend.
     let pairs = std::env::var("PRPM_LOAD").is_ok_and(|v| v == "pairs");
     let per = spends.div_ceil(callers);
+    // The setup's commits are not the load's: its figures are told apart from these.
+    let sync0 = sqlite.sync_stats().unwrap_or_default();
+    let ckpt0 = sqlite.checkpoint_stats();
+    let inline0 = sqlite.inline_commits();
     let cpu0 = thread_cpu();
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..callers)
@@ -88,10 +92,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let what = if pairs { "hold + settle pairs" } else { "spends" };
     println!("{n} {what} by {callers} callers over {accounts} accounts in {e:.2?}: {:.0} {what}/s", n as f64 / e.as_secs_f64());
     if let Some(s) = sqlite.sync_stats() {
-        println!("{} groups, {} fsyncs of the WAL ({} on the sync thread)", s.groups, s.syncs, s.background_syncs);
+        println!(
+            "{} groups ({} committed on a caller's thread), {} fsyncs of the WAL ({} on the sync thread)",
+            s.groups - sync0.groups,
+            sqlite.inline_commits() - inline0,
+            s.syncs - sync0.syncs,
+            s.background_syncs - sync0.background_syncs
+        );
     }
-    if let Some(c) = sqlite.checkpoint_stats() {
-        println!("WAL started over {} times between groups ({} tries), {} times at the bound", c.early_restarts, c.early_tries, c.bound_restarts);
+    if let (Some(c), Some(c0)) = (sqlite.checkpoint_stats(), ckpt0) {
+        println!(
+            "WAL started over {} times between groups ({} tries), {} times at the bound",
+            c.early_restarts - c0.early_restarts,
+            c.early_tries - c0.early_tries,
+            c.bound_restarts - c0.bound_restarts
+        );
     }
     // CPU time per thread during the run (Linux: /proc), to see which thread limits it.
     let cpu1 = thread_cpu();

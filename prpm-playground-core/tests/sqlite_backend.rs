@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use prpm_playground_core::conformance::{acct, applied, create_user, grant, rejected, spend_cmd};
+use prpm_playground_core::conformance::{acct, applied, create_user, grant, hold_cmd, rejected, settle_cmd, spend_cmd};
 use prpm_playground_core::*;
 use rusqlite::Connection;
 
@@ -23,7 +23,7 @@ fn file_is_wal_full_sync_with_our_application_id_and_schema() {
     let app: i32 = c.query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
     assert_eq!(app, prpm_playground_core::store::sqlite::APPLICATION_ID);
     let v: i64 = c.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 7);
+    assert_eq!(v, 8);
     // Opening again applies nothing and keeps the data.
     SqliteStore::open(&path).unwrap();
 }
@@ -83,9 +83,100 @@ fn refuses_a_schema_newer_than_the_code() {
             .unwrap();
     }
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found: 99, supported: 7 }) => {}
+        Err(Error::SchemaTooNew { found: 99, supported: 8 }) => {}
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
+}
+
+/// The migrations as the code has them, to build a file as an older release left it.
+mod sqlite_migrations {
+    refinery::embed_migrations!("../migrations/sqlite");
+}
+
+/// A row of `table` as text, every column, in id order.
+fn rows_of(c: &Connection, table: &str) -> Vec<String> {
+    let mut stmt = c.prepare(&format!("SELECT * FROM {table} ORDER BY rowid")).unwrap();
+    let n = stmt.column_count();
+    stmt.query_map([], |r| Ok((0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect::<Vec<_>>().join("|"))).unwrap().map(Result::unwrap).collect()
+}
+
+fn index_sql(c: &Connection, table: &str) -> Vec<String> {
+    let mut stmt = c.prepare("SELECT sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL ORDER BY name").unwrap();
+    stmt.query_map([table], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+}
+
+/// Whether SQLite builds a temporary b-tree to run `sql` (`OpenEphemeral` in its program).
+fn builds_a_temporary_table(c: &Connection, sql: &str) -> bool {
+    let mut stmt = c.prepare(&format!("EXPLAIN {sql}")).unwrap();
+    let ops: Vec<String> = stmt.query_map([], |r| r.get(1)).unwrap().map(Result::unwrap).collect();
+    ops.iter().any(|op| op == "OpenEphemeral")
+}
+
+const HOLD_INSERT: &str = "INSERT INTO holds (account_id, amount, deadline_ms, status, reference, created_ms, cost_micros) VALUES (1, 4, 9, 'open', 'x', 5, 0)";
+const HOLD_CLOSE: &str = "UPDATE holds SET status = 'settled', closed_ms = 6 WHERE id = 1 AND status = 'open'";
+const RUN_INSERT: &str = "INSERT INTO runs (id, account, session_id, package_id, model, with_prompt, input_tokens, output_tokens, cache_read_tokens,
+     cache_write_tokens, credits, cost_micros, latency_ms, outcome, error, hold_id, at_ms) VALUES ('r9', 'old', NULL, NULL, 'm', 1, 1, 1, 0, 0, 1, 5, 3, 'completed', NULL, 1, 7)";
+
+#[test]
+fn v8_rebuilds_holds_and_runs_with_the_same_rows_and_checks_that_need_no_temporary_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    // A file as release V7 left it, with holds and runs in it.
+    let (holds, runs, hold_indexes, run_indexes) = {
+        let mut c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "application_id", prpm_playground_core::store::sqlite::APPLICATION_ID).unwrap();
+        sqlite_migrations::migrations::runner().set_target(refinery::Target::Version(7)).run(&mut c).unwrap();
+        // The form V8 replaces: each of these statements built a temporary b-tree for its CHECK.
+        for sql in [HOLD_INSERT, HOLD_CLOSE, RUN_INSERT] {
+            assert!(builds_a_temporary_table(&c, sql), "{sql}");
+        }
+        c.execute_batch(
+            "INSERT INTO accounts (id, external_id, kind, monthly, rollover, purchased, held, created_ms, updated_ms) VALUES (1, 'old', 'user', 5, 0, 0, 4, 0, 0);
+             INSERT INTO holds (id, account_id, amount, deadline_ms, status, reference, created_ms, closed_ms, cost_micros) VALUES
+                 (3, 1, 4, 900, 'open', 'r-open', 10, NULL, 25), (7, 1, 2, 800, 'settled', 'r-done', 11, 12, 0), (8, 1, 1, 700, 'expired', 'r-old', 13, 14, 3);
+             INSERT INTO runs (id, account, session_id, package_id, model, with_prompt, input_tokens, output_tokens, cache_read_tokens,
+                 cache_write_tokens, credits, cost_micros, latency_ms, outcome, error, hold_id, at_ms) VALUES
+                 ('run-b', 'old', 's1', 'pkg', 'claude-sonnet-4-5', 1, 1200, 400, 10, 20, 1, 9600, 812, 'completed', NULL, 7, 12),
+                 ('run-a', 'old', NULL, NULL, 'gpt-4o', 0, 50, 0, 0, 0, 0, 0, 30, 'failed', 'provider unavailable', NULL, 13);",
+        )
+        .unwrap();
+        (rows_of(&c, "holds"), rows_of(&c, "runs"), index_sql(&c, "holds"), index_sql(&c, "runs"))
+    };
+    assert_eq!((holds.len(), runs.len(), hold_indexes.len()), (3, 2, 2));
+
+    // Opening it applies V8.
+    drop(SqliteStore::open(&path).unwrap());
+    let c = Connection::open(&path).unwrap();
+    let v: i64 = c.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, 8);
+    assert_eq!(rows_of(&c, "holds"), holds);
+    assert_eq!(rows_of(&c, "runs"), runs);
+    assert_eq!(index_sql(&c, "holds"), hold_indexes);
+    assert_eq!(index_sql(&c, "runs"), run_indexes);
+    for sql in [HOLD_INSERT, HOLD_CLOSE, RUN_INSERT] {
+        assert!(!builds_a_temporary_table(&c, sql), "{sql}");
+    }
+    // The CHECKs still refuse what they refused, and change nothing.
+    c.pragma_update(None, "foreign_keys", true).unwrap();
+    let bad_hold = c.execute(&HOLD_INSERT.replace("'open'", "'pending'"), []).unwrap_err();
+    assert!(bad_hold.to_string().contains("CHECK constraint failed"), "{bad_hold}");
+    assert!(c.execute("UPDATE holds SET status = 'gone' WHERE id = 3", []).is_err());
+    assert!(c.execute(&RUN_INSERT.replace("'completed'", "'done'"), []).is_err());
+    assert!(c.execute(&HOLD_INSERT.replace("VALUES (1,", "VALUES (99,"), []).is_err(), "the foreign key to accounts is kept");
+    assert_eq!(rows_of(&c, "holds"), holds);
+    assert_eq!(rows_of(&c, "runs"), runs);
+    drop(c);
+
+    // And the store goes on from there: new holds take the next ids, settle and verify.
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let u = create_user(&*s, "u").await;
+        let Effect::Held { hold, .. } = applied(s.hold(hold_cmd(&u, 3, 600, "h1")).await) else { panic!("not held") };
+        assert_eq!(hold, HoldId(9));
+        applied(s.settle(settle_cmd(hold, 2, "st1")).await);
+        let b = s.balance(&u).await.unwrap();
+        assert_eq!((b.total, b.held), (3, 0));
+    });
 }
 
 #[test]
