@@ -93,7 +93,7 @@ mod sqlite_migrations {
     refinery::embed_migrations!("../migrations/sqlite");
 }
 
-/// A row of `table` as text, every column, in id order.
+/// Every row of `table` as text (all its columns), in rowid order.
 fn rows_of(c: &Connection, table: &str) -> Vec<String> {
     let mut stmt = c.prepare(&format!("SELECT * FROM {table} ORDER BY rowid")).unwrap();
     let n = stmt.column_count();
@@ -167,7 +167,7 @@ fn v8_rebuilds_holds_and_runs_with_the_same_rows_and_checks_that_need_no_tempora
     assert_eq!(rows_of(&c, "runs"), runs);
     drop(c);
 
-    // And the store goes on from there: new holds take the next ids, settle and verify.
+    // And the store goes on from there: a new hold takes the next id and settles.
     rt().block_on(async {
         let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
         let u = create_user(&*s, "u").await;
