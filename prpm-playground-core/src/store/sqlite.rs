@@ -102,10 +102,10 @@ pub struct SqliteOptions {
     /// plain transaction would: its transaction and, with `FULL`, its fsync run there, and the
     /// two hand-offs between threads (to the writer and back, tens of microseconds each on a
     /// virtual machine) are saved. Commands that arrive meanwhile queue for the writer thread,
-    /// which groups them as ever (and after a group of more than one, commands go to it). The caller's thread
-    /// is then busy for one commit (a fraction of a millisecond with a quick fsync; an async
-    /// runtime's thread too, as with any synchronous SQLite call). `false`: every command goes
-    /// to the writer thread.
+    /// which groups them as ever (and after a group of more than one, commands go to it). The
+    /// caller's thread is then busy for one commit (a fraction of a millisecond with a quick
+    /// fsync; an async runtime's thread too, as with any synchronous SQLite call). `false`:
+    /// every command goes to the writer thread.
     pub inline_commits: bool,
 }
 
