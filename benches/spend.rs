@@ -216,12 +216,10 @@ fn fill_log(path: &Path, rows: u64) {
     )
     .unwrap();
     // Indexed by account, as the writer would have done along the way.
-    tx.execute_batch(
-        "INSERT INTO ledger_by_account (account_id, entry_id)
-             SELECT account_id, id FROM ledger_entries WHERE id > (SELECT indexed_upto FROM ledger_index_state) ORDER BY account_id, id;
-         UPDATE ledger_index_state SET indexed_upto = (SELECT max(id) FROM ledger_entries);",
-    )
-    .unwrap();
+    let (upto, last): (i64, i64) =
+        tx.query_row("SELECT indexed_upto, (SELECT max(id) FROM ledger_entries) FROM ledger_index_state", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    tx.execute(prpm_playground_core::store::sqlite::INDEX_BATCH_SQL, params![upto, last]).unwrap();
+    tx.execute("UPDATE ledger_index_state SET indexed_upto = ?1", [last]).unwrap();
     tx.commit().unwrap();
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
     drop(conn);

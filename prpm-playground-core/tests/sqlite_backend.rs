@@ -23,7 +23,7 @@ fn file_is_wal_full_sync_with_our_application_id_and_schema() {
     let app: i32 = c.query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
     assert_eq!(app, prpm_playground_core::store::sqlite::APPLICATION_ID);
     let v: i64 = c.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 8);
+    assert_eq!(v, 9);
     // Opening again applies nothing and keeps the data.
     SqliteStore::open(&path).unwrap();
 }
@@ -83,7 +83,7 @@ fn refuses_a_schema_newer_than_the_code() {
             .unwrap();
     }
     match SqliteStore::open(&path) {
-        Err(Error::SchemaTooNew { found: 99, supported: 8 }) => {}
+        Err(Error::SchemaTooNew { found: 99, supported: 9 }) => {}
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
 }
@@ -144,11 +144,11 @@ fn v8_rebuilds_holds_and_runs_with_the_same_rows_and_checks_that_need_no_tempora
     };
     assert_eq!((holds.len(), runs.len(), hold_indexes.len()), (3, 2, 2));
 
-    // Opening it applies V8.
+    // Opening it applies V8 (and what follows).
     drop(SqliteStore::open(&path).unwrap());
     let c = Connection::open(&path).unwrap();
     let v: i64 = c.query_row("SELECT max(version) FROM refinery_schema_history", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 8);
+    assert_eq!(v, 9);
     assert_eq!(rows_of(&c, "holds"), holds);
     assert_eq!(rows_of(&c, "runs"), runs);
     assert_eq!(index_sql(&c, "holds"), hold_indexes);
@@ -409,6 +409,107 @@ fn a_full_database_fails_cleanly() {
     });
 }
 
+/// V9 turns the history index's rows (one per entry) into rows of up to 1,024 entries of one
+/// account, keeping every entry findable: history pages through all of them, newest first,
+/// across rows, and verify() finds the index exact.
+#[test]
+fn v9_groups_the_history_index_by_account_and_keeps_every_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    const ENTRIES: i64 = 140_000;
+    {
+        let mut c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "application_id", prpm_playground_core::store::sqlite::APPLICATION_ID).unwrap();
+        sqlite_migrations::migrations::runner().set_target(refinery::Target::Version(8)).run(&mut c).unwrap();
+        // Two accounts, entries alternating between them (a grant of 1 each), all indexed the V2 way.
+        c.execute_batch(&format!(
+            "INSERT INTO accounts (id, external_id, kind, monthly, rollover, purchased, held, created_ms, updated_ms) VALUES
+                 (1, 'odd', 'user', 0, 0, {half}, 0, 0, 0), (2, 'even', 'user', 0, 0, {half}, 0, 0, 0);
+             WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {ENTRIES})
+             INSERT INTO ledger_entries (id, account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, reference)
+                 SELECT x, 2 - x % 2, 1000 + x, 'grant', 0, 0, 1, 0, (x + 1) / 2, 0, 'admin', 'g' || x FROM n;
+             INSERT INTO ledger_by_account (account_id, entry_id) SELECT account_id, id FROM ledger_entries;
+             UPDATE ledger_index_state SET indexed_upto = {ENTRIES};",
+            half = ENTRIES / 2
+        ))
+        .unwrap();
+    }
+    let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    {
+        let c = Connection::open(&path).unwrap();
+        let (rows, ids): (i64, i64) =
+            c.query_row("SELECT count(*), sum(json_array_length(entries)) FROM ledger_by_account_batches", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        // Each account's 70,000 entries in rows of at most 1,024.
+        assert_eq!((rows, ids), (2 * ((ENTRIES / 2 + 1023) / 1024), ENTRIES));
+        let longest: i64 = c.query_row("SELECT max(json_array_length(entries)) FROM ledger_by_account_batches", [], |r| r.get(0)).unwrap();
+        assert_eq!(longest, 1024);
+        let old: i64 = c.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'ledger_by_account'", [], |r| r.get(0)).unwrap();
+        assert_eq!(old, 0, "the per-entry table is gone");
+    }
+    rt().block_on(async {
+        assert!(s.verify().await.unwrap().is_clean());
+        for (name, parity) in [("odd", 1), ("even", 0)] {
+            let mut q = HistoryQuery::new(acct(name));
+            q.limit = 1000;
+            let mut seen = Vec::new();
+            loop {
+                let page = s.history(&q).await.unwrap();
+                seen.extend(page.entries.iter().map(|e| e.id.0));
+                match page.next {
+                    Some(n) => q.before = Some(n),
+                    None => break,
+                }
+            }
+            let expected: Vec<i64> = (1..=ENTRIES).rev().filter(|x| x % 2 == parity).collect();
+            assert_eq!(seen, expected, "{name}");
+        }
+        // The store goes on indexing in the new form.
+        let a = acct("odd");
+        applied(s.spend(spend_cmd(&a, 1, "after-v9")).await);
+        assert!(s.verify().await.unwrap().is_clean());
+    });
+}
+
+/// One account's entries of a batch go into rows of at most 1,024 (what a history read parses
+/// is bounded whatever the batch), and history still pages through every one of them.
+#[test]
+fn a_hot_accounts_batch_is_indexed_in_rows_of_at_most_1024() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let s: Arc<dyn Store> = Arc::new(SqliteStore::open_with(SqliteOptions::file(&path).history_index_batch(2_100)).unwrap());
+    rt().block_on(async {
+        let u = create_user(&*s, "hot").await;
+        grant(&*s, &u, Bucket::Purchased, 3_000, None, "g").await;
+        for i in 0..2_200 {
+            applied(s.spend(spend_cmd(&u, 1, &format!("s{i}"))).await);
+        }
+        let mut q = HistoryQuery::new(u.clone());
+        q.limit = 500;
+        let mut seen = Vec::new();
+        loop {
+            let page = s.history(&q).await.unwrap();
+            seen.extend(page.entries.iter().map(|e| e.id.0));
+            match page.next {
+                Some(n) => q.before = Some(n),
+                None => break,
+            }
+        }
+        assert!(s.verify().await.unwrap().is_clean());
+        let c = Connection::open(&path).unwrap();
+        let all: Vec<i64> =
+            c.prepare("SELECT id FROM ledger_entries ORDER BY id DESC").unwrap().query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+        assert_eq!(seen, all);
+        let (rows, longest, indexed): (i64, i64, i64) = c
+            .query_row("SELECT count(*), max(json_array_length(entries)), sum(json_array_length(entries)) FROM ledger_by_account_batches", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert!(indexed >= 2_100, "one batch or more was indexed ({indexed})");
+        assert_eq!(longest, 1024);
+        assert!(rows >= (indexed + 1023) / 1024, "{rows} rows for {indexed} entries");
+    });
+}
+
 /// The per-account history index is derived data: verify() checks it against the log.
 #[test]
 fn verify_checks_the_history_index() {
@@ -430,19 +531,34 @@ fn verify_checks_the_history_index() {
         let c = Connection::open(&path).unwrap();
         let upto: i64 = c.query_row("SELECT indexed_upto FROM ledger_index_state", [], |r| r.get(0)).unwrap();
         assert!(upto >= 8, "most entries are indexed by now ({upto})");
-        // Drop one of u's indexed entries and file one of w's under u.
-        c.execute(
-            "DELETE FROM ledger_by_account WHERE entry_id = (SELECT min(x.entry_id) FROM ledger_by_account x JOIN accounts a ON a.id = x.account_id WHERE a.external_id = 'u')",
-            [],
-        )
-        .unwrap();
-        c.execute(
-            "UPDATE ledger_by_account SET account_id = (SELECT id FROM accounts WHERE external_id = 'u')
-             WHERE entry_id = (SELECT min(x.entry_id) FROM ledger_by_account x JOIN accounts a ON a.id = x.account_id WHERE a.external_id = 'w')",
-            [],
-        )
-        .unwrap();
-        c.execute("INSERT INTO ledger_by_account VALUES (999, 1)", []).unwrap();
+        // Drop one of u's indexed entries and file one of w's under u (as a row of its own, so
+        // that every row keeps its shape), and index an entry under an account that does not exist.
+        let first_of = |c: &Connection, who: &str| -> (i64, i64, i64) {
+            c.query_row(
+                "SELECT b.account_id, b.last_entry, b.entries ->> '$[0]' FROM ledger_by_account_batches b JOIN accounts a ON a.id = b.account_id
+                 WHERE a.external_id = ?1 ORDER BY b.last_entry LIMIT 1",
+                [who],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+        };
+        let take_first = |c: &Connection, (account, last, first): (i64, i64, i64)| {
+            if first == last {
+                c.execute("DELETE FROM ledger_by_account_batches WHERE account_id = ?1 AND last_entry = ?2", [account, last]).unwrap();
+            } else {
+                c.execute(
+                    "UPDATE ledger_by_account_batches SET entries = json_remove(entries, '$[0]') WHERE account_id = ?1 AND last_entry = ?2",
+                    [account, last],
+                )
+                .unwrap();
+            }
+        };
+        let u_first = first_of(&c, "u");
+        take_first(&c, u_first);
+        let w_first = first_of(&c, "w");
+        take_first(&c, w_first);
+        c.execute("INSERT INTO ledger_by_account_batches VALUES (?1, ?2, json_array(?2))", [u_first.0, w_first.2]).unwrap();
+        c.execute("INSERT INTO ledger_by_account_batches VALUES (999, 1, '[1]')", []).unwrap();
     }
     rt().block_on(async {
         let s: Arc<dyn Store> = Arc::new(open());
@@ -460,6 +576,31 @@ fn verify_checks_the_history_index() {
                 ("w".into(), "history index entries".into(), upto_w - 1, upto_w),
             ]
         );
+    });
+    // Rows of the wrong shape: one that is not a list of ids, one whose key is not its last id.
+    let w_last = {
+        let c = Connection::open(&path).unwrap();
+        c.execute("UPDATE ledger_by_account_batches SET entries = 'not json' WHERE account_id = 999", []).unwrap();
+        let (w, last): (i64, i64) = c
+            .query_row(
+                "SELECT b.account_id, max(b.last_entry) FROM ledger_by_account_batches b JOIN accounts a ON a.id = b.account_id WHERE a.external_id = 'w'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        c.execute("UPDATE ledger_by_account_batches SET last_entry = last_entry + 1 WHERE account_id = ?1 AND last_entry = ?2", [w, last]).unwrap();
+        last
+    };
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(open());
+        let r = s.verify().await.unwrap();
+        let found: Vec<(String, String, i64, i64)> = r.discrepancies.iter().map(|d| (d.account.to_string(), d.what.clone(), d.stored, d.from_log)).collect();
+        assert!(
+            found.contains(&("(no account with internal id 999)".into(), "history index batch that is not a list of ids (its key)".into(), 1, 0)),
+            "{found:?}"
+        );
+        assert!(found.contains(&("w".into(), "history index batch key (its last id)".into(), w_last + 1, w_last)), "{found:?}");
+        assert!(!found.iter().any(|f| f.0.contains("999") && f.1 == "history index entries"), "a row that is not a list counts no entries: {found:?}");
     });
 }
 

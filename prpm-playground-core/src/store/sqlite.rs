@@ -49,6 +49,15 @@ mod embedded {
 /// `PRAGMA application_id` of our files ("PRPM").
 pub const APPLICATION_ID: i32 = 0x5052_504D;
 const MAX_DISCREPANCIES: usize = 10_000;
+/// Indexes the log's entries in `(?1, ?2]` by account: one row per account (per 1,024 of its
+/// entries, which bounds what a history read parses) with the array of its ids, ascending. Rows
+/// of one account never overlap (migration `V9`), which history reads rely on.
+pub const INDEX_BATCH_SQL: &str = "INSERT INTO ledger_by_account_batches (account_id, last_entry, entries)
+     SELECT account_id, max(id), json_group_array(id ORDER BY id) FROM (
+         SELECT account_id, id, (row_number() OVER (PARTITION BY account_id ORDER BY id) - 1) / 1024 AS chunk
+         FROM ledger_entries WHERE id > ?1 AND id <= ?2)
+     GROUP BY account_id, chunk";
+
 /// Upper bound of [`SqliteOptions::history_index_batch`] (it bounds history's tail scan).
 pub const MAX_HISTORY_INDEX_BATCH: u32 = 1 << 20;
 
@@ -1174,8 +1183,9 @@ impl Writer {
     }
 
     /// Indexes the log's tail by account once it holds `index_batch` entries, in one
-    /// statement: each account's new entries then share the pages of its end of the index, so
-    /// a page is written once per batch rather than once per entry.
+    /// statement: each account's new entries become one row of `ledger_by_account_batches`
+    /// (see [`INDEX_BATCH_SQL`]), so an account's end of the index is sought and written once
+    /// per batch rather than once per entry.
     fn index_history(&mut self) -> Result<()> {
         let upto = match self.cache.indexed_upto {
             Some(upto) => upto,
@@ -1186,12 +1196,7 @@ impl Writer {
         if last - upto < self.index_batch {
             return Ok(());
         }
-        self.conn
-            .prepare_cached(
-                "INSERT INTO ledger_by_account (account_id, entry_id)
-                 SELECT account_id, id FROM ledger_entries WHERE id > ?1 AND id <= ?2",
-            )?
-            .execute(params![upto, last])?;
+        self.conn.prepare_cached(INDEX_BATCH_SQL)?.execute(params![upto, last])?;
         self.conn.prepare_cached("UPDATE ledger_index_state SET indexed_upto = ?1 WHERE id = 1")?.execute([last])?;
         // On a failure the group rolls back and the cache (this value included) is dropped.
         self.cache.indexed_upto = Some(last);
@@ -1682,7 +1687,9 @@ fn in_snapshot<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -
 /// The newest log entries `e` of the account with internal id `account_id` (with the tables
 /// of `join`), ids below `before`, passing `filter` (whose parameters `extra` are `?4`, `?5`,
 /// ...), newest first, at most `limit`. Call inside one snapshot: entries above `indexed_upto`
-/// come from a scan of the log's tail, the older ones from `ledger_by_account`.
+/// come from a scan of the log's tail, the older ones from `ledger_by_account_batches`, row by
+/// row, newest first: the first row ending at or above `before` (it may hold ids on both sides
+/// of it), then the rows ending below it (rows of an account never overlap, see `V9`).
 fn account_entries<T>(
     conn: &Connection,
     select: &str,
@@ -1692,30 +1699,49 @@ fn account_entries<T>(
     extra: &[&dyn rusqlite::ToSql],
     mut map: impl FnMut(&rusqlite::Row<'_>) -> Result<T>,
 ) -> Result<Vec<T>> {
-    let parts = [
-        format!(
-            "SELECT {select} FROM ledger_entries e {join}
-             WHERE e.id > (SELECT indexed_upto FROM ledger_index_state WHERE id = 1) AND e.account_id = ?1 AND e.id < ?2 {filter}
-             ORDER BY e.id DESC LIMIT ?3"
-        ),
-        format!(
-            "SELECT {select} FROM ledger_by_account x JOIN ledger_entries e ON e.id = x.entry_id {join}
-             WHERE x.account_id = ?1 AND x.entry_id < ?2 {filter}
-             ORDER BY x.entry_id DESC LIMIT ?3"
-        ),
-    ];
+    let tail = format!(
+        "SELECT {select} FROM ledger_entries e {join}
+         WHERE e.id > (SELECT indexed_upto FROM ledger_index_state WHERE id = 1) AND e.account_id = ?1 AND e.id < ?2 {filter}
+         ORDER BY e.id DESC LIMIT ?3"
+    );
+    // The row's key comes after the caller's parameters.
+    let row_param = 4 + extra.len();
+    let in_row = format!(
+        "SELECT {select} FROM ledger_by_account_batches x, json_each(x.entries) j JOIN ledger_entries e ON e.id = j.value {join}
+         WHERE x.account_id = ?1 AND x.last_entry = ?{row_param} AND j.value < ?2 {filter}
+         ORDER BY j.value DESC LIMIT ?3"
+    );
     let mut out = Vec::new();
-    for sql in parts {
+    let mut take = |sql: &str, row: Option<i64>, out: &mut Vec<T>| -> Result<()> {
         let left = limit - out.len() as i64;
         if left <= 0 {
-            break;
+            return Ok(());
         }
-        let params: Vec<&dyn rusqlite::ToSql> = [&account_id as &dyn rusqlite::ToSql, &before, &left].into_iter().chain(extra.iter().copied()).collect();
-        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut params: Vec<&dyn rusqlite::ToSql> = [&account_id as &dyn rusqlite::ToSql, &before, &left].into_iter().chain(extra.iter().copied()).collect();
+        if let Some(row) = &row {
+            params.push(row);
+        }
+        let mut stmt = conn.prepare_cached(sql)?;
         let mut rows = stmt.query(params.as_slice())?;
-        while let Some(row) = rows.next()? {
-            out.push(map(row)?);
+        while let Some(r) = rows.next()? {
+            out.push(map(r)?);
         }
+        Ok(())
+    };
+    take(&tail, None, &mut out)?;
+    let straddling: Option<i64> = conn
+        .prepare_cached("SELECT last_entry FROM ledger_by_account_batches WHERE account_id = ?1 AND last_entry >= ?2 ORDER BY last_entry LIMIT 1")?
+        .query_row(params![account_id, before], |r| r.get(0))
+        .optional()?;
+    if let Some(last) = straddling {
+        take(&in_row, Some(last), &mut out)?;
+    }
+    let mut stmt =
+        conn.prepare_cached("SELECT last_entry FROM ledger_by_account_batches WHERE account_id = ?1 AND last_entry < ?2 ORDER BY last_entry DESC")?;
+    let mut rows = stmt.query(params![account_id, before])?;
+    while (out.len() as i64) < limit {
+        let Some(r) = rows.next()? else { break };
+        take(&in_row, Some(r.get(0)?), &mut out)?;
     }
     Ok(out)
 }
@@ -2066,15 +2092,48 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
             push(&mut report, &ext, "entry held_after", ha, hld)?;
         }
     }
-    // The derived per-account index: exactly the entries up to `indexed_upto`, each under its
-    // own account.
+    // The derived per-account index. Each row: an array of ids, strictly ascending, ending at
+    // its key, above the account's row before it (history reads rely on that).
+    let mut stmt = conn.prepare(
+        "SELECT b.account_id, a.external_id, b.last_entry, b.entries FROM ledger_by_account_batches b
+         LEFT JOIN accounts a ON a.id = b.account_id ORDER BY b.account_id, b.last_entry",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut before: Option<(i64, i64)> = None;
+    while let Some(r) = rows.next()? {
+        let (id, ext, last, entries): (i64, Option<String>, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        let ext = ext.unwrap_or_else(|| format!("(no account with internal id {id})"));
+        let ids: Option<Vec<i64>> = serde_json::from_str(&entries).ok();
+        let Some(ids) = ids.filter(|ids| !ids.is_empty()) else {
+            push(&mut report, &ext, "history index batch that is not a list of ids (its key)", last, 0)?;
+            continue;
+        };
+        let first = ids[0];
+        if ids.last() != Some(&last) {
+            push(&mut report, &ext, "history index batch key (its last id)", last, *ids.last().expect("not empty"))?;
+        }
+        if ids.windows(2).any(|w| w[0] >= w[1]) {
+            push(&mut report, &ext, "history index batch not ascending (its key)", last, 0)?;
+        }
+        match before {
+            Some((account, prev)) if account == id && first <= prev => {
+                push(&mut report, &ext, "history index batch overlapping the one before (its first id, the last before)", first, prev)?;
+            }
+            _ => {}
+        }
+        before = Some((id, last));
+    }
+    drop(rows);
+    // Exactly the entries up to `indexed_upto`, each under its own account. (`CROSS JOIN` keeps
+    // SQLite's join order: each row's array expanded once, each id looked up in the log.)
     let mut stmt = conn.prepare(
         "WITH w AS (SELECT indexed_upto AS upto FROM ledger_index_state WHERE id = 1)
          SELECT a.external_id, COALESCE(t.n, 0), COALESCE(ok.n, 0), COALESCE(l.n, 0) FROM accounts a
-         LEFT JOIN (SELECT account_id, count(*) AS n FROM ledger_by_account GROUP BY account_id) t ON t.account_id = a.id
-         LEFT JOIN (SELECT x.account_id, count(*) AS n FROM ledger_by_account x
-                    JOIN ledger_entries e ON e.id = x.entry_id AND e.account_id = x.account_id
-                    WHERE x.entry_id <= (SELECT upto FROM w) GROUP BY x.account_id) ok ON ok.account_id = a.id
+         LEFT JOIN (SELECT account_id, sum(json_array_length(entries)) AS n FROM ledger_by_account_batches
+                    WHERE json_valid(entries) GROUP BY account_id) t ON t.account_id = a.id
+         LEFT JOIN (SELECT b.account_id, count(*) AS n FROM ledger_by_account_batches b CROSS JOIN json_each(b.entries) j
+                    CROSS JOIN ledger_entries e ON e.id = j.value AND e.account_id = b.account_id
+                    WHERE json_valid(b.entries) AND j.value <= (SELECT upto FROM w) GROUP BY b.account_id) ok ON ok.account_id = a.id
          LEFT JOIN (SELECT account_id, count(*) AS n FROM ledger_entries WHERE id <= (SELECT upto FROM w) GROUP BY account_id) l
                 ON l.account_id = a.id
          WHERE COALESCE(t.n, 0) != COALESCE(l.n, 0) OR COALESCE(ok.n, 0) != COALESCE(l.n, 0)",
@@ -2090,8 +2149,8 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
         }
     }
     let mut stmt = conn.prepare(
-        "SELECT x.account_id, count(*) FROM ledger_by_account x LEFT JOIN accounts a ON a.id = x.account_id
-         WHERE a.id IS NULL GROUP BY x.account_id",
+        "SELECT b.account_id, sum(json_array_length(b.entries)) FROM ledger_by_account_batches b LEFT JOIN accounts a ON a.id = b.account_id
+         WHERE a.id IS NULL AND json_valid(b.entries) GROUP BY b.account_id",
     )?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
