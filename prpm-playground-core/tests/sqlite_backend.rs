@@ -409,6 +409,21 @@ fn a_full_database_fails_cleanly() {
     });
 }
 
+/// Every entry id of the account's history, newest first, read in pages of `limit`.
+async fn history_ids(s: &dyn Store, account: &AccountId, limit: u32) -> Vec<i64> {
+    let mut q = HistoryQuery::new(account.clone());
+    q.limit = limit;
+    let mut seen = Vec::new();
+    loop {
+        let page = s.history(&q).await.unwrap();
+        seen.extend(page.entries.iter().map(|e| e.id.0));
+        match page.next {
+            Some(n) => q.before = Some(n),
+            None => return seen,
+        }
+    }
+}
+
 /// V9 turns the history index's rows (one per entry) into rows of up to 1,024 entries of one
 /// account, keeping every entry findable: history pages through all of them, newest first,
 /// across rows, and verify() finds the index exact.
@@ -449,17 +464,7 @@ fn v9_groups_the_history_index_by_account_and_keeps_every_entry() {
     rt().block_on(async {
         assert!(s.verify().await.unwrap().is_clean());
         for (name, parity) in [("odd", 1), ("even", 0)] {
-            let mut q = HistoryQuery::new(acct(name));
-            q.limit = 1000;
-            let mut seen = Vec::new();
-            loop {
-                let page = s.history(&q).await.unwrap();
-                seen.extend(page.entries.iter().map(|e| e.id.0));
-                match page.next {
-                    Some(n) => q.before = Some(n),
-                    None => break,
-                }
-            }
+            let seen = history_ids(&*s, &acct(name), 1000).await;
             let expected: Vec<i64> = (1..=ENTRIES).rev().filter(|x| x % 2 == parity).collect();
             assert_eq!(seen, expected, "{name}");
         }
@@ -483,17 +488,7 @@ fn a_hot_accounts_batch_is_indexed_in_rows_of_at_most_1024() {
         for i in 0..2_200 {
             applied(s.spend(spend_cmd(&u, 1, &format!("s{i}"))).await);
         }
-        let mut q = HistoryQuery::new(u.clone());
-        q.limit = 500;
-        let mut seen = Vec::new();
-        loop {
-            let page = s.history(&q).await.unwrap();
-            seen.extend(page.entries.iter().map(|e| e.id.0));
-            match page.next {
-                Some(n) => q.before = Some(n),
-                None => break,
-            }
-        }
+        let seen = history_ids(&*s, &u, 500).await;
         assert!(s.verify().await.unwrap().is_clean());
         let c = Connection::open(&path).unwrap();
         let all: Vec<i64> =
