@@ -2108,18 +2108,18 @@ fn run_verify(conn: &Connection) -> Result<VerifyReport> {
             push(&mut report, &ext, "history index batch that is not a list of ids (its key)", last, 0)?;
             continue;
         };
-        let first = ids[0];
-        if ids.last() != Some(&last) {
-            push(&mut report, &ext, "history index batch key (its last id)", last, *ids.last().expect("not empty"))?;
+        let (first, last_id) = (ids[0], ids[ids.len() - 1]);
+        if last_id != last {
+            push(&mut report, &ext, "history index batch key (its last id)", last, last_id)?;
         }
         if ids.windows(2).any(|w| w[0] >= w[1]) {
             push(&mut report, &ext, "history index batch not ascending (its key)", last, 0)?;
         }
-        match before {
-            Some((account, prev)) if account == id && first <= prev => {
-                push(&mut report, &ext, "history index batch overlapping the one before (its first id, the last before)", first, prev)?;
-            }
-            _ => {}
+        if let Some((account, prev)) = before
+            && account == id
+            && first <= prev
+        {
+            push(&mut report, &ext, "history index batch overlapping the one before (its first id, the last before)", first, prev)?;
         }
         before = Some((id, last));
     }
