@@ -3274,6 +3274,9 @@ mod tests {
             let before = store.inline_commits();
             let n = 40;
             for i in 0..n {
+                // A lone caller: the writer thread has gone to sleep since the last command (it
+                // spins 50 µs first; on a loaded machine that can take longer).
+                until("the writer thread sleeps", || store.writer_asleep.load(Ordering::Acquire));
                 let Ok(Committed { effect: Effect::Spent { charged, .. }, replayed: false }) = rt.block_on(s.execute(spend_of("u", &format!("s{i}")))).unwrap()
                 else {
                     panic!("spend {i} did not commit")
