@@ -1729,15 +1729,12 @@ fn account_entries<T>(
         Ok(())
     };
     take(&tail, None, &mut out)?;
-    let straddling: Option<i64> = conn
-        .prepare_cached("SELECT last_entry FROM ledger_by_account_batches WHERE account_id = ?1 AND last_entry >= ?2 ORDER BY last_entry LIMIT 1")?
-        .query_row(params![account_id, before], |r| r.get(0))
-        .optional()?;
-    if let Some(last) = straddling {
-        take(&in_row, Some(last), &mut out)?;
-    }
-    let mut stmt =
-        conn.prepare_cached("SELECT last_entry FROM ledger_by_account_batches WHERE account_id = ?1 AND last_entry < ?2 ORDER BY last_entry DESC")?;
+    // Newest first from the first row ending at or above `before` (or from `before` if none does).
+    let mut stmt = conn.prepare_cached(
+        "SELECT last_entry FROM ledger_by_account_batches WHERE account_id = ?1
+           AND last_entry <= COALESCE((SELECT min(last_entry) FROM ledger_by_account_batches WHERE account_id = ?1 AND last_entry >= ?2), ?2)
+         ORDER BY last_entry DESC",
+    )?;
     let mut rows = stmt.query(params![account_id, before])?;
     while (out.len() as i64) < limit {
         let Some(r) = rows.next()? else { break };
