@@ -813,3 +813,71 @@ fn the_wal_stays_bounded() {
         assert!(s.verify().await.unwrap().is_clean());
     });
 }
+
+/// The first results of held, settled, released and spent commands are stored as short
+/// records; other effects, and every result stored by versions before them, as JSON text.
+/// Both replay to the first result; a damaged record is a typed error that writes nothing.
+#[test]
+fn replays_read_compact_records_and_the_json_of_earlier_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let (held, settled, released, spent) = rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let u = create_user(&*s, "u").await;
+        grant(&*s, &u, Bucket::Purchased, 100, None, "g").await;
+        let held = applied(s.hold(hold_cmd(&u, 4, 600, "h1")).await);
+        let Effect::Held { hold: h1, .. } = held else { panic!("{held:?}") };
+        let settled = applied(s.settle(settle_cmd(h1, 3, "s1")).await);
+        let Effect::Held { hold: h2, .. } = applied(s.hold(hold_cmd(&u, 5, 600, "h2")).await) else { panic!() };
+        let released = applied(s.release(h2, conformance::key("r2")).await);
+        let spent = applied(s.spend(spend_cmd(&u, 2, "p1")).await);
+        (held, settled, released, spent)
+    });
+    let c = Connection::open(&path).unwrap();
+    let stored = |k: &str| -> (String, i64) {
+        c.query_row("SELECT typeof(outcome), length(CAST(outcome AS BLOB)) FROM idempotency WHERE key = ?1", [k], |r| Ok((r.get(0)?, r.get(1)?))).unwrap()
+    };
+    for k in ["h1", "s1", "r2", "p1"] {
+        let (kind, len) = stored(k);
+        assert_eq!(kind, "blob", "{k}");
+        assert!(len <= 40, "{k}: {len} bytes");
+    }
+    assert_eq!(stored("g").0, "text", "a grant's result is JSON");
+    // What versions before the records stored: the effect's JSON.
+    for (k, e) in [("h1", &held), ("s1", &settled)] {
+        c.execute("UPDATE idempotency SET outcome = ?2 WHERE key = ?1", [k, &serde_json::to_string(e).unwrap()]).unwrap();
+    }
+    assert_eq!(stored("h1").0, "text");
+    let log = |c: &Connection| -> i64 { c.query_row("SELECT count(*) FROM ledger_entries", [], |r| r.get(0)).unwrap() };
+    let entries = log(&c);
+    drop(c);
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let u = acct("u");
+        let Effect::Held { hold: h1, .. } = held else { unreachable!() };
+        let replay = |r: Result<Outcome>| {
+            let c = r.unwrap().unwrap();
+            assert!(c.replayed);
+            c.effect
+        };
+        assert_eq!(replay(s.hold(hold_cmd(&u, 4, 600, "h1")).await), held);
+        assert_eq!(replay(s.settle(settle_cmd(h1, 3, "s1")).await), settled);
+        let Effect::Released { hold: h2, .. } = released else { unreachable!() };
+        assert_eq!(replay(s.release(h2, conformance::key("r2")).await), released);
+        assert_eq!(replay(s.spend(spend_cmd(&u, 2, "p1")).await), spent);
+        // A different command under a stored key is still a conflict.
+        assert_eq!(s.spend(spend_cmd(&u, 1, "p1")).await.unwrap_err().code(), "idempotency_conflict");
+        assert!(s.verify().await.unwrap().is_clean());
+    });
+    // A damaged record: the replay fails with a typed error and writes nothing.
+    let c = Connection::open(&path).unwrap();
+    c.execute("UPDATE idempotency SET outcome = X'0104' WHERE key = 'p1'", []).unwrap();
+    drop(c);
+    rt().block_on(async {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let err = s.spend(spend_cmd(&acct("u"), 2, "p1")).await.unwrap_err();
+        assert_eq!(err.code(), "invariant_violated", "{err}");
+        assert_eq!(s.balance(&acct("u")).await.unwrap().total, 100 + 5 - 3 - 2);
+    });
+    assert_eq!(log(&Connection::open(&path).unwrap()), entries);
+}

@@ -37,6 +37,7 @@ use crate::ledger::rules::{self, ChargeRecord, HoldRecord, NEW_HOLD, OpenHold, S
 use crate::purchase::{PurchaseKind, PurchaseStatus};
 use crate::session::{Role, RunId, RunOutcome, SharedTurn, Turn};
 
+mod outcome;
 mod wal_sync;
 mod wal_writes;
 pub use wal_sync::SyncStats;
@@ -1246,7 +1247,7 @@ impl Writer {
     /// Stores a keyed command's first result.
     fn remember(&self, cmd: &Command, effect: &Effect, fingerprint: i64, now: DateTime<Utc>) -> Result<()> {
         if let Some(key) = cmd.key() {
-            let outcome = serde_json::to_string(effect).expect("effects serialize");
+            let outcome = outcome::encode(effect);
             self.conn.prepare_cached("INSERT INTO idempotency (key, fingerprint, outcome, at_ms) VALUES (?1, ?2, ?3, ?4)")?.execute(params![
                 key.as_str(),
                 fingerprint,
@@ -1286,17 +1287,16 @@ impl Writer {
     fn prepare(&mut self, p: &Prepared, now: DateTime<Utc>) -> Result<Step> {
         let cmd = &p.cmd;
         if let Some(key) = cmd.key() {
-            let found: Option<(i64, String)> = self
+            let found = self
                 .conn
                 .prepare_cached("SELECT fingerprint, outcome FROM idempotency WHERE key = ?1")?
-                .query_row([key.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row([key.as_str()], |r| Ok((r.get::<_, i64>(0)?, outcome::decode(r.get_ref(1)?))))
                 .optional()?;
-            if let Some((stored, outcome)) = found {
+            if let Some((stored, effect)) = found {
                 if stored != p.fingerprint {
                     return Err(Error::IdempotencyConflict { key: key.to_string() });
                 }
-                let effect: Effect = serde_json::from_str(&outcome).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
-                return Ok(Step::Done(Ok(Committed { effect, replayed: true })));
+                return Ok(Step::Done(Ok(Committed { effect: effect?, replayed: true })));
             }
         }
         if let Command::SetTier(c) = cmd {
