@@ -218,7 +218,7 @@ fn fill_log(path: &Path, rows: u64) {
     // Indexed by account, as the writer would have done along the way.
     let (upto, last): (i64, i64) =
         tx.query_row("SELECT indexed_upto, (SELECT max(id) FROM ledger_entries) FROM ledger_index_state", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-    tx.execute(prpm_playground_core::store::sqlite::INDEX_BATCH_SQL, params![upto, last]).unwrap();
+    prpm_playground_core::store::sqlite::index_log(&tx, upto, last).unwrap();
     tx.execute("UPDATE ledger_index_state SET indexed_upto = ?1", [last]).unwrap();
     tx.commit().unwrap();
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();

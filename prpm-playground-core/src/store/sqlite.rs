@@ -50,14 +50,57 @@ mod embedded {
 /// `PRAGMA application_id` of our files ("PRPM").
 pub const APPLICATION_ID: i32 = 0x5052_504D;
 const MAX_DISCREPANCIES: usize = 10_000;
-/// Indexes the log's entries in `(?1, ?2]` by account: one row per account (per 1,024 of its
-/// entries, which bounds what a history read parses) with the array of its ids, ascending. Rows
-/// of one account never overlap (migration `V9`), which history reads rely on.
-pub const INDEX_BATCH_SQL: &str = "INSERT INTO ledger_by_account_batches (account_id, last_entry, entries)
-     SELECT account_id, max(id), json_group_array(id ORDER BY id) FROM (
-         SELECT account_id, id, (row_number() OVER (PARTITION BY account_id ORDER BY id) - 1) / 1024 AS chunk
-         FROM ledger_entries WHERE id > ?1 AND id <= ?2)
-     GROUP BY account_id, chunk";
+/// Most ids in one row of `ledger_by_account_batches` (it bounds what a history read parses).
+pub const INDEX_ROW_ENTRIES: usize = 1_024;
+
+/// Indexes the log's entries in `(after, upto]` by account: one row of
+/// `ledger_by_account_batches` per account (per [`INDEX_ROW_ENTRIES`] of its entries) with the
+/// JSON array of its ids, ascending, keyed by its last id. Rows of one account never overlap
+/// (migration `V9`), which history reads rely on. The entries are read in log order and
+/// grouped here, rather than by SQL's window and grouping, which sorted the batch three times;
+/// at most [`MAX_HISTORY_INDEX_BATCH`] entries are held at once. Returns the rows written.
+pub fn index_log(conn: &Connection, after: i64, upto: i64) -> Result<u64> {
+    index_log_in_slices(conn, after, upto, MAX_HISTORY_INDEX_BATCH)
+}
+
+fn index_log_in_slices(conn: &Connection, after: i64, upto: i64, slice_entries: u32) -> Result<u64> {
+    use std::fmt::Write as _;
+    let mut read = conn.prepare_cached("SELECT id, account_id FROM ledger_entries WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3")?;
+    let mut insert = conn.prepare_cached("INSERT INTO ledger_by_account_batches (account_id, last_entry, entries) VALUES (?1, ?2, ?3)")?;
+    let mut by_account: std::collections::BTreeMap<i64, Vec<i64>> = std::collections::BTreeMap::new();
+    let mut text = String::new();
+    let (mut from, mut rows_written) = (after, 0);
+    while from < upto {
+        let mut rows = read.query(params![from, upto, slice_entries])?;
+        let mut read_any = false;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            by_account.entry(r.get(1)?).or_default().push(id);
+            from = id;
+            read_any = true;
+        }
+        if !read_any {
+            break;
+        }
+        for (account, ids) in std::mem::take(&mut by_account) {
+            for chunk in ids.chunks(INDEX_ROW_ENTRIES) {
+                text.clear();
+                text.push('[');
+                for (i, id) in chunk.iter().enumerate() {
+                    if i > 0 {
+                        text.push(',');
+                    }
+                    write!(text, "{id}").expect("writing to a String");
+                }
+                text.push(']');
+                let last = *chunk.last().expect("chunks are not empty");
+                insert.execute(params![account, last, text])?;
+                rows_written += 1;
+            }
+        }
+    }
+    Ok(rows_written)
+}
 
 /// Upper bound of [`SqliteOptions::history_index_batch`] (it bounds history's tail scan).
 pub const MAX_HISTORY_INDEX_BATCH: u32 = 1 << 20;
@@ -1183,10 +1226,10 @@ impl Writer {
         Ok(None)
     }
 
-    /// Indexes the log's tail by account once it holds `index_batch` entries, in one
-    /// statement: each account's new entries become one row of `ledger_by_account_batches`
-    /// (see [`INDEX_BATCH_SQL`]), so an account's end of the index is sought and written once
-    /// per batch rather than once per entry.
+    /// Indexes the log's tail by account once it holds `index_batch` entries: each account's
+    /// new entries become one row of `ledger_by_account_batches` (see [`index_log`]), so an
+    /// account's end of the index is sought and written once per batch rather than once per
+    /// entry.
     fn index_history(&mut self) -> Result<()> {
         let upto = match self.cache.indexed_upto {
             Some(upto) => upto,
@@ -1197,7 +1240,7 @@ impl Writer {
         if last - upto < self.index_batch {
             return Ok(());
         }
-        self.conn.prepare_cached(INDEX_BATCH_SQL)?.execute(params![upto, last])?;
+        index_log(&self.conn, upto, last)?;
         self.conn.prepare_cached("UPDATE ledger_index_state SET indexed_upto = ?1 WHERE id = 1")?.execute([last])?;
         // On a failure the group rolls back and the cache (this value included) is dropped.
         self.cache.indexed_upto = Some(last);
@@ -2954,6 +2997,73 @@ mod tests {
         }
         let stmt = conn.prepare_cached(TURNS_SQL).unwrap();
         stmt.get_status(rusqlite::StatementStatus::RePrepare)
+    }
+
+    /// The index rows of the log's entries written by slices: each account's ids, whole,
+    /// ascending, in rows of at most [`INDEX_ROW_ENTRIES`] that do not overlap; `verify()`
+    /// finds the store clean.
+    #[test]
+    fn the_log_is_indexed_by_slices_without_losing_or_overlapping_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        rt.block_on(async {
+            for a in ["a1", "a2", "a3"] {
+                crate::conformance::create_user(&store, a).await;
+            }
+        });
+        store.close();
+        drop(store);
+        // The accounts' first entries (their signup grants), then 3,000 entries that move
+        // nothing: account 1 has every other one (1,500: two rows in one slice), 2 and 3 the rest.
+        let conn = Connection::open(&path).unwrap();
+        let mut logged: Vec<(i64, i64)> = conn
+            .prepare("SELECT id, account_id FROM ledger_entries ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let accounts: Vec<i64> =
+            conn.prepare("SELECT id FROM accounts ORDER BY id").unwrap().query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+        assert_eq!(accounts, [1, 2, 3]);
+        let first = logged.last().unwrap().0 + 1;
+        for x in first..first + 3_000 {
+            let account = if x % 2 == 0 { 1 } else { 2 + (x / 2) % 2 };
+            let sql =
+                "INSERT INTO ledger_entries (id, account_id, at_ms, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
+                       VALUES (?1, ?2, 0, 'spend', 0, 0, 0, 0, 5, 0, 'r')";
+            conn.execute(sql, [x, account]).unwrap();
+            logged.push((x, account));
+        }
+        let last = first + 2_999;
+        let rows = |c: &Connection| -> Vec<(i64, i64, Vec<i64>)> {
+            let mut st = c.prepare("SELECT account_id, last_entry, entries FROM ledger_by_account_batches ORDER BY account_id, last_entry").unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, serde_json::from_str(&r.get::<_, String>(2)?).unwrap()))).unwrap().map(|r| r.unwrap()).collect()
+        };
+        // Two calls, the first up to an id in the middle, the second by slices of 700.
+        assert_eq!(index_log_in_slices(&conn, 0, 1_001, MAX_HISTORY_INDEX_BATCH).unwrap(), 3);
+        let written = index_log_in_slices(&conn, 1_001, last, 700).unwrap();
+        conn.execute("UPDATE ledger_index_state SET indexed_upto = ?1", [last]).unwrap();
+        let all = rows(&conn);
+        assert_eq!(all.len() as u64, 3 + written);
+        assert!(written >= 3 * 3, "three slices, each with rows of three accounts: {written}");
+        for account in 1..=3 {
+            let mine: Vec<_> = all.iter().filter(|r| r.0 == account).collect();
+            let ids: Vec<i64> = mine.iter().flat_map(|r| r.2.iter().copied()).collect();
+            let expected: Vec<i64> = logged.iter().filter(|(_, a)| *a == account).map(|(id, _)| *id).collect();
+            assert_eq!(ids, expected, "account {account}: every entry once, ascending across rows");
+            for r in &mine {
+                assert!(!r.2.is_empty() && r.2.len() <= INDEX_ROW_ENTRIES);
+                assert_eq!(r.1, *r.2.last().unwrap(), "a row is keyed by its last id");
+            }
+        }
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let report = rt.block_on(store.verify()).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.entries, logged.len() as u64);
     }
 
     #[test]
