@@ -71,15 +71,13 @@ fn index_log_in_slices(conn: &Connection, after: i64, upto: i64, slice_entries: 
     let mut text = String::new();
     let (mut from, mut rows_written) = (after, 0);
     while from < upto {
+        let slice_after = from;
         let mut rows = read.query(params![from, upto, slice_entries])?;
-        let mut read_any = false;
         while let Some(r) = rows.next()? {
-            let id: i64 = r.get(0)?;
-            by_account.entry(r.get(1)?).or_default().push(id);
-            from = id;
-            read_any = true;
+            from = r.get(0)?;
+            by_account.entry(r.get(1)?).or_default().push(from);
         }
-        if !read_any {
+        if from == slice_after {
             break;
         }
         for (account, ids) in std::mem::take(&mut by_account) {
