@@ -64,11 +64,9 @@ pub fn index_log(conn: &Connection, after: i64, upto: i64) -> Result<u64> {
 }
 
 fn index_log_in_slices(conn: &Connection, after: i64, upto: i64, slice_entries: u32) -> Result<u64> {
-    use std::fmt::Write as _;
     let mut read = conn.prepare_cached("SELECT id, account_id FROM ledger_entries WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3")?;
     let mut insert = conn.prepare_cached("INSERT INTO ledger_by_account_batches (account_id, last_entry, entries) VALUES (?1, ?2, ?3)")?;
     let mut by_account: std::collections::BTreeMap<i64, Vec<i64>> = std::collections::BTreeMap::new();
-    let mut text = String::new();
     let (mut from, mut rows_written) = (after, 0);
     while from < upto {
         let slice_after = from;
@@ -82,17 +80,8 @@ fn index_log_in_slices(conn: &Connection, after: i64, upto: i64, slice_entries: 
         }
         for (account, ids) in std::mem::take(&mut by_account) {
             for chunk in ids.chunks(INDEX_ROW_ENTRIES) {
-                text.clear();
-                text.push('[');
-                for (i, id) in chunk.iter().enumerate() {
-                    if i > 0 {
-                        text.push(',');
-                    }
-                    write!(text, "{id}").expect("writing to a String");
-                }
-                text.push(']');
                 let last = *chunk.last().expect("chunks are not empty");
-                insert.execute(params![account, last, text])?;
+                insert.execute(params![account, last, serde_json::to_string(chunk).expect("ids serialize")])?;
                 rows_written += 1;
             }
         }

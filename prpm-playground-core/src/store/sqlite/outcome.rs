@@ -1,7 +1,8 @@
 //! How a keyed command's first result is stored (`idempotency.outcome`), in pure functions.
 //!
 //! The effects of the hot commands (held, settled, released, spent) are stored as a compact
-//! record, a BLOB of 15 to 40 bytes; every other effect as its JSON text (~150 to 250 bytes),
+//! record, a BLOB of 15 to 40 bytes at everyday values (at most [`MAX_RECORD_BYTES`]); every
+//! other effect as its JSON text (~150 to 250 bytes),
 //! which is also how files written before this encoding stored every effect, and still read.
 //! The idempotency rows were most of the pages a spend writes: a settle's row went from ~250
 //! bytes to ~70, and with it most of the WAL's bytes.
