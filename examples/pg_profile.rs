@@ -36,6 +36,15 @@ fn server_ticks() -> u64 {
         .sum()
 }
 
+/// The machine's (busy, all) CPU ticks since boot, from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let all: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (all - idle, all)
+}
+
 fn main() {
     // Set before any thread exists (the runtime is built below).
     let opts = std::env::var("PRPM_PG_SERVER_OPTS").unwrap_or_default();
@@ -72,6 +81,7 @@ async fn run() {
         };
         store.grant(g).await.unwrap().unwrap();
     }
+    eprintln!("seeded {} accounts", ACCOUNTS + 1);
     for (short, shape, callers, spends, hot) in [
         ("one", "one caller", 1usize, 2_000usize, false),
         ("spread", "32 callers, 1,000 accounts", 32, 20_000, false),
@@ -84,7 +94,7 @@ async fn run() {
         }
         db.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
         let stats0 = pg.batch_stats();
-        let (own0, server0) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks());
+        let (own0, server0, machine0) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
         let t0 = Instant::now();
         let per = spends / callers;
         if short == "baseline" {
@@ -107,7 +117,7 @@ async fn run() {
             t.await.unwrap();
         }
         let wall = t0.elapsed();
-        let (own1, server1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks());
+        let (own1, server1, machine1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
         let batches = (pg.batch_stats().batches - stats0.batches).max(1);
         let n = (per * callers) as f64;
         let st = pg.batch_stats();
@@ -120,9 +130,11 @@ async fn run() {
             st.block_batches - stats0.block_batches
         );
         println!(
-            "   CPU per spend: this process {:.0} us, the server's processes {:.0} us",
+            "   CPU per spend: this process {:.0} us, the server's processes {:.0} us, the whole machine {:.0} us ({:.0}% busy)",
             (own1 - own0) as f64 * 10_000.0 / n,
-            server1.saturating_sub(server0) as f64 * 10_000.0 / n
+            server1.saturating_sub(server0) as f64 * 10_000.0 / n,
+            (machine1.0 - machine0.0) as f64 * 10_000.0 / n,
+            (machine1.0 - machine0.0) as f64 * 100.0 / (machine1.1 - machine0.1).max(1) as f64
         );
         let rows = db
             .query(

@@ -243,12 +243,18 @@ impl PgStore {
         let options = format!("{} -c plan_cache_mode=force_generic_plan", pg.get_options().unwrap_or_default());
         pg.options(options.trim());
         let mgr = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(mgr).max_size(opts.pool_size).build().map_err(|e| Error::Backend(format!("pool: {e}")))?;
+        // The most recently used connection first: a warm backend (its caches and prepared
+        // plans) rather than each of the pool's in turn.
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size)
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
+            .build()
+            .map_err(|e| Error::Backend(format!("pool: {e}")))?;
         let core = Arc::new(Core { pool, clock: opts.clock, ledger: opts.ledger, sink: opts.alert_sink, stats: Stats::default(), ids: Default::default() });
         let mut client = core.client().await?;
         migrate(&mut client).await?;
-        // The id block relies on each `nextval` being visible in `last_value` (no per-session
-        // cache of ids); a sequence altered to cache them turns the block off.
+        // The id block relies on ids taken later being higher (no per-session cache of ids);
+        // a sequence altered to cache them turns the block off.
         let caches: i64 = client
             .query_one("SELECT count(*) FROM pg_sequence WHERE seqrelid IN ('holds_id_seq'::regclass, 'ledger_entries_id_seq'::regclass) AND seqcache = 1", &[])
             .await?
@@ -690,6 +696,21 @@ const UPDATE_ACCOUNTS_SQL: &str = "UPDATE accounts SET monthly = u.m, rollover =
     $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
     AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
     WHERE accounts.id = u.id AND accounts.id = ANY($1)";
+
+/// [`UPDATE_ACCOUNTS_SQL`] for accounts a lane's cache holds: each row only if it is still at
+/// the version (`$24`, its `xmin`) and time (`$25`, its `updated_at`) the lane's last write
+/// left.
+const UPDATE_CACHED_ACCOUNTS_SQL: &str =
+    "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
+    cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
+    throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
+    alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
+    period_end = u.pe, plan_anchor_day = u.anchor
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], $7::date[], $8::bigint[], $9::date[],
+    $10::bigint[], $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::jsonb[], $15::int[], $16::bool[], $17::text[],
+    $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[], $24::bigint[], $25::timestamptz[])
+    AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor, xmin0, at0)
+    WHERE accounts.id = u.id AND accounts.id = ANY($1) AND accounts.xmin::text::bigint = u.xmin0 AND accounts.updated_at = u.at0";
 
 /// Several accounts' rows, column by column (for [`UPDATE_ACCOUNTS_SQL`]).
 struct AccountColumns<'r> {
@@ -2100,20 +2121,22 @@ const BLOCK_COOL_DOWN: u32 = 64;
 /// Ids this node took from the sequences and has not used, for unlocked batches: one round trip
 /// fewer than allocating them. Ids must follow the order of writes (a write that ended before
 /// another began has the lower ids; exports page by id), so a block serves only while it holds
-/// the newest ids of both sequences: on this node (its tops), and on the server (the unlocked
-/// statement checks the sequences' `last_value` against the block's last ids, and fails, like a
-/// stale account, if anyone allocated since).
+/// the newest ids this node took (its tops), and the unlocked statement checks that the first
+/// ids it uses lie above every id written (the tables' highest `id`, as its snapshot sees
+/// them): it fails, like a stale account, if any write that ended before it began (another
+/// node's, another lane's, a path that allocates on its own) used higher ids. Other lanes
+/// taking ids (a new block) do not fail it: ids taken but not yet written order nothing.
 #[derive(Default)]
 struct IdBlock {
     holds: std::collections::VecDeque<i64>,
     entries: std::collections::VecDeque<i64>,
-    /// The block's last ids: what the sequences' `last_value` must still be.
+    /// The block's last ids.
     last: (i64, i64),
     /// The highest ids this node has taken from each sequence.
     top: (i64, i64),
     cool_down: u32,
-    /// Both sequences hand out one id at a time (`CACHE 1`), so `last_value` is the last id
-    /// anyone took; checked on open, otherwise no block is ever used.
+    /// Both sequences hand out one id at a time (`CACHE 1`), so ids taken later are higher;
+    /// checked on open, otherwise no block is ever used.
     enabled: bool,
 }
 
@@ -2125,8 +2148,7 @@ impl IdBlock {
     }
 
     /// Ids this node took and will not use (ascending): the block, if they are the newest and
-    /// contiguous. (`nextval` per row: another session's id can fall between two of ours, and
-    /// the `last_value` check only proves that no one allocated after the block's last id.)
+    /// contiguous. (`nextval` per row: another session's id can fall between two of ours.)
     fn offer(&mut self, holds: Vec<i64>, entries: Vec<i64>) {
         self.note(&holds, &entries);
         let contiguous = |ids: &[i64]| ids.last().zip(ids.first()).is_some_and(|(l, f)| l - f + 1 == ids.len() as i64);
@@ -2142,9 +2164,9 @@ impl IdBlock {
         }
     }
 
-    /// `holds` and `entries` ids from the block and the `last_value`s the write must check;
-    /// `None` if it is short, not the newest, or cooling down.
-    fn take(&mut self, holds: usize, entries: usize) -> Option<(Vec<i64>, Vec<i64>, (i64, i64))> {
+    /// `holds` and `entries` ids from the block; `None` if it is short, not the newest, or
+    /// cooling down.
+    fn take(&mut self, holds: usize, entries: usize) -> Option<(Vec<i64>, Vec<i64>)> {
         if self.cool_down > 0 {
             self.cool_down -= 1;
             return None;
@@ -2152,7 +2174,7 @@ impl IdBlock {
         if self.last != self.top || self.holds.len() < holds || self.entries.len() < entries {
             return None;
         }
-        Some((self.holds.drain(..holds).collect(), self.entries.drain(..entries).collect(), self.last))
+        Some((self.holds.drain(..holds).collect(), self.entries.drain(..entries).collect()))
     }
 
     /// Someone else allocated since the block was taken: drop it, and take fresh ids a while.
@@ -2175,13 +2197,14 @@ struct CachedAccount {
     written_at: DateTime<Utc>,
 }
 
-/// What a lane knows from its own writes. A batch whose commands all name one account found
-/// here (by id, or by one of its open holds) skips the locked reads: it applies the commands to
-/// the cached state and sends one statement, with its `BEGIN` and `COMMIT`, that updates the
-/// account only if its row is still at the cached version and checks the ids and tiers it used.
-/// Any other write of the account (another node, a refund, a sweep) changes the version, so a
-/// stale cache makes that statement fail and commit nothing; the batch then takes the locked
-/// path. So the cache can make a batch slower, never wrong.
+/// What a lane knows from its own writes. A batch whose commands all name accounts found here
+/// (by id, or by one of their open holds) skips the locked reads: it applies the commands to
+/// the cached states and sends one statement, with its `BEGIN` and `COMMIT`, that locks the
+/// accounts in id order, updates each only if its row is still at the cached version (the
+/// statement fails unless every one is), and checks the ids and tiers it used. Any other write
+/// of an account (another node, a refund, a sweep) changes its version, so a stale cache makes
+/// that statement fail and commit nothing; the batch then takes the locked path. So the cache
+/// can make a batch slower, never wrong.
 #[derive(Default)]
 struct LaneCache {
     accounts: HashMap<i64, CachedAccount>,
@@ -2224,11 +2247,12 @@ impl LaneCache {
         }
     }
 
-    /// The reads of a batch whose every command names one cached account (by its id or one of
+    /// The reads of a batch whose every command names a cached account (by its id or one of
     /// its open holds); `None` otherwise.
     fn reads_for(&self, jobs: &[Job], now: DateTime<Utc>) -> Option<Reads> {
         let (tiers, tier_stamp) = self.tiers.as_ref()?;
-        let mut account: Option<i64> = None;
+        let mut accounts: HashMap<i64, BatchAccount> = HashMap::new();
+        let mut by_ext: HashMap<AccountId, i64> = HashMap::new();
         let mut named: HashMap<i64, (i64, HoldRecord)> = HashMap::new();
         for j in jobs {
             let id = match (j.cmd.hold(), j.cmd.account()) {
@@ -2241,15 +2265,15 @@ impl LaneCache {
                 (None, Some(ext)) => *self.by_ext.get(ext)?,
                 (None, None) => return None,
             };
-            if account.is_some_and(|a| a != id) {
-                return None;
+            if !accounts.contains_key(&id) {
+                let a = self.accounts.get(&id)?;
+                by_ext.insert(a.ext.clone(), id);
+                accounts.insert(id, BatchAccount { ext: a.ext.clone(), state: a.state.clone(), holds: a.holds.clone(), dirty: false });
             }
-            account = Some(id);
         }
-        let id = account?;
-        let a = self.accounts.get(&id)?;
-        let accounts = HashMap::from([(id, BatchAccount { ext: a.ext.clone(), state: a.state.clone(), holds: a.holds.clone(), dirty: false })]);
-        let by_ext = HashMap::from([(a.ext.clone(), id)]);
+        if accounts.is_empty() {
+            return None;
+        }
         Some(Reads {
             stored: HashMap::new(),
             accounts,
@@ -2368,9 +2392,15 @@ impl<'a> BatchWrite<'a> {
     /// Adds a read-only part that must return exactly one row. `sql` numbers its parameters
     /// from `$1`.
     fn check(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>) {
+        self.check_rows(sql, params, 1);
+    }
+
+    /// Adds a read-only part that must return exactly `want` rows. `sql` numbers its
+    /// parameters from `$1`.
+    fn check_rows(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>, want: usize) {
         let sql = renumber(sql, self.params.len());
         self.parts.push(format!("w{} AS ({sql})", self.parts.len()));
-        self.want.push(1);
+        self.want.push(want as i64);
         self.params.extend(params);
     }
 
@@ -2656,20 +2686,20 @@ impl Core {
             slots.push(Slot::Applied(t.effect));
         }
 
-        // Unlocked, the batch goes ahead only if it applied every command to one account (a
-        // rejection or an error may be the replay of a key the cache does not know).
+        // Unlocked, the batch goes ahead only if it applied every command (a rejection or an
+        // error may be the replay of a key the cache does not know).
         let dirty_accounts = accounts.values().filter(|a| a.dirty).count();
-        if !locked && (dirty_accounts != 1 || slots.iter().any(|s| matches!(s, Slot::Done(_)))) {
+        if !locked && (dirty_accounts == 0 || slots.iter().any(|s| matches!(s, Slot::Done(_)))) {
             batch_tx.release();
             return Ok(None);
         }
 
         // Ids, in command order, so that ids follow the order of writes across accounts as
         // closely as a sequence can (exports page by id). Locked: allocated after the lock,
-        // with the reads. Unlocked: from the node's block, whose last ids the write checks
-        // against the sequences (see `IdBlock`), or allocated now. The unlocked write also
-        // checks that they lie above the account's last entry.
-        let mut block_last: Option<(i64, i64)> = None;
+        // with the reads. Unlocked: from the node's block (the write checks that they lie above
+        // every id written: see `IdBlock`), or allocated now (the write checks that they lie
+        // above each account's last entry).
+        let mut from_block = false;
         let mut refill = false;
         let (mut h, mut e) = if locked {
             self.id_block().note(&read_hold_ids, &read_entry_ids);
@@ -2677,8 +2707,8 @@ impl Core {
         } else {
             let mut ids = self.id_block();
             match ids.take(new_holds.len(), entries.len()) {
-                Some((h, e, last)) => {
-                    block_last = Some(last);
+                Some((h, e)) => {
+                    from_block = true;
                     // What is left would not serve a batch like this one: a new block, after
                     // the COMMIT (its ids lie above the ones this batch checks).
                     refill = ids.holds.len() < h.len() || ids.entries.len() < e.len();
@@ -2791,8 +2821,31 @@ impl Core {
                 k_outcome.push(serde_json::to_value(effect).expect("effects serialize"));
             }
         }
-        // Each written account's row, derived once.
-        let dirty: Vec<AccountRow> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| AccountRow::new(*id, &a.state, now)).collect();
+        // Each written account's row, derived once, in id order (the order the unlocked
+        // update locks them in, as the locked path does).
+        let mut dirty: Vec<AccountRow> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| AccountRow::new(*id, &a.state, now)).collect();
+        dirty.sort_unstable_by_key(|r| r.id);
+        // Two or more accounts: one statement that unpacks their rows from arrays.
+        let columns = (dirty.len() > 1).then(|| AccountColumns::new(&dirty));
+
+        // Unlocked: each account must still be as cached (its row's version, `xmin`, and its
+        // `updated_at` are what this lane's last write of it left: any other write changes the
+        // version, and the update then takes fewer rows than it must; the time guards against
+        // a transaction id used again, after a restore or a wraparound), and the tiers as
+        // cached. Ids from the block must lie above every id written so far (so a write that
+        // ended before this one began, on any lane or node, has lower ids); ids allocated now,
+        // above each account's last entry.
+        let mut stamps: (Vec<i64>, Vec<DateTime<Utc>>) = (Vec::new(), Vec::new());
+        if !locked {
+            for row in &dirty {
+                let c = cache.accounts.get(&row.id).ok_or_else(|| Error::Invariant("unlocked batch on an account not cached".into()))?;
+                stamps.0.push(c.xmin);
+                stamps.1.push(c.written_at);
+            }
+        }
+        let first_entry = entry_id_list.first().copied().unwrap_or(i64::MAX);
+        let each_account: Vec<i64> = if from_block { Vec::new() } else { dirty.iter().map(|r| r.id).collect() };
+        let block_firsts: (Option<i64>, Option<i64>) = if from_block { (hold_id_list.first().copied(), entry_id_list.first().copied()) } else { (None, None) };
 
         let (hacc, hamount, hcost, hdeadline, hreference) = &holds_ins;
         // The writes: one statement for the whole batch, a `WITH` part per table that has rows
@@ -2800,35 +2853,33 @@ impl Core {
         // part took against what the batch computed and fails on a difference, which rolls the
         // transaction back: the COMMIT behind it then ends nothing.
         let mut w = BatchWrite::default();
-        // Unlocked: the account must still be as cached (its row's version, `xmin`, and its
-        // `updated_at` are what this lane's last write of it left: any other write changes the
-        // version, and the update then takes no row; the time guards against a transaction id
-        // used again, after a restore or a wraparound), its last entry below the first new one,
-        // and the tiers as cached. The update comes first, so the account's row is locked
-        // before any other row, as on the locked path.
-        let unlocked: Option<(i64, i64, DateTime<Utc>, i64, Option<i64>, Option<i64>)> = match (locked, dirty.as_slice(), entry_id_list.first()) {
-            (false, [row], first) => {
-                let c = cache.accounts.get(&row.id).ok_or_else(|| Error::Invariant("unlocked batch on an account not cached".into()))?;
-                Some((row.id, c.xmin, c.written_at, first.copied().unwrap_or(i64::MAX), block_last.map(|l| l.0), block_last.map(|l| l.1)))
+        if !locked {
+            // The accounts' update comes first, so their rows are locked before any other row,
+            // as on the locked path.
+            match (dirty.as_slice(), &columns) {
+                ([row], _) => {
+                    let mut params = row.params().to_vec();
+                    params.push(&stamps.0[0]);
+                    params.push(&stamps.1[0]);
+                    w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25 AND updated_at = $26"), params, 1);
+                }
+                (_, Some(c)) => {
+                    // Locked first in id order, as every other batch locks accounts, so two
+                    // batches (on any nodes) never wait on each other in a cycle.
+                    w.check_rows("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE", vec![&c.ints[0]], dirty.len());
+                    let mut params = c.params(&now);
+                    params.push(&stamps.0);
+                    params.push(&stamps.1);
+                    w.part(UPDATE_CACHED_ACCOUNTS_SQL, params, dirty.len());
+                }
+                _ => return Err(Error::Invariant("an unlocked batch without an account".into())),
             }
-            (false, ..) => return Err(Error::Invariant("unlocked batch on more than one account".into())),
-            (true, ..) => None,
-        };
-        if let Some((id, xmin, written_at, first_entry, hold_last, entry_last)) = &unlocked {
-            let [row] = dirty.as_slice() else { unreachable!("checked above") };
-            let mut params = row.params().to_vec();
-            params.push(xmin);
-            params.push(written_at);
-            w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25 AND updated_at = $26"), params, 1);
-            // (The ids were allocated after this lane's last write of the account, and anyone
-            // else's write changes the version; they are checked all the same, as the log's
-            // order depends on it.) Ids from the block: no one has allocated since.
             w.check(
-                "SELECT 1 WHERE COALESCE((SELECT max(id) FROM ledger_entries WHERE account_id = $1), 0) < $2
+                "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM unnest($1::bigint[]) AS a(id) WHERE (SELECT max(id) FROM ledger_entries WHERE account_id = a.id) >= $2)
                    AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]
-                   AND ($4::bigint IS NULL OR (SELECT last_value FROM holds_id_seq) = $4)
-                   AND ($5::bigint IS NULL OR (SELECT last_value FROM ledger_entries_id_seq) = $5)",
-                vec![id, first_entry, &tier_stamp, hold_last, entry_last],
+                   AND ($4::bigint IS NULL OR COALESCE((SELECT max(id) FROM holds), 0) < $4)
+                   AND ($5::bigint IS NULL OR COALESCE((SELECT max(id) FROM ledger_entries), 0) < $5)",
+                vec![&each_account, &first_entry, &tier_stamp, &block_firsts.0, &block_firsts.1],
             );
         }
         if !new_holds.is_empty() {
@@ -2874,9 +2925,7 @@ impl Core {
                 k_key.len(),
             );
         }
-        // Two or more accounts: one statement that unpacks their rows from arrays.
-        let columns = (dirty.len() > 1).then(|| AccountColumns::new(&dirty));
-        if unlocked.is_some() {
+        if !locked {
             // Written first, above.
         } else if let [row] = dirty.as_slice() {
             // One account (a lone command, a hot account): the plain statement costs the
@@ -2918,14 +2967,14 @@ impl Core {
             let (row, block_row) = match written {
                 Ok(w) => w,
                 Err(e) => {
-                    if block_last.is_some() {
-                        // Perhaps the sequences moved past the block (or the account changed).
+                    if from_block {
+                        // Perhaps ids above the block were written (or an account changed).
                         self.id_block().stale();
                     }
                     return Err(e.into());
                 }
             };
-            if block_last.is_some() {
+            if from_block {
                 self.stats.block_batches.fetch_add(1, Ordering::Relaxed);
             }
             {
