@@ -697,21 +697,6 @@ const UPDATE_ACCOUNTS_SQL: &str = "UPDATE accounts SET monthly = u.m, rollover =
     AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
     WHERE accounts.id = u.id AND accounts.id = ANY($1)";
 
-/// [`UPDATE_ACCOUNTS_SQL`] for accounts a lane's cache holds: each row only if it is still at
-/// the version (`$24`, its `xmin`) and time (`$25`, its `updated_at`) the lane's last write
-/// left.
-const UPDATE_CACHED_ACCOUNTS_SQL: &str =
-    "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
-    cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
-    throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
-    alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
-    period_end = u.pe, plan_anchor_day = u.anchor
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], $7::date[], $8::bigint[], $9::date[],
-    $10::bigint[], $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::jsonb[], $15::int[], $16::bool[], $17::text[],
-    $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[], $24::bigint[], $25::timestamptz[])
-    AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor, xmin0, at0)
-    WHERE accounts.id = u.id AND accounts.id = ANY($1) AND accounts.xmin::text::bigint = u.xmin0 AND accounts.updated_at = u.at0";
-
 /// Several accounts' rows, column by column (for [`UPDATE_ACCOUNTS_SQL`]).
 struct AccountColumns<'r> {
     ints: [Vec<i64>; 8],
@@ -2115,7 +2100,7 @@ const SPARE_IDS: i64 = 32;
 /// Ids an unlocked batch that found the block short allocates for it, after its `COMMIT`.
 const BLOCK_IDS: i64 = 256;
 /// Unlocked batches that take fresh ids after a block was found stale (another node, or a
-/// path that allocates on its own, took ids since).
+/// path that allocates on its own, wrote higher ids since).
 const BLOCK_COOL_DOWN: u32 = 64;
 
 /// Ids this node took from the sequences and has not used, for unlocked batches: one round trip
@@ -2124,8 +2109,8 @@ const BLOCK_COOL_DOWN: u32 = 64;
 /// the newest ids this node took (its tops), and the unlocked statement checks that the first
 /// ids it uses lie above every id written (the tables' highest `id`, as its snapshot sees
 /// them): it fails, like a stale account, if any write that ended before it began (another
-/// node's, another lane's, a path that allocates on its own) used higher ids. Other lanes
-/// taking ids (a new block) do not fail it: ids taken but not yet written order nothing.
+/// node's, another lane's, a path that allocates on its own) used higher ids. Ids taken but
+/// not yet written (another node's block) do not fail it: they order nothing.
 #[derive(Default)]
 struct IdBlock {
     holds: std::collections::VecDeque<i64>,
@@ -2177,7 +2162,8 @@ impl IdBlock {
         Some((self.holds.drain(..holds).collect(), self.entries.drain(..entries).collect()))
     }
 
-    /// Someone else allocated since the block was taken: drop it, and take fresh ids a while.
+    /// Someone else wrote higher ids since the block was taken (or an account changed): drop
+    /// it, and take fresh ids a while.
     fn stale(&mut self) {
         self.holds.clear();
         self.entries.clear();
@@ -2865,12 +2851,17 @@ impl Core {
                 }
                 (_, Some(c)) => {
                     // Locked first in id order, as every other batch locks accounts, so two
-                    // batches (on any nodes) never wait on each other in a cycle.
-                    w.check_rows("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE", vec![&c.ints[0]], dirty.len());
-                    let mut params = c.params(&now);
-                    params.push(&stamps.0);
-                    params.push(&stamps.1);
-                    w.part(UPDATE_CACHED_ACCOUNTS_SQL, params, dirty.len());
+                    // batches (on any nodes) never wait on each other in a cycle; each only if
+                    // it is at the cached version (checked again on the row's newest version
+                    // when the lock had to wait on another write), so once all are locked, no
+                    // one can change them before the COMMIT.
+                    w.check_rows(
+                        "SELECT a.id FROM accounts a JOIN unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS c(id, xmin0, at0) ON a.id = c.id
+                         WHERE a.id = ANY($1) AND a.xmin::text::bigint = c.xmin0 AND a.updated_at = c.at0 ORDER BY a.id FOR UPDATE OF a",
+                        vec![&c.ints[0], &stamps.0, &stamps.1],
+                        dirty.len(),
+                    );
+                    w.part(UPDATE_ACCOUNTS_SQL, c.params(&now), dirty.len());
                 }
                 _ => return Err(Error::Invariant("an unlocked batch without an account".into())),
             }
@@ -3053,7 +3044,7 @@ mod tests {
         // Another session's id (13) fell between ours: not a block.
         b.offer(vec![1, 2], vec![10, 11, 12, 14]);
         assert_eq!(b.take(0, 1), None);
-        // Contiguous and newest: served from the front, with the last ids to check.
+        // Contiguous and newest: served from the front.
         b.offer(vec![3, 4], vec![20, 21, 22]);
         assert_eq!(b.take(1, 2), Some((vec![3], vec![20, 21])));
         // Short: not served (and nothing taken).
