@@ -129,6 +129,9 @@ async fn run() {
             st.stale_batches - stats0.stale_batches,
             st.block_batches - stats0.block_batches
         );
+        if let Some(why) = &st.last_failure {
+            println!("   last failed or stale batch: {why}");
+        }
         println!(
             "   CPU per spend: this process {:.0} us, the server's processes {:.0} us, the whole machine {:.0} us ({:.0}% busy)",
             (own1 - own0) as f64 * 10_000.0 / n,

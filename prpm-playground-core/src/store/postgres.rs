@@ -2099,9 +2099,13 @@ const CACHED_ACCOUNTS: usize = 8_192;
 const SPARE_IDS: i64 = 32;
 /// Ids an unlocked batch that found the block short allocates for it, after its `COMMIT`.
 const BLOCK_IDS: i64 = 256;
-/// Unlocked batches that take fresh ids after a block was found stale (another node, or a
-/// path that allocates on its own, wrote higher ids since).
+/// Unlocked batches that take fresh ids after a block was found stale (another node, another
+/// lane, or a path that allocates on its own, wrote higher ids since), at most: the first
+/// time [`BLOCK_COOL_DOWN_FIRST`], doubled by each stale block, halved by each block used.
+/// Two busy nodes fail each other's blocks and soon stay on fresh ids; a rare race between
+/// this node's lanes costs a few batches a round trip, not 64.
 const BLOCK_COOL_DOWN: u32 = 64;
+const BLOCK_COOL_DOWN_FIRST: u32 = 4;
 
 /// Ids this node took from the sequences and has not used, for unlocked batches: one round trip
 /// fewer than allocating them. Ids must follow the order of writes (a write that ended before
@@ -2120,6 +2124,8 @@ struct IdBlock {
     /// The highest ids this node has taken from each sequence.
     top: (i64, i64),
     cool_down: u32,
+    /// The cool-down the next stale block starts (0: [`BLOCK_COOL_DOWN_FIRST`]).
+    next_cool_down: u32,
     /// Both sequences hand out one id at a time (`CACHE 1`), so ids taken later are higher;
     /// checked on open, otherwise no block is ever used.
     enabled: bool,
@@ -2168,7 +2174,13 @@ impl IdBlock {
         self.holds.clear();
         self.entries.clear();
         self.last = (0, 0);
-        self.cool_down = BLOCK_COOL_DOWN;
+        self.cool_down = self.next_cool_down.max(BLOCK_COOL_DOWN_FIRST);
+        self.next_cool_down = (self.cool_down * 2).min(BLOCK_COOL_DOWN);
+    }
+
+    /// A batch committed with ids from the block.
+    fn served(&mut self) {
+        self.next_cool_down /= 2;
     }
 }
 
@@ -2970,6 +2982,9 @@ impl Core {
             }
             {
                 let mut ids = self.id_block();
+                if from_block {
+                    ids.served();
+                }
                 if locked {
                     ids.offer(spare.0, spare.1);
                 }
@@ -3057,14 +3072,41 @@ mod tests {
         // Older ids than the top are never a block.
         b.offer(vec![5, 6], vec![25, 26]);
         assert_eq!(b.take(0, 1), None);
-        // Stale: cools down for BLOCK_COOL_DOWN takes, whatever is offered.
+        // Stale: cools down for BLOCK_COOL_DOWN_FIRST takes, whatever is offered.
         b.offer(vec![7], vec![40, 41]);
         b.stale();
         b.offer(vec![8], vec![50, 51]);
-        for _ in 0..BLOCK_COOL_DOWN {
+        for _ in 0..BLOCK_COOL_DOWN_FIRST {
             assert_eq!(b.take(0, 1), None);
         }
         assert_eq!(b.take(0, 1), Some((vec![], vec![50])));
+        // Stale again and again (two busy nodes): each cool-down twice the last, up to
+        // BLOCK_COOL_DOWN; each block used halves the next.
+        let mut next = 100;
+        let mut cool_down_after_stale = |b: &mut IdBlock| {
+            b.stale();
+            next += 1;
+            b.offer(vec![next], vec![next]);
+            let mut cooled = 0;
+            while b.take(0, 1).is_none() {
+                cooled += 1;
+                assert!(cooled <= BLOCK_COOL_DOWN, "cools down for good");
+            }
+            cooled
+        };
+        let mut want = 2 * BLOCK_COOL_DOWN_FIRST;
+        for round in 0..6 {
+            assert_eq!(cool_down_after_stale(&mut b), want, "round {round}");
+            want = (want * 2).min(BLOCK_COOL_DOWN);
+        }
+        assert_eq!(want, BLOCK_COOL_DOWN);
+        b.served();
+        b.served();
+        assert_eq!(cool_down_after_stale(&mut b), BLOCK_COOL_DOWN / 4);
+        for _ in 0..8 {
+            b.served();
+        }
+        assert_eq!(cool_down_after_stale(&mut b), BLOCK_COOL_DOWN_FIRST);
         // Turned off (a sequence caches ids): never a block.
         let mut off = IdBlock::default();
         off.offer(vec![1], vec![1, 2]);
