@@ -385,11 +385,7 @@ fn batches_use_indexes_on_tables_that_grew() {
         let url = cluster.create_database().await.unwrap();
         let db = connect(&url).await;
         // One connection: the statements are planned on it while the tables hold one account.
-        // Two lanes: a settle goes to its hold's lane, where the account is mostly not cached,
-        // so most batches read under locks (the plans this test is about).
-        let mut opts = PgOptions::new(url.clone()).pool_size(1);
-        opts.lanes = 2;
-        let store = PgStore::open(opts).await.unwrap();
+        let store = PgStore::open(PgOptions::new(url.clone()).pool_size(1)).await.unwrap();
         let s: &dyn Store = &store;
         let warm = create_user(s, "warm").await;
         grant(s, &warm, Bucket::Purchased, 1_000, None, "g").await;

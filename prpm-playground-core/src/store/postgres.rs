@@ -107,11 +107,11 @@ pub struct PgOptions {
     pub clock: Arc<dyn Clock>,
     pub alert_sink: Option<Arc<dyn AlertSink>>,
     /// Batchers on this node: concurrent commands on the accounts of one lane commit together.
-    /// Default 1: a lane waits a moment (at most a millisecond) for the callers its last batch
-    /// answered, so concurrent callers make one batch (which costs the server less per
-    /// command) instead of two of half each. More lanes keep more batches in flight, but a
-    /// caller whose next command goes to another lane keeps the first waiting in vain (the
-    /// README's PostgreSQL section has the measurements).
+    /// Default 2. The node's batcher takes what is queued, waiting a moment (at most a
+    /// millisecond) for the callers its last round answered, so concurrent callers make one
+    /// round (which costs the server less per command) instead of two of half each; it splits
+    /// the round by lane (by account), and each lane's batch runs on its own connection at the
+    /// same time (the README's PostgreSQL section has the measurements).
     pub lanes: usize,
 }
 
@@ -124,7 +124,7 @@ impl std::fmt::Debug for PgOptions {
 
 impl PgOptions {
     pub fn new(url: impl Into<String>) -> Self {
-        PgOptions { url: url.into(), pool_size: 16, ledger: LedgerConfig::default(), clock: Arc::new(SystemClock), alert_sink: None, lanes: 1 }
+        PgOptions { url: url.into(), pool_size: 16, ledger: LedgerConfig::default(), clock: Arc::new(SystemClock), alert_sink: None, lanes: 2 }
     }
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -148,7 +148,7 @@ impl PgOptions {
 pub struct PgStore {
     core: Arc<Core>,
     /// Batchers of this node: concurrent commands are committed in groups (see [`Core::run_batch`]).
-    lanes: Vec<mpsc::UnboundedSender<Job>>,
+    batcher: mpsc::UnboundedSender<Job>,
 }
 
 /// What the store and its batchers share.
@@ -196,6 +196,8 @@ pub struct BatchStats {
 struct Job {
     cmd: Command,
     fp: i64,
+    /// The hash of its account (or hold): its lane.
+    lane: u64,
     reply: oneshot::Sender<Result<Outcome>>,
 }
 
@@ -263,14 +265,9 @@ impl PgStore {
             .get(0);
         core.id_block().enabled = caches == 2;
         drop(client);
-        let lanes = (0..opts.lanes.max(1))
-            .map(|_| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(lane(core.clone(), rx));
-                tx
-            })
-            .collect();
-        Ok(PgStore { core, lanes })
+        let (batcher, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batcher_loop(core.clone(), rx, opts.lanes.max(1)));
+        Ok(PgStore { core, batcher })
     }
 
     /// How group commit has gone on this node so far.
@@ -1848,7 +1845,7 @@ impl Store for PgStore {
         };
         let Some(lane) = lane else { return self.core.execute_single(&cmd, fp).await };
         let (reply, rx) = oneshot::channel();
-        self.lanes[(lane % self.lanes.len() as u64) as usize].send(Job { cmd, fp, reply }).map_err(|_| Error::Closed)?;
+        self.batcher.send(Job { cmd, fp, lane, reply }).map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -2115,11 +2112,14 @@ const BLOCK_COOL_DOWN_FIRST: u32 = 4;
 /// Ids this node took from the sequences and has not used, for unlocked batches: one round trip
 /// fewer than allocating them. Ids must follow the order of writes (a write that ended before
 /// another began has the lower ids; exports page by id), so a block serves only while it holds
-/// the newest ids this node took (its tops), and the unlocked statement checks that the first
-/// ids it uses lie above every id written (the tables' highest `id`, as its snapshot sees
-/// them): it fails, like a stale account, if any write that ended before it began (another
-/// node's, another lane's, a path that allocates on its own) used higher ids. Ids taken but
-/// not yet written (another node's block) do not fail it: they order nothing.
+/// the newest ids this node took (its tops), and the unlocked statement checks that no id
+/// above the block's last was written (the tables' highest `id`, as its snapshot sees them):
+/// it fails, like a stale account, if any write that ended before it began (another node's, a
+/// path that allocates on its own) used higher ids. Ids within the block that lie above its
+/// own were written by another lane's batch of the same round (the block is contiguous and
+/// served in order, so no one else holds them): that batch runs at the same time, so the order
+/// between the two does not matter. Ids taken but not yet written (another node's block) do
+/// not fail it: they order nothing.
 #[derive(Default)]
 struct IdBlock {
     holds: std::collections::VecDeque<i64>,
@@ -2301,13 +2301,16 @@ fn hash_of(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// A batcher: takes what is queued (up to [`MAX_BATCH`], at least one) and commits it in one
-/// transaction of a few round trips whatever its size. If a batch fails (a lost race with another node, a
-/// connection lost), each of its commands is retried alone, so one cannot fail the others.
-async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let mut cache = LaneCache::default();
+/// The node's batcher: takes what is queued (up to [`MAX_BATCH`], at least one) as a round,
+/// splits it by lane, and commits each lane's batch in one transaction of a few round trips
+/// whatever its size, the lanes' batches at the same time (on their own connections; their
+/// accounts differ, and each locks its accounts in id order). If a batch fails (a lost race
+/// with another node, a connection lost), each of its commands is retried alone, so one cannot
+/// fail the others.
+async fn batcher_loop(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>, lanes: usize) {
+    let mut caches: Vec<LaneCache> = (0..lanes).map(|_| LaneCache::default()).collect();
     let mut jobs: Vec<Job> = Vec::new();
-    // Commands the last batch answered plus those queued behind it: how many are likely to be
+    // Commands the last round answered plus those queued behind it: how many are likely to be
     // here soon (a caller sends its next command when its reply comes).
     let mut expect = 0usize;
     loop {
@@ -2318,8 +2321,8 @@ async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         take_queued(&mut rx, &mut jobs);
-        // The callers the last batch answered come back at once: wait a moment for them, so
-        // that they join this batch rather than queue behind it (one batch of all, instead of
+        // The callers the last round answered come back at once: wait a moment for them, so
+        // that they join this round rather than queue behind it (one round of all, instead of
         // two of half each, alternating).
         if jobs.len() < expect.min(MAX_BATCH) {
             let deadline = tokio::time::Instant::now() + GATHER_WAIT;
@@ -2333,30 +2336,51 @@ async fn lane(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
             }
         }
-        let batch = std::mem::take(&mut jobs);
-        let outcome = core.run_batch(&batch, &mut cache).await;
-        // Queued meanwhile (none of them from this batch's callers: they have no reply yet).
+        let round = jobs.len();
+        let mut parts: Vec<Vec<Job>> = (0..lanes).map(|_| Vec::new()).collect();
+        for j in jobs.drain(..) {
+            // A command on a hold goes where its account is cached (it is routed by the hold
+            // itself, as its account is not known before it is read), else by its hash.
+            let cached = match (j.cmd.account(), j.cmd.hold()) {
+                (None, Some(h)) => caches.iter().position(|c| c.by_hold.contains_key(&h.0)),
+                _ => None,
+            };
+            parts[cached.unwrap_or((j.lane % lanes as u64) as usize)].push(j);
+        }
+        // Each lane's batch on its own connection and transaction, at the same time.
+        let done = futures_util::future::join_all(
+            parts.into_iter().zip(caches.iter_mut()).filter(|(p, _)| !p.is_empty()).map(|(p, cache)| run_lane_batch(&core, p, cache)),
+        )
+        .await;
+        // Queued meanwhile (none of them from this round's callers: they have no reply yet).
         take_queued(&mut rx, &mut jobs);
-        expect = jobs.len() + batch.len();
-        match outcome {
-            Ok((results, alerts)) => {
-                core.stats.batches.fetch_add(1, Ordering::Relaxed);
-                core.stats.batched_commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                for (j, r) in batch.into_iter().zip(results) {
-                    let _ = j.reply.send(r);
-                }
-                core.notify(&alerts);
+        expect = jobs.len() + round;
+        for (j, r) in done.into_iter().flatten() {
+            let _ = j.reply.send(r);
+        }
+    }
+}
+
+/// One lane's batch: each command with its result (not sent yet).
+async fn run_lane_batch(core: &Core, batch: Vec<Job>, cache: &mut LaneCache) -> Vec<(Job, Result<Outcome>)> {
+    match core.run_batch(&batch, cache).await {
+        Ok((results, alerts)) => {
+            core.stats.batches.fetch_add(1, Ordering::Relaxed);
+            core.stats.batched_commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            core.notify(&alerts);
+            batch.into_iter().zip(results).collect()
+        }
+        Err(e) => {
+            // Whether it committed is unknown, and the commands below change the accounts.
+            cache.clear();
+            core.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+            *core.stats.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+            let mut out = Vec::with_capacity(batch.len());
+            for j in batch {
+                let r = core.execute_single(&j.cmd, j.fp).await;
+                out.push((j, r));
             }
-            Err(e) => {
-                // Whether it committed is unknown, and the commands below change the accounts.
-                cache.clear();
-                core.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                *core.stats.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                for j in batch {
-                    let r = core.execute_single(&j.cmd, j.fp).await;
-                    let _ = j.reply.send(r);
-                }
-            }
+            out
         }
     }
 }
@@ -2737,6 +2761,8 @@ impl Core {
         // every id written: see `IdBlock`), or allocated now (the write checks that they lie
         // above each account's last entry).
         let mut from_block = false;
+        // The block's last ids: no row above them may have been written.
+        let mut block_last: (Option<i64>, Option<i64>) = (None, None);
         let mut refill = false;
         let (mut h, mut e) = if locked {
             self.id_block().note(&read_hold_ids, &read_entry_ids);
@@ -2746,6 +2772,7 @@ impl Core {
             match ids.take(new_holds.len(), entries.len()) {
                 Some((h, e)) => {
                     from_block = true;
+                    block_last = (Some(ids.last.0), Some(ids.last.1));
                     // What is left would not serve a batch like this one: a new block, after
                     // the COMMIT (its ids lie above the ones this batch checks).
                     refill = ids.holds.len() < h.len() || ids.entries.len() < e.len();
@@ -2882,7 +2909,6 @@ impl Core {
         }
         let first_entry = entry_id_list.first().copied().unwrap_or(i64::MAX);
         let each_account: Vec<i64> = if from_block { Vec::new() } else { dirty.iter().map(|r| r.id).collect() };
-        let block_firsts: (Option<i64>, Option<i64>) = if from_block { (hold_id_list.first().copied(), entry_id_list.first().copied()) } else { (None, None) };
 
         let (hacc, hamount, hcost, hdeadline, hreference) = &holds_ins;
         // The writes: one statement for the whole batch, a `WITH` part per table that has rows
@@ -2919,9 +2945,9 @@ impl Core {
             w.check(
                 "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM unnest($1::bigint[]) AS a(id) WHERE (SELECT max(id) FROM ledger_entries WHERE account_id = a.id) >= $2)
                    AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]
-                   AND ($4::bigint IS NULL OR COALESCE((SELECT max(id) FROM holds), 0) < $4)
-                   AND ($5::bigint IS NULL OR COALESCE((SELECT max(id) FROM ledger_entries), 0) < $5)",
-                vec![&each_account, &first_entry, &tier_stamp, &block_firsts.0, &block_firsts.1],
+                   AND ($4::bigint IS NULL OR COALESCE((SELECT max(id) FROM holds), 0) <= $4)
+                   AND ($5::bigint IS NULL OR COALESCE((SELECT max(id) FROM ledger_entries), 0) <= $5)",
+                vec![&each_account, &first_entry, &tier_stamp, &block_last.0, &block_last.1],
             );
         }
         if !new_holds.is_empty() {
