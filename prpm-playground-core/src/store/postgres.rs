@@ -2067,10 +2067,10 @@ impl Store for PgStore {
 // ---------------------------------------------------------------------------------------------
 // Group commit
 
-/// Most commands one batch commits.
+/// Most commands one round takes (split among the lanes' batches).
 const MAX_BATCH: usize = 256;
-/// How long a lane waits for the callers its last batch answered (the timer's granularity is
-/// a millisecond).
+/// How long the batcher waits for the callers its last round answered (the timer's
+/// granularity is a millisecond).
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A batch's transaction begins with its plans made without scans (see `read_batch`), and
@@ -2101,11 +2101,11 @@ const CACHED_ACCOUNTS: usize = 8_192;
 const SPARE_IDS: i64 = 32;
 /// Ids an unlocked batch that found the block short allocates for it, after its `COMMIT`.
 const BLOCK_IDS: i64 = 256;
-/// Unlocked batches that take fresh ids after a block was found stale (another node, another
-/// lane, or a path that allocates on its own, wrote higher ids since), at most: the first
-/// time [`BLOCK_COOL_DOWN_FIRST`], doubled by each stale block, halved by each block used.
-/// Two busy nodes fail each other's blocks and soon stay on fresh ids; a rare race between
-/// this node's lanes costs a few batches a round trip, not 64.
+/// Unlocked batches that take fresh ids after a block was found stale (another node, a lane
+/// that allocated fresh ids, or a path that allocates on its own, wrote higher ids since), at
+/// most: the first time [`BLOCK_COOL_DOWN_FIRST`], doubled by each stale block, halved by each
+/// block used. Two busy nodes fail each other's blocks and soon stay on fresh ids; a rare race
+/// on this node costs a few batches a round trip, not 64.
 const BLOCK_COOL_DOWN: u32 = 64;
 const BLOCK_COOL_DOWN_FIRST: u32 = 4;
 
