@@ -2324,17 +2324,12 @@ async fn batcher_loop(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>, lan
         // The callers the last round answered come back at once: wait a moment for them, so
         // that they join this round rather than queue behind it (one round of all, instead of
         // two of half each, alternating).
-        if jobs.len() < expect.min(MAX_BATCH) {
-            let deadline = tokio::time::Instant::now() + GATHER_WAIT;
-            while jobs.len() < expect.min(MAX_BATCH) {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(j)) => {
-                        jobs.push(j);
-                        take_queued(&mut rx, &mut jobs);
-                    }
-                    _ => break,
-                }
-            }
+        let deadline = tokio::time::Instant::now() + GATHER_WAIT;
+        while jobs.len() < expect.min(MAX_BATCH)
+            && let Ok(Some(j)) = tokio::time::timeout_at(deadline, rx.recv()).await
+        {
+            jobs.push(j);
+            take_queued(&mut rx, &mut jobs);
         }
         let round = jobs.len();
         let mut parts: Vec<Vec<Job>> = (0..lanes).map(|_| Vec::new()).collect();
