@@ -6,6 +6,7 @@
 //! because each command is applied on its own (in its own savepoint) against the state the
 //! previous commands of the batch left.
 
+mod outcome;
 pub mod postgres;
 pub mod sqlite;
 

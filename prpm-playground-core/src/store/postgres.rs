@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
+use super::outcome;
 use super::*;
 use crate::clock::{SystemClock, to_millis};
 use crate::cost::{Alert, AlertSink, CostState, TierLimits, TierTable};
@@ -514,14 +515,14 @@ async fn stored_outcome(tx: &impl GenericClient, cmd: &Command, fp: i64) -> Resu
     if stored != fp {
         return Err(TxError::Fail(Error::IdempotencyConflict { key: key.to_string() }));
     }
-    let effect: Effect = serde_json::from_value(row.get(1)).map_err(|e| Error::Invariant(format!("stored outcome: {e}")))?;
+    let effect = outcome::from_bytes(row.get(1))?;
     Ok(Some(Ok(Committed { effect, replayed: true })))
 }
 
 async fn remember(tx: &impl GenericClient, cmd: &Command, effect: &Effect, fp: i64, now: DateTime<Utc>) -> Result<(), TxError> {
     if let Some(key) = cmd.key() {
-        let outcome = serde_json::to_value(effect).expect("effects serialize");
-        tx.execute("INSERT INTO idempotency (key, fingerprint, outcome, at) VALUES ($1, $2, $3, $4)", &[&key.as_str(), &fp, &outcome, &now]).await?;
+        let stored = outcome::to_bytes(effect);
+        tx.execute("INSERT INTO idempotency (key, fingerprint, outcome, at) VALUES ($1, $2, $3, $4)", &[&key.as_str(), &fp, &stored, &now]).await?;
     }
     Ok(())
 }
@@ -684,17 +685,19 @@ impl<'a> AccountRow<'a> {
 }
 
 /// [`UPDATE_ACCOUNT_SQL`] for several accounts, their rows unpacked from the arrays of
-/// [`AccountColumns::params`].
+/// [`AccountColumns::params`] (`u.n` is a row's place in them), one after the other in id order
+/// (a batch's transaction begins with joins as nested loops: see [`BEGIN_SQL`]), so that
+/// batches, on any node, lock accounts in the same order.
 const UPDATE_ACCOUNTS_SQL: &str = "UPDATE accounts SET monthly = u.m, rollover = u.r, purchased = u.p, held = u.h, rollover_lots = u.lots, updated_at = $23,
     cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc,
     throttle = u.throttle, throttle_lifts = u.lifts, requests = ARRAY(SELECT jsonb_array_elements_text(u.requests)::bigint),
     alerted = u.alerted, org_member = u.org, tier_override = u.tier, next_expiry = u.next, plan_credits = u.pc, plan_active = u.pa,
     period_end = u.pe, plan_anchor_day = u.anchor
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], $7::date[], $8::bigint[], $9::date[],
+    FROM (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], $7::date[], $8::bigint[], $9::date[],
     $10::bigint[], $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::jsonb[], $15::int[], $16::bool[], $17::text[],
-    $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[])
-    AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor)
-    WHERE accounts.id = u.id AND accounts.id = ANY($1)";
+    $18::timestamptz[], $19::bigint[], $20::bool[], $21::timestamptz[], $22::int[]) WITH ORDINALITY
+    AS u(id, m, r, p, h, lots, cday, dc, cmonth, mc, hc, throttle, lifts, requests, alerted, org, tier, next, pc, pa, pe, anchor, n) ORDER BY id) AS u
+    WHERE accounts.id = u.id";
 
 /// Several accounts' rows, column by column (for [`UPDATE_ACCOUNTS_SQL`]).
 struct AccountColumns<'r> {
@@ -2073,17 +2076,20 @@ const MAX_BATCH: usize = 256;
 /// granularity is a millisecond).
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// A batch's transaction begins with its plans made without scans (see `read_batch`), and
-/// without JIT compilation: a statement that must scan (none should) would otherwise be costed
-/// as huge and compiled on every execution.
-const BEGIN_SQL: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+/// A batch's transaction begins with its plans made without scans (see `read_batch`), its
+/// joins as nested loops (a batch joins a few rows unpacked from arrays to the rows they name,
+/// found by key, in the arrays' order: see [`UPDATE_ACCOUNTS_SQL`]), and without JIT
+/// compilation: a statement that must scan (none should) would otherwise be costed as huge and
+/// compiled on every execution. (One statement: each costs the server a parse.)
+const BEGIN_SQL: &str = "BEGIN; SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), \
+                         set_config('enable_mergejoin', 'off', true), set_config('jit', 'off', true)";
 
 type BatchDone = (Vec<Result<Outcome>>, Vec<(AccountId, Alert)>);
 type BatchResult = Result<BatchDone>;
 
 /// What a batch reads before it applies its commands: under row locks, or from the lane's cache.
 struct Reads {
-    stored: HashMap<String, (i64, serde_json::Value)>,
+    stored: HashMap<String, (i64, Vec<u8>)>,
     accounts: HashMap<i64, BatchAccount>,
     by_ext: HashMap<AccountId, i64>,
     named: HashMap<i64, (i64, HoldRecord)>,
@@ -2627,7 +2633,7 @@ impl Core {
             tx.query(&st_tiers, &[]),
             tx.query_one(&st_ids, &p_ids),
         )?;
-        let stored: HashMap<String, (i64, serde_json::Value)> = key_rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+        let stored: HashMap<String, (i64, Vec<u8>)> = key_rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
         let mut accounts: HashMap<i64, BatchAccount> = HashMap::new();
         let mut by_ext: HashMap<AccountId, i64> = HashMap::new();
         for r in &rows {
@@ -2672,13 +2678,13 @@ impl Core {
         for (i, job) in jobs.iter().enumerate() {
             let cmd = &job.cmd;
             if let Some(key) = cmd.key() {
-                if let Some((fp, outcome)) = stored.get(key.as_str()) {
+                if let Some((fp, stored_effect)) = stored.get(key.as_str()) {
                     let slot = if *fp != job.fp {
                         Slot::Done(Err(Error::IdempotencyConflict { key: key.to_string() }))
                     } else {
-                        match serde_json::from_value::<Effect>(outcome.clone()) {
+                        match outcome::from_bytes(stored_effect) {
                             Ok(effect) => Slot::Done(Ok(Ok(Committed { effect, replayed: true }))),
-                            Err(e) => Slot::Done(Err(Error::Invariant(format!("stored outcome: {e}")))),
+                            Err(e) => Slot::Done(Err(e)),
                         }
                     };
                     slots.push(slot);
@@ -2877,7 +2883,7 @@ impl Core {
             if let (Slot::Applied(effect), Some(key)) = (slot, jobs[i].cmd.key()) {
                 k_key.push(key.as_str());
                 k_fp.push(jobs[i].fp);
-                k_outcome.push(serde_json::to_value(effect).expect("effects serialize"));
+                k_outcome.push(outcome::to_bytes(effect));
             }
         }
         // Each written account's row, derived once, in id order (the order the unlocked
@@ -2922,18 +2928,18 @@ impl Core {
                     w.part(&format!("{UPDATE_ACCOUNT_SQL} AND xmin::text::bigint = $25 AND updated_at = $26"), params, 1);
                 }
                 (_, Some(c)) => {
-                    // Locked first in id order, as every other batch locks accounts, so two
-                    // batches (on any nodes) never wait on each other in a cycle; each only if
-                    // it is at the cached version (checked again on the row's newest version
-                    // when the lock had to wait on another write), so once all are locked, no
-                    // one can change them before the COMMIT.
-                    w.check_rows(
-                        "SELECT a.id FROM accounts a JOIN unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS c(id, xmin0, at0) ON a.id = c.id
-                         WHERE a.id = ANY($1) AND a.xmin::text::bigint = c.xmin0 AND a.updated_at = c.at0 ORDER BY a.id FOR UPDATE OF a",
-                        vec![&c.ints[0], &stamps.0, &stamps.1],
+                    // In id order, as every other batch locks accounts, so two batches (on any
+                    // nodes) never wait on each other in a cycle; each only if it is at the
+                    // cached version (checked again on the row's newest version when the update
+                    // had to wait on another write).
+                    let mut params = c.params(&now);
+                    params.push(&stamps.0);
+                    params.push(&stamps.1);
+                    w.part(
+                        &format!("{UPDATE_ACCOUNTS_SQL} AND accounts.xmin::text::bigint = ($24::bigint[])[u.n] AND accounts.updated_at = ($25::timestamptz[])[u.n]"),
+                        params,
                         dirty.len(),
                     );
-                    w.part(UPDATE_ACCOUNTS_SQL, c.params(&now), dirty.len());
                 }
                 _ => return Err(Error::Invariant("an unlocked batch without an account".into())),
             }
@@ -2983,7 +2989,7 @@ impl Core {
         }
         if !k_key.is_empty() {
             w.part(
-                "INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(k, f, o)",
+                "INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT k, f, o, $4 FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(k, f, o)",
                 vec![&k_key, &k_fp, &k_outcome, &now],
                 k_key.len(),
             );

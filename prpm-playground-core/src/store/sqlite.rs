@@ -37,7 +37,7 @@ use crate::ledger::rules::{self, ChargeRecord, HoldRecord, NEW_HOLD, OpenHold, S
 use crate::purchase::{PurchaseKind, PurchaseStatus};
 use crate::session::{Role, RunId, RunOutcome, SharedTurn, Turn};
 
-mod outcome;
+use super::outcome;
 mod wal_sync;
 mod wal_writes;
 pub use wal_sync::SyncStats;

@@ -1,4 +1,7 @@
-//! How a keyed command's first result is stored (`idempotency.outcome`), in pure functions.
+//! How a keyed command's first result is stored (`idempotency.outcome`), in pure functions,
+//! for both backends: SQLite keeps a record as a BLOB and JSON as TEXT; PostgreSQL keeps
+//! either as the bytes of one `bytea` ([`to_bytes`], [`from_bytes`]: a record starts with
+//! [`FORMAT`], a JSON text with `{`).
 //!
 //! The effects of the hot commands (held, settled, released, spent) are stored as a compact
 //! record, a BLOB of 15 to 40 bytes at everyday values (at most [`MAX_RECORD_BYTES`]); every
@@ -30,7 +33,7 @@ const SPENT: u8 = 4;
 const MAX_RECORD_BYTES: usize = 2 + 11 * 10;
 
 /// The stored form of `effect`: a compact BLOB for the hot effects, JSON text otherwise.
-pub(super) fn encode(effect: &Effect) -> Value {
+pub(crate) fn encode(effect: &Effect) -> Value {
     let mut w = Vec::with_capacity(32);
     w.push(FORMAT);
     match effect {
@@ -70,11 +73,28 @@ pub(super) fn encode(effect: &Effect) -> Value {
 }
 
 /// The effect stored as `stored` (a compact record or JSON text).
-pub(super) fn decode(stored: ValueRef<'_>) -> Result<Effect> {
+pub(crate) fn decode(stored: ValueRef<'_>) -> Result<Effect> {
     match stored {
         ValueRef::Text(t) => serde_json::from_slice(t).map_err(|e| Error::Invariant(format!("stored outcome: {e}"))),
         ValueRef::Blob(b) => decode_record(b).ok_or_else(|| Error::Invariant(format!("stored outcome: not a valid record ({} bytes)", b.len()))),
         other => Err(Error::Invariant(format!("stored outcome: a {:?}, not a record or JSON", other.data_type()))),
+    }
+}
+
+/// `effect` as one byte string: its record, or its JSON text.
+pub(crate) fn to_bytes(effect: &Effect) -> Vec<u8> {
+    match encode(effect) {
+        Value::Blob(b) => b,
+        Value::Text(t) => t.into_bytes(),
+        other => unreachable!("encode gives a blob or a text, not {other:?}"),
+    }
+}
+
+/// The effect [`to_bytes`] gave `b` for (a record if it starts with [`FORMAT`], else JSON).
+pub(crate) fn from_bytes(b: &[u8]) -> Result<Effect> {
+    match b.first() {
+        Some(&FORMAT) => decode(ValueRef::Blob(b)),
+        _ => decode(ValueRef::Text(b)),
     }
 }
 
@@ -257,6 +277,27 @@ mod tests {
             let mut longer = b.clone();
             longer.push(extra);
             prop_assert!(decode(ValueRef::Blob(&longer)).is_err());
+        }
+    }
+
+    proptest! {
+        /// PostgreSQL's one-bytea form gives back every effect, a record as the same bytes.
+        #[test]
+        fn hot_effects_round_trip_as_bytes(e in hot_effect()) {
+            let b = to_bytes(&e);
+            prop_assert_eq!(Value::Blob(b.clone()), encode(&e));
+            prop_assert_eq!(from_bytes(&b).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn json_effects_round_trip_as_bytes_and_bad_bytes_are_refused() {
+        let e = Effect::AccountCreated { granted: 5, balances: Balances { monthly: 5, rollover: 0, purchased: 0, held: 0 } };
+        let b = to_bytes(&e);
+        assert_eq!(b, serde_json::to_vec(&e).unwrap());
+        assert_eq!(from_bytes(&b).unwrap(), e);
+        for bad in [&b""[..], b"{", &[FORMAT], &[2, HELD]] {
+            assert!(matches!(from_bytes(bad), Err(Error::Invariant(_))), "{bad:?}");
         }
     }
 
