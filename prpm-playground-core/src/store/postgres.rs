@@ -11,7 +11,7 @@
 //! The schema lives in `migrations/postgres/`; [`PgStore::open`] applies what is pending under
 //! an advisory lock, so nodes starting at once migrate once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -107,12 +107,11 @@ pub struct PgOptions {
     pub ledger: LedgerConfig,
     pub clock: Arc<dyn Clock>,
     pub alert_sink: Option<Arc<dyn AlertSink>>,
-    /// Batchers on this node: concurrent commands on the accounts of one lane commit together.
-    /// Default 2. The node's batcher takes what is queued, waiting a moment (at most a
-    /// millisecond) for the callers its last round answered, so concurrent callers make one
-    /// round (which costs the server less per command) instead of two of half each; it splits
-    /// the round by lane (by account), and each lane's batch runs on its own connection at the
-    /// same time (the README's PostgreSQL section has the measurements).
+    /// Batches this node keeps in flight at once, each on its own connection. Default 2: one
+    /// batch runs its statement while the other waits for its `COMMIT`'s flush. Concurrent
+    /// commands share batches (one transaction whatever its size); the batcher splits them
+    /// into batches of equal size that take turns (the README's PostgreSQL section has the
+    /// measurements).
     pub lanes: usize,
 }
 
@@ -183,7 +182,7 @@ pub struct BatchStats {
     /// Batches that failed and whose commands were retried one by one (lost races with other
     /// nodes, lost connections).
     pub failed_batches: u64,
-    /// Batches applied to the lane's cached state without the locked reads (one round trip).
+    /// Batches applied to the node's cached state without the locked reads (one round trip).
     pub unlocked_batches: u64,
     /// Unlocked batches that found the account changed (or a key used) and took the locked
     /// path instead.
@@ -197,8 +196,6 @@ pub struct BatchStats {
 struct Job {
     cmd: Command,
     fp: i64,
-    /// The hash of its account (or hold): its lane.
-    lane: u64,
     reply: oneshot::Sender<Result<Outcome>>,
 }
 
@@ -1840,15 +1837,11 @@ impl Store for PgStore {
     async fn execute(&self, cmd: Command) -> Result<Outcome> {
         cmd.validate()?;
         let fp = fingerprint(&cmd);
-        // Commands on one account go to one lane, so they share its batches.
-        let lane = match (batchable(&cmd), cmd.account(), cmd.hold()) {
-            (true, Some(a), _) => Some(hash_of(a.as_str().as_bytes())),
-            (true, None, Some(h)) => Some(hash_of(&h.0.to_le_bytes())),
-            _ => None,
-        };
-        let Some(lane) = lane else { return self.core.execute_single(&cmd, fp).await };
+        if !batchable(&cmd) || (cmd.account().is_none() && cmd.hold().is_none()) {
+            return self.core.execute_single(&cmd, fp).await;
+        }
         let (reply, rx) = oneshot::channel();
-        self.batcher.send(Job { cmd, fp, lane, reply }).map_err(|_| Error::Closed)?;
+        self.batcher.send(Job { cmd, fp, reply }).map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -2070,9 +2063,11 @@ impl Store for PgStore {
 // ---------------------------------------------------------------------------------------------
 // Group commit
 
-/// Most commands one round takes (split among the lanes' batches).
+/// Most commands one batch takes.
 const MAX_BATCH: usize = 256;
-/// How long the batcher waits for the callers its last round answered (the timer's
+/// Most commands the batcher takes off its channel ahead of the batches.
+const QUEUED_JOBS: usize = 4 * MAX_BATCH;
+/// How long the batcher waits for the callers its landed batches answered (the timer's
 /// granularity is a millisecond).
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -2087,7 +2082,7 @@ const BEGIN_SQL: &str = "BEGIN; SELECT set_config('enable_seqscan', 'off', true)
 type BatchDone = (Vec<Result<Outcome>>, Vec<(AccountId, Alert)>);
 type BatchResult = Result<BatchDone>;
 
-/// What a batch reads before it applies its commands: under row locks, or from the lane's cache.
+/// What a batch reads before it applies its commands: under row locks, or from the node's cache.
 struct Reads {
     stored: HashMap<String, (i64, Vec<u8>)>,
     accounts: HashMap<i64, BatchAccount>,
@@ -2101,13 +2096,13 @@ struct Reads {
     now: DateTime<Utc>,
 }
 
-/// At most this many accounts in a lane's cache (it is emptied when full).
+/// At most this many accounts in the node's cache (it is emptied when full).
 const CACHED_ACCOUNTS: usize = 8_192;
 /// Ids a locked batch allocates beyond its guess, for the node's block.
 const SPARE_IDS: i64 = 32;
 /// Ids an unlocked batch that found the block short allocates for it, after its `COMMIT`.
 const BLOCK_IDS: i64 = 256;
-/// Unlocked batches that take fresh ids after a block was found stale (another node, a lane
+/// Unlocked batches that take fresh ids after a block was found stale (another node, a batch
 /// that allocated fresh ids, or a path that allocates on its own, wrote higher ids since), at
 /// most: the first time [`BLOCK_COOL_DOWN_FIRST`], doubled by each stale block, halved by each
 /// block used. Two busy nodes fail each other's blocks and soon stay on fresh ids; a rare race
@@ -2122,9 +2117,9 @@ const BLOCK_COOL_DOWN_FIRST: u32 = 4;
 /// above the block's last was written (the tables' highest `id`, as its snapshot sees them):
 /// it fails, like a stale account, if any write that ended before it began (another node's, a
 /// path that allocates on its own) used higher ids. Ids within the block that lie above its
-/// own were written by another lane's batch of the same round (the block is contiguous and
-/// served in order, so no one else holds them): that batch runs at the same time, so the order
-/// between the two does not matter. Ids taken but not yet written (another node's block) do
+/// own were written by another batch of this node in flight at the same time (the block is
+/// contiguous and served in order, so no one else holds them), so the order between the two
+/// does not matter. Ids taken but not yet written (another node's block) do
 /// not fail it: they order nothing.
 #[derive(Default)]
 struct IdBlock {
@@ -2195,7 +2190,7 @@ impl IdBlock {
     }
 }
 
-/// An account as this lane's last write left it: its state, its open holds and its row's
+/// An account as this node's last write left it: its state, its open holds and its row's
 /// version (`xmin`, the id of the transaction that wrote it).
 struct CachedAccount {
     ext: AccountId,
@@ -2206,7 +2201,9 @@ struct CachedAccount {
     written_at: DateTime<Utc>,
 }
 
-/// What a lane knows from its own writes. A batch whose commands all name accounts found here
+/// What the node knows from its own writes. A batch in flight takes the entries of its
+/// accounts and gives them back as it leaves them (no two batches in flight share an
+/// account). A batch whose commands all name accounts found here
 /// (by id, or by one of their open holds) skips the locked reads: it applies the commands to
 /// the cached states and sends one statement, with its `BEGIN` and `COMMIT`, that locks the
 /// accounts in id order, updates each only if its row is still at the cached version (the
@@ -2215,7 +2212,7 @@ struct CachedAccount {
 /// that statement fail and commit nothing; the batch then takes the locked path. So the cache
 /// can make a batch slower, never wrong.
 #[derive(Default)]
-struct LaneCache {
+struct NodeCache {
     accounts: HashMap<i64, CachedAccount>,
     by_ext: HashMap<AccountId, i64>,
     /// The cached accounts' open holds: hold id → account id.
@@ -2223,9 +2220,9 @@ struct LaneCache {
     tiers: Option<(TierTable, Vec<i64>)>,
 }
 
-impl LaneCache {
+impl NodeCache {
     fn clear(&mut self) {
-        *self = LaneCache::default();
+        *self = NodeCache::default();
     }
 
     fn put(&mut self, id: i64, a: CachedAccount) {
@@ -2241,12 +2238,17 @@ impl LaneCache {
     }
 
     fn remove(&mut self, id: i64) {
-        if let Some(a) = self.accounts.remove(&id) {
-            self.by_ext.remove(&a.ext);
-            for h in &a.holds {
-                self.by_hold.remove(&h.id.0);
-            }
+        self.take(id);
+    }
+
+    /// Removes the account `id` and gives its entry.
+    fn take(&mut self, id: i64) -> Option<CachedAccount> {
+        let a = self.accounts.remove(&id)?;
+        self.by_ext.remove(&a.ext);
+        for h in &a.holds {
+            self.by_hold.remove(&h.id.0);
         }
+        Some(a)
     }
 
     /// Drops `ids`.
@@ -2303,67 +2305,143 @@ fn batchable(cmd: &Command) -> bool {
     !matches!(cmd, Command::CreateAccount(_) | Command::Refund(_) | Command::SetTier(_))
 }
 
-fn hash_of(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+/// A batch on its way: each command with its result, the cache entries it took (as it left
+/// them), and the accounts and holds it keeps from other batches until it lands.
+struct Flight {
+    done: Vec<(Job, Result<Outcome>)>,
+    cache: NodeCache,
+    accounts: Vec<AccountId>,
+    holds: Vec<i64>,
 }
 
-/// The node's batcher: takes what is queued (up to [`MAX_BATCH`], at least one) as a round,
-/// splits it by lane, and commits each lane's batch in one transaction of a few round trips
-/// whatever its size, the lanes' batches at the same time (on their own connections; their
-/// accounts differ, and each locks its accounts in id order). If a batch fails (a lost race
-/// with another node, a connection lost), each of its commands is retried alone, so one cannot
-/// fail the others.
+/// The node's batcher. It keeps up to `lanes` batches in flight, each in one transaction of a
+/// few round trips whatever its size, on its own connection, so one batch runs its statement
+/// while another waits for its `COMMIT`'s flush. Two batches in flight never share an account
+/// (a command on an account, or a hold, that a batch in flight has waits for it to land), so
+/// each takes the node's cache entries for its accounts and gives them back as it left them.
+///
+/// A batch takes at most its share of the commands about (in flight, queued, and those the
+/// landed batches answered, whose callers send their next command at once): batches of equal
+/// size take turns instead of one batch of all and idle lanes. It waits (at most
+/// [`GATHER_WAIT`] after the last landing) until its share is queued.
+///
+/// If a batch fails (a lost race with another node, a connection lost), each of its commands
+/// is retried alone, so one cannot fail the others.
 async fn batcher_loop(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>, lanes: usize) {
-    let mut caches: Vec<LaneCache> = (0..lanes).map(|_| LaneCache::default()).collect();
-    let mut jobs: Vec<Job> = Vec::new();
-    // Commands the last round answered plus those queued behind it: how many are likely to be
-    // here soon (a caller sends its next command when its reply comes).
-    let mut expect = 0usize;
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut cache = NodeCache::default();
+    let mut queue: Vec<Job> = Vec::new();
+    let mut flights = FuturesUnordered::new();
+    let mut in_flight = 0usize;
+    let (mut busy_accounts, mut busy_holds): (HashSet<AccountId>, HashSet<i64>) = Default::default();
+    // Callers answered that have not sent their next command yet (an estimate), and until when
+    // a batch waits for them.
+    let mut owed = 0usize;
+    let mut wait_until = tokio::time::Instant::now();
+    let mut open = true;
     loop {
-        if jobs.is_empty() {
-            match rx.recv().await {
-                Some(j) => jobs.push(j),
-                None => break,
+        while flights.len() < lanes && !queue.is_empty() {
+            // Commands on one account make one batch at a time: a queue of them waits for all.
+            let one_account = queue.iter().all(|j| j.cmd.account().is_some() && j.cmd.account() == queue[0].cmd.account());
+            let about = in_flight + queue.len() + owed;
+            let share = if one_account { about } else { about.div_ceil(lanes) }.clamp(1, MAX_BATCH);
+            if queue.len() < share && owed > 0 && tokio::time::Instant::now() < wait_until {
+                break;
             }
+            // In queue order, the commands no batch in flight keeps, up to `share` accounts.
+            let mut batch: Vec<Job> = Vec::new();
+            let mut accounts: HashSet<AccountId> = HashSet::new();
+            let mut holds: HashSet<i64> = HashSet::new();
+            let mut rest = Vec::with_capacity(queue.len());
+            for j in queue.drain(..) {
+                let (acc, hold) = (j.cmd.account(), j.cmd.hold());
+                let cached_acc = hold.and_then(|h| cache.by_hold.get(&h.0)).and_then(|id| cache.accounts.get(id)).map(|a| &a.ext);
+                let busy = acc.is_some_and(|a| busy_accounts.contains(a)) || hold.is_some_and(|h| busy_holds.contains(&h.0));
+                let joins = acc.or(cached_acc).is_some_and(|a| accounts.contains(a));
+                if busy || batch.len() >= MAX_BATCH || (!joins && accounts.len() >= share) {
+                    rest.push(j);
+                    continue;
+                }
+                if let Some(a) = acc.or(cached_acc) {
+                    accounts.insert(a.clone());
+                }
+                if let Some(h) = hold {
+                    holds.insert(h.0);
+                }
+                batch.push(j);
+            }
+            queue = rest;
+            if batch.is_empty() {
+                // All queued wait for batches in flight.
+                break;
+            }
+            // The batch's accounts' cache entries go with it.
+            let mut taken = NodeCache { tiers: cache.tiers.clone(), ..NodeCache::default() };
+            for a in &accounts {
+                if let Some(id) = cache.by_ext.get(a).copied()
+                    && let Some(entry) = cache.take(id)
+                {
+                    holds.extend(entry.holds.iter().map(|h| h.id.0));
+                    taken.put(id, entry);
+                }
+            }
+            let (accounts, holds): (Vec<AccountId>, Vec<i64>) = (accounts.into_iter().collect(), holds.into_iter().collect());
+            busy_accounts.extend(accounts.iter().cloned());
+            busy_holds.extend(holds.iter().copied());
+            in_flight += batch.len();
+            owed = owed.saturating_sub(batch.len());
+            let core = &core;
+            flights.push(async move {
+                let mut taken = taken;
+                let done = run_one_batch(core, batch, &mut taken).await;
+                Flight { done, cache: taken, accounts, holds }
+            });
         }
-        take_queued(&mut rx, &mut jobs);
-        // The callers the last round answered come back at once: wait a moment for them, so
-        // that they join this round rather than queue behind it (one round of all, instead of
-        // two of half each, alternating).
-        let deadline = tokio::time::Instant::now() + GATHER_WAIT;
-        while jobs.len() < expect.min(MAX_BATCH)
-            && let Ok(Some(j)) = tokio::time::timeout_at(deadline, rx.recv()).await
-        {
-            jobs.push(j);
-            take_queued(&mut rx, &mut jobs);
+        if !open && flights.is_empty() && queue.is_empty() {
+            break;
         }
-        let round = jobs.len();
-        let mut parts: Vec<Vec<Job>> = (0..lanes).map(|_| Vec::new()).collect();
-        for j in jobs.drain(..) {
-            // A command on a hold goes where its account is cached (it is routed by the hold
-            // itself, as its account is not known before it is read), else by its hash.
-            let cached = match (j.cmd.account(), j.cmd.hold()) {
-                (None, Some(h)) => caches.iter().position(|c| c.by_hold.contains_key(&h.0)),
-                _ => None,
-            };
-            parts[cached.unwrap_or((j.lane % lanes as u64) as usize)].push(j);
-        }
-        // Each lane's batch on its own connection and transaction, at the same time.
-        let done = futures_util::future::join_all(
-            parts.into_iter().zip(caches.iter_mut()).filter(|(p, _)| !p.is_empty()).map(|(p, cache)| run_lane_batch(&core, p, cache)),
-        )
-        .await;
-        // Queued meanwhile (none of them from this round's callers: they have no reply yet).
-        take_queued(&mut rx, &mut jobs);
-        expect = jobs.len() + round;
-        for (j, r) in done.into_iter().flatten() {
-            let _ = j.reply.send(r);
+        let waiting = flights.len() < lanes && !queue.is_empty();
+        tokio::select! {
+            j = rx.recv(), if open => match j {
+                Some(j) => {
+                    owed = owed.saturating_sub(1);
+                    queue.push(j);
+                    while queue.len() < QUEUED_JOBS && let Ok(j) = rx.try_recv() {
+                        owed = owed.saturating_sub(1);
+                        queue.push(j);
+                    }
+                }
+                None => open = false,
+            },
+            Some(f) = flights.next(), if !flights.is_empty() => {
+                let Flight { done, cache: back, accounts, holds } = f;
+                for a in &accounts {
+                    busy_accounts.remove(a);
+                }
+                for h in &holds {
+                    busy_holds.remove(h);
+                }
+                let NodeCache { accounts: entries, tiers, .. } = back;
+                for (id, entry) in entries {
+                    cache.put(id, entry);
+                }
+                if tiers.is_some() {
+                    cache.tiers = tiers;
+                }
+                in_flight -= done.len();
+                owed += done.len();
+                wait_until = tokio::time::Instant::now() + GATHER_WAIT;
+                for (j, r) in done {
+                    let _ = j.reply.send(r);
+                }
+            },
+            _ = tokio::time::sleep_until(wait_until), if waiting && owed > 0 => owed = 0,
         }
     }
 }
 
-/// One lane's batch: each command with its result (not sent yet).
-async fn run_lane_batch(core: &Core, batch: Vec<Job>, cache: &mut LaneCache) -> Vec<(Job, Result<Outcome>)> {
+/// One batch: each command with its result (not sent yet).
+async fn run_one_batch(core: &Core, batch: Vec<Job>, cache: &mut NodeCache) -> Vec<(Job, Result<Outcome>)> {
     match core.run_batch(&batch, cache).await {
         Ok((results, alerts)) => {
             core.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -2382,16 +2460,6 @@ async fn run_lane_batch(core: &Core, batch: Vec<Job>, cache: &mut LaneCache) -> 
                 out.push((j, r));
             }
             out
-        }
-    }
-}
-
-/// Moves what is queued into `jobs`, up to [`MAX_BATCH`].
-fn take_queued(rx: &mut mpsc::UnboundedReceiver<Job>, jobs: &mut Vec<Job>) {
-    while jobs.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(j) => jobs.push(j),
-            Err(_) => break,
         }
     }
 }
@@ -2539,11 +2607,11 @@ enum Slot {
 
 impl Core {
     /// Applies `jobs` one after the other in one transaction, against the state the previous
-    /// ones left, and writes everything with one statement. The state comes from the lane's
-    /// cache when it has everything the batch needs (one round trip: see [`LaneCache`]), and
+    /// ones left, and writes everything with one statement. The state comes from the node's
+    /// cache when it has everything the batch needs (one round trip: see [`NodeCache`]), and
     /// otherwise is read under the accounts' row locks taken in id order (two round trips).
     /// `Err`: nothing was committed, or it is not known whether it was.
-    async fn run_batch(&self, jobs: &[Job], cache: &mut LaneCache) -> BatchResult {
+    async fn run_batch(&self, jobs: &[Job], cache: &mut NodeCache) -> BatchResult {
         if let Some(reads) = cache.reads_for(jobs, to_millis(self.clock.now())) {
             let ids: Vec<i64> = reads.accounts.keys().copied().collect();
             match self.apply_batch(jobs, reads, BatchTx(Some(self.client().await?)), false, cache).await {
@@ -2660,10 +2728,10 @@ impl Core {
     }
 
     /// Applies the batch to `reads` and writes it on `batch_tx`: inside the transaction the
-    /// reads began if `locked`; otherwise `reads` came from the lane's cache, and the statement
+    /// reads began if `locked`; otherwise `reads` came from the node's cache, and the statement
     /// is sent with its `BEGIN` and `COMMIT` and fails unless every account is still as cached.
     /// `Ok(None)` (only when not `locked`): declined, nothing sent.
-    async fn apply_batch(&self, jobs: &[Job], reads: Reads, mut batch_tx: BatchTx, locked: bool, cache: &mut LaneCache) -> Result<Option<BatchDone>> {
+    async fn apply_batch(&self, jobs: &[Job], reads: Reads, mut batch_tx: BatchTx, locked: bool, cache: &mut NodeCache) -> Result<Option<BatchDone>> {
         let Reads { stored, mut accounts, by_ext, mut named, tiers, tier_stamp, hold_ids: read_hold_ids, entry_ids: read_entry_ids, now } = reads;
         let tx: &deadpool_postgres::ClientWrapper = batch_tx.client();
 
@@ -2774,9 +2842,10 @@ impl Core {
                 Some((h, e)) => {
                     from_block = true;
                     block_last = (Some(ids.last.0), Some(ids.last.1));
-                    // What is left would not serve a batch like this one: a new block, after
-                    // the COMMIT (its ids lie above the ones this batch checks).
-                    refill = ids.holds.len() < h.len() || ids.entries.len() < e.len();
+                    // What is left would not serve two more batches like this one (the next
+                    // may begin before this one lands): a new block, after the COMMIT (its ids
+                    // lie above the ones this batch checks).
+                    refill = ids.holds.len() < 2 * h.len() || ids.entries.len() < 2 * e.len();
                     (h, e)
                 }
                 None => {
@@ -2894,11 +2963,11 @@ impl Core {
         let columns = (dirty.len() > 1).then(|| AccountColumns::new(&dirty));
 
         // Unlocked: each account must still be as cached (its row's version, `xmin`, and its
-        // `updated_at` are what this lane's last write of it left: any other write changes the
+        // `updated_at` are what this node's last write of it left: any other write changes the
         // version, and the update then takes fewer rows than it must; the time guards against
         // a transaction id used again, after a restore or a wraparound), and the tiers as
         // cached. Ids from the block must lie above every id written so far (so a write that
-        // ended before this one began, on any lane or node, has lower ids); ids allocated now,
+        // ended before this one began, on this node or another, has lower ids); ids allocated now,
         // above each account's last entry.
         let mut stamps: (Vec<i64>, Vec<DateTime<Utc>>) = (Vec::new(), Vec::new());
         if !locked {
@@ -3069,7 +3138,7 @@ impl Core {
         } else {
             return Err(Error::Invariant("an unlocked batch with nothing to write".into()));
         }
-        // What this lane now knows of the accounts it wrote (their holds with their ids).
+        // What the node now knows of the accounts it wrote (their holds with their ids).
         if let Some(xid) = xid {
             let real: HashMap<i64, i64> = hold_id_list.iter().enumerate().map(|(k, id)| (-(k as i64) - 1, *id)).collect();
             for (id, a) in accounts.iter().filter(|(_, a)| a.dirty) {
