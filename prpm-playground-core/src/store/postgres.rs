@@ -2402,7 +2402,7 @@ async fn batcher_loop(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>, lan
         }
         let waiting = flights.len() < lanes && !queue.is_empty();
         tokio::select! {
-            j = rx.recv(), if open => match j {
+            j = rx.recv(), if open && queue.len() < QUEUED_JOBS => match j {
                 Some(j) => {
                     owed = owed.saturating_sub(1);
                     queue.push(j);
