@@ -2231,14 +2231,10 @@ impl NodeCache {
             self.by_ext.clear();
             self.by_hold.clear();
         }
-        self.remove(id);
+        self.take(id);
         self.by_ext.insert(a.ext.clone(), id);
         self.by_hold.extend(a.holds.iter().map(|h| (h.id.0, id)));
         self.accounts.insert(id, a);
-    }
-
-    fn remove(&mut self, id: i64) {
-        self.take(id);
     }
 
     /// Removes the account `id` and gives its entry.
@@ -2254,7 +2250,7 @@ impl NodeCache {
     /// Drops `ids`.
     fn forget(&mut self, ids: &[i64]) {
         for id in ids {
-            self.remove(*id);
+            self.take(*id);
         }
     }
 
@@ -2522,15 +2518,9 @@ impl<'a> BatchWrite<'a> {
     /// Adds a read-only part that must return exactly one row. `sql` numbers its parameters
     /// from `$1`.
     fn check(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>) {
-        self.check_rows(sql, params, 1);
-    }
-
-    /// Adds a read-only part that must return exactly `want` rows. `sql` numbers its
-    /// parameters from `$1`.
-    fn check_rows(&mut self, sql: &str, params: Vec<&'a (dyn ToSql + Sync)>, want: usize) {
         let sql = renumber(sql, self.params.len());
         self.parts.push(format!("w{} AS ({sql})", self.parts.len()));
-        self.want.push(want as i64);
+        self.want.push(1);
         self.params.extend(params);
     }
 
