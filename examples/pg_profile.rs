@@ -82,12 +82,15 @@ async fn run() {
         store.grant(g).await.unwrap().unwrap();
     }
     eprintln!("seeded {} accounts", ACCOUNTS + 1);
-    for (short, shape, callers, spends, hot) in [
+    // `PRPM_PROFILE_REPEAT=n` runs each shape n times (the machine's speed drifts).
+    let repeat = std::env::var("PRPM_PROFILE_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
+    let shapes = [
         ("one", "one caller", 1usize, 2_000usize, false),
         ("spread", "32 callers, 1,000 accounts", 32, 20_000, false),
         ("hot", "32 callers, one hot account", 32, 20_000, true),
         ("baseline", "the bench's baseline, one caller", 1, 2_000, false),
-    ] {
+    ];
+    for (short, shape, callers, spends, hot) in shapes.into_iter().flat_map(|s| std::iter::repeat_n(s, if s.0 == "baseline" { 1 } else { repeat })) {
         // `PRPM_PROFILE_SHAPE=one` (or `spread`, `hot`) runs that shape alone.
         if std::env::var("PRPM_PROFILE_SHAPE").is_ok_and(|only| only != short) {
             continue;
@@ -95,6 +98,7 @@ async fn run() {
         db.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
         let stats0 = pg.batch_stats();
         let (own0, server0, machine0) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
+        let lsn0: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.unwrap().get(0);
         let t0 = Instant::now();
         let per = spends / callers;
         if short == "baseline" {
@@ -118,6 +122,7 @@ async fn run() {
         }
         let wall = t0.elapsed();
         let (own1, server1, machine1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
+        let lsn1: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.unwrap().get(0);
         let batches = (pg.batch_stats().batches - stats0.batches).max(1);
         let n = (per * callers) as f64;
         let st = pg.batch_stats();
@@ -129,6 +134,22 @@ async fn run() {
             st.stale_batches - stats0.stale_batches,
             st.block_batches - stats0.block_batches
         );
+        println!("   WAL per spend: {:.0} bytes", (lsn1 - lsn0) as f64 / n);
+        if std::env::var("PRPM_PROFILE_WAL").is_ok() {
+            db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect").await.unwrap();
+            let rows = db
+                .query(
+                    "SELECT \"resource_manager/record_type\", count, record_size::float8, fpi_size::float8 FROM pg_get_wal_stats($1::text::pg_lsn, $2::text::pg_lsn, true)
+                     WHERE count > 0 ORDER BY record_size + fpi_size DESC LIMIT 14",
+                    &[&lsn_text(lsn0), &lsn_text(lsn1)],
+                )
+                .await
+                .unwrap();
+            for r in rows {
+                let (t, c, rs, fs): (String, i64, f64, f64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                println!("     {t:<28} {:>6.2} per spend, {:>6.0} record + {:>6.0} page-image bytes per spend", c as f64 / n, rs / n, fs / n);
+            }
+        }
         if let Some(why) = &st.last_failure {
             println!("   last failed or stale batch: {why}");
         }
@@ -154,9 +175,33 @@ async fn run() {
             println!("   {calls:>6} calls {:>7.1} us per spend  {q}", ms * 1000.0 / n);
         }
         println!("   statement execution: {:.1} us per spend", total_ms * 1000.0 / n);
+        // Whether account updates stay on their page (HOT: no new index entries). The counts
+        // are cumulative and reach the statistics within a second or so.
+        tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+        let r = db.query_one("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'accounts'", &[]).await.unwrap();
+        println!("   account updates so far: {}, of them HOT {}", r.get::<_, i64>(0), r.get::<_, i64>(1));
+    }
+    // An account's usage page on the grown tables: its log walked newest first by index, each
+    // entry's record found by its key (see migration V9).
+    let plan = db
+        .query(
+            "EXPLAIN SELECT u.* FROM ledger_entries l JOIN usage_records u ON u.entry_id = l.id
+             WHERE l.account_id = 5 AND l.id < 9223372036854775807 AND u.account_id = 5 ORDER BY l.id DESC LIMIT 50",
+            &[],
+        )
+        .await
+        .unwrap();
+    println!("\nan account's usage page:");
+    for r in plan {
+        println!("   {}", r.get::<_, String>(0));
     }
     let report = store.verify().await.unwrap();
     assert!(report.is_clean(), "{:?}", report.discrepancies);
+}
+
+/// A WAL position as PostgreSQL writes it (`hi/lo` in hex).
+fn lsn_text(lsn: i64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 /// `n` spends the way `benches/postgres.rs`'s baseline makes them (one transaction of a locked

@@ -284,7 +284,8 @@ fn concurrent_commands_commit_in_groups() {
     });
 }
 
-/// `verify()` finds every figure edited behind the ledger's back and every forged log row.
+/// `verify()` finds every figure edited behind the ledger's back and every forged log or usage
+/// row.
 #[test]
 fn verify_reports_every_difference() {
     let Some(cluster) = shared_cluster() else { return };
@@ -304,7 +305,9 @@ fn verify_reports_every_difference() {
              INSERT INTO ledger_entries (account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
                  SELECT id, now(), 'grant', 1, 0, 0, 0, 999, 0, 'forged' FROM accounts WHERE external_id = 'w';
              INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-                 VALUES (424242, 999, now(), 'run', 'm', 1, 1, 0, 0, 1, 1);",
+                 VALUES (424242, 999, now(), 'run', 'm', 1, 1, 0, 0, 1, 1);
+             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+                 SELECT 434343, id, now(), 'run', 'm', 1, 1, 0, 0, 1, 1 FROM accounts WHERE external_id = 'u';",
         )
         .await
         .unwrap();
@@ -318,6 +321,7 @@ fn verify_reports_every_difference() {
                 ("(no account with internal id 999)".into(), "usage records".into(), 1, 0),
                 ("u".into(), "held cost (micro-USD) of open holds".into(), 40, 0),
                 ("u".into(), "purchased".into(), 12, 5),
+                ("u".into(), "usage records without their log entry".into(), 1, 0),
                 ("w".into(), "entry balance_after".into(), 999, 6),
                 ("w".into(), "held".into(), 3, 0),
                 ("w".into(), "monthly".into(), 0, 1),

@@ -943,8 +943,11 @@ impl PgStore {
             .ok_or_else(|| Error::UnknownAccount(account.to_string()))?;
         let rows = client
             .query(
-                "SELECT at, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros
-                 FROM usage_records WHERE account_id = $1 AND entry_id < $3 ORDER BY entry_id DESC LIMIT $2",
+                // The account's log, newest first, each entry joined to its record (see V9).
+                "SELECT u.at, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits,
+                        u.cost_micros
+                 FROM ledger_entries l JOIN usage_records u ON u.entry_id = l.id
+                 WHERE l.account_id = $1 AND l.id < $3 AND u.account_id = $1 ORDER BY l.id DESC LIMIT $2",
                 &[&id, &i64::from(limit), &before.map_or(i64::MAX, |e| e.0)],
             )
             .await?;
@@ -1074,6 +1077,25 @@ impl PgStore {
         for r in orphans {
             let (what, id, n): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
             report.discrepancies.push(Discrepancy { account: AccountId::new(format!("(no account with internal id {id})"))?, what, stored: n, from_log: 0 });
+        }
+        // A usage record is its log entry's, on the same account (an account's usage is read
+        // through its log: see V9).
+        let strays = tx
+            .query(
+                "SELECT a.external_id, count(*) FROM usage_records u JOIN accounts a ON a.id = u.account_id
+                 WHERE NOT EXISTS (SELECT 1 FROM ledger_entries l WHERE l.id = u.entry_id AND l.account_id = u.account_id)
+                 GROUP BY a.external_id ORDER BY a.external_id LIMIT 1000",
+                &[],
+            )
+            .await?;
+        for r in strays {
+            let n: i64 = r.get(1);
+            report.discrepancies.push(Discrepancy {
+                account: AccountId::new(r.get::<_, String>(0))?,
+                what: "usage records without their log entry".into(),
+                stored: n,
+                from_log: 0,
+            });
         }
         tx.commit().await?;
         Ok(report)
@@ -2995,7 +3017,9 @@ impl Core {
                     params.push(&stamps.0);
                     params.push(&stamps.1);
                     w.part(
-                        &format!("{UPDATE_ACCOUNTS_SQL} AND accounts.xmin::text::bigint = ($24::bigint[])[u.n] AND accounts.updated_at = ($25::timestamptz[])[u.n]"),
+                        &format!(
+                            "{UPDATE_ACCOUNTS_SQL} AND accounts.xmin::text::bigint = ($24::bigint[])[u.n] AND accounts.updated_at = ($25::timestamptz[])[u.n]"
+                        ),
                         params,
                         dirty.len(),
                     );
