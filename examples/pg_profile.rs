@@ -162,7 +162,7 @@ async fn run() {
         );
         let rows = db
             .query(
-                "SELECT calls, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 80) FROM pg_stat_statements
+                "SELECT calls, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 80), plans, total_plan_time FROM pg_stat_statements
                  WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT 14",
                 &[],
             )
@@ -170,9 +170,13 @@ async fn run() {
             .unwrap();
         let mut total_ms = 0.0;
         for r in &rows {
-            let (calls, ms, q): (i64, f64, String) = (r.get(0), r.get(1), r.get(2));
+            let (calls, ms, q, plans, plan_ms): (i64, f64, String, i64, f64) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
             total_ms += ms;
             println!("   {calls:>6} calls {:>7.1} us per spend  {q}", ms * 1000.0 / n);
+            if plans > 0 {
+                // With `-c pg_stat_statements.track_planning=on` in PRPM_PG_SERVER_OPTS.
+                println!("          {plans} plans, {:.1} us per spend planning", plan_ms * 1000.0 / n);
+            }
         }
         println!("   statement execution: {:.1} us per spend", total_ms * 1000.0 / n);
         // Whether account updates stay on their page (HOT: no new index entries). The counts
