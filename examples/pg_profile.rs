@@ -187,14 +187,7 @@ async fn run() {
     }
     // An account's usage page on the grown tables: its log walked newest first by index, each
     // entry's record found by its key (see migration V9).
-    let plan = db
-        .query(
-            "EXPLAIN SELECT u.* FROM ledger_entries l JOIN usage_records u ON u.entry_id = l.id
-             WHERE l.account_id = 5 AND l.id < 9223372036854775807 AND u.account_id = 5 ORDER BY l.id DESC LIMIT 50",
-            &[],
-        )
-        .await
-        .unwrap();
+    let plan = db.query(&format!("EXPLAIN {}", prpm_playground_core::store::postgres::USAGE_PAGE_SQL), &[&5i64, &50i64, &i64::MAX]).await.unwrap();
     println!("\nan account's usage page:");
     for r in plan {
         println!("   {}", r.get::<_, String>(0));

@@ -452,6 +452,66 @@ fn batches_use_indexes_on_tables_that_grew() {
     });
 }
 
+/// An account's usage page is read through its log (migration V9): by index, whatever other
+/// accounts wrote, and with exactly the account's records, newest first.
+#[test]
+fn an_accounts_usage_is_found_through_its_log_by_index() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let db = connect(&url).await;
+        let store = PgStore::open(PgOptions::new(url.clone())).await.unwrap();
+        let s: &dyn Store = &store;
+        let a = create_user(s, "a").await;
+        let b = create_user(s, "b").await;
+        grant(s, &a, Bucket::Purchased, 1_000, None, "ga").await;
+        grant(s, &b, Bucket::Purchased, 1_000, None, "gb").await;
+        let used = |who: &AccountId, k: &str, credits: i64| Spend { usage: Some(conformance::usage_of(credits * 100)), ..spend_cmd(who, credits, k) };
+        for i in 1..=5 {
+            s.spend(used(&a, &format!("a{i}"), i)).await.unwrap().unwrap();
+            s.spend(used(&b, &format!("b{i}"), 10 + i)).await.unwrap().unwrap();
+            // A spend without usage: a log entry without a record, skipped by the join.
+            s.spend(spend_cmd(&a, 1, &format!("plain{i}"))).await.unwrap().unwrap();
+        }
+        let page = s.usage(&a, 3).await.unwrap();
+        assert_eq!(page.iter().map(|r| r.credits).collect::<Vec<_>>(), vec![5, 4, 3], "{page:?}");
+        assert!(page.iter().all(|r| r.account == a));
+        let rest = s.usage_before(&a, Some(page[2].entry), 10).await.unwrap();
+        assert_eq!(rest.iter().map(|r| r.credits).collect::<Vec<_>>(), vec![2, 1]);
+        // Another account's log and usage grow large behind the store's back; with the tables
+        // analyzed, the page is still found by index (no scan of either table).
+        db.batch_execute(
+            "INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
+             SELECT 1000000 + g, (SELECT id FROM accounts WHERE external_id = 'b'), now(), 'spend', 0, 0, 0, 0, 0, 0, 'bulk' FROM generate_series(1, 50000) g;
+             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+             SELECT 1000000 + g, (SELECT id FROM accounts WHERE external_id = 'b'), now(), 'run', 'm', 1, 1, 0, 0, 0, 0 FROM generate_series(1, 50000) g;
+             ANALYZE ledger_entries; ANALYZE usage_records;",
+        )
+        .await
+        .unwrap();
+        for who in ["a", "b"] {
+            let id: i64 = db.query_one("SELECT id FROM accounts WHERE external_id = $1", &[&who]).await.unwrap().get(0);
+            let plan: Vec<String> = db
+                .query(&format!("EXPLAIN {}", postgres::USAGE_PAGE_SQL), &[&id, &50i64, &i64::MAX])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let plan = plan.join("\n");
+            assert!(!plan.contains("Seq Scan"), "{who}: {plan}");
+            // The small account's page walks its own entries. (For the account that owns nearly
+            // every row, walking both keys backwards and stopping at the page's end is as good.)
+            if who == "a" {
+                assert!(plan.contains("ledger_entries_by_account") && plan.contains("usage_records_pkey"), "{who}: {plan}");
+            }
+        }
+        assert_eq!(s.usage(&a, 10).await.unwrap().len(), 5);
+        let newest = s.usage(&b, 1_000).await.unwrap();
+        assert_eq!((newest.len(), newest[0].entry.0, newest[999].entry.0), (1_000, 1_050_000, 1_049_001));
+    });
+}
+
 /// A batch writes all its tables in one statement sent with its COMMIT; that statement checks
 /// the rows each table took against what the batch computed. When they differ (here a trigger
 /// silently skips the account's update), the transaction rolls back: no log entry, usage row

@@ -808,6 +808,14 @@ async fn load_charge(tx: &impl GenericClient, account_id: i64, entry: EntryId) -
     }))
 }
 
+/// An account's usage records (`$1`, its internal id), newest first, below the entry `$3`, at
+/// most `$2`: its log walked newest first by `ledger_entries_by_account`, each entry joined to
+/// its record by key (migration V9 dropped the records' own index by account).
+pub const USAGE_PAGE_SQL: &str = "SELECT u.at, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens,
+        u.cache_write_tokens, u.credits, u.cost_micros
+    FROM ledger_entries l JOIN usage_records u ON u.entry_id = l.id
+    WHERE l.account_id = $1 AND l.id < $3 AND u.account_id = $1 ORDER BY l.id DESC LIMIT $2";
+
 /// Allocates `$1` hold ids and `$2` entry ids, each list ascending.
 const IDS_SQL: &str =
     "SELECT (SELECT COALESCE(array_agg(n ORDER BY n), '{}') FROM (SELECT nextval('holds_id_seq') AS n FROM generate_series(1, $1::bigint)) h),
@@ -941,16 +949,7 @@ impl PgStore {
             .await?
             .map(|r| r.get(0))
             .ok_or_else(|| Error::UnknownAccount(account.to_string()))?;
-        let rows = client
-            .query(
-                // The account's log, newest first, each entry joined to its record (see V9).
-                "SELECT u.at, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.credits,
-                        u.cost_micros
-                 FROM ledger_entries l JOIN usage_records u ON u.entry_id = l.id
-                 WHERE l.account_id = $1 AND l.id < $3 AND u.account_id = $1 ORDER BY l.id DESC LIMIT $2",
-                &[&id, &i64::from(limit), &before.map_or(i64::MAX, |e| e.0)],
-            )
-            .await?;
+        let rows = client.query(USAGE_PAGE_SQL, &[&id, &i64::from(limit), &before.map_or(i64::MAX, |e| e.0)]).await?;
         Ok(rows
             .iter()
             .map(|r| UsageRow {
