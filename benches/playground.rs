@@ -5,8 +5,8 @@
 //! run and append its two turns to the session (one commit). The provider is a local instant
 //! responder (`provider::fake`, keep-alive HTTP/1.1 on loopback). The library's own time is
 //! each run's time minus its provider call (`RunResult::provider_micros`, measured by the
-//! library around the call); whole runs, and the responder's round trip alone, are reported
-//! too. Measured twice: with `synchronous=FULL` (each commit waits for an fsync of the WAL: the
+//! library around the call); whole runs, the responder's round trip alone and the disk's
+//! fsync alone are reported too. Measured twice: with `synchronous=FULL` (each commit waits for an fsync of the WAL: the
 //! disk's latency, twice per run) and with `synchronous=NORMAL` (durable against a process
 //! crash, not a power loss: the library's own work).
 //!
@@ -223,7 +223,19 @@ fn main() {
     // Each run's own time: the run minus its provider call (the responder's round trip, which
     // is the provider's part, not the library's).
     let (mut own_full, mut own_normal) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for _ in 0..n {
+    // The disk alone: what a `FULL` commit waits for beyond `NORMAL`'s work, an fsync of the
+    // frames just written (16 KiB rewritten in place in a 1 MiB file beside the database, as a
+    // WAL is reused after a checkpoint).
+    let mut fsyncs = Vec::with_capacity(n);
+    let probe = {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(full._dir.path().join("fsync-probe")).unwrap();
+        f.write_all(&vec![0u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        f
+    };
+    let frames = vec![7u8; 16 << 10];
+    for i in 0..n {
         let (run, call) = full.run_parts();
         runs_full.push(run);
         own_full.push(run.saturating_sub(call));
@@ -231,6 +243,10 @@ fn main() {
         runs_normal.push(run);
         own_normal.push(run.saturating_sub(call));
         trips.push(full.round_trip());
+        let t0 = Instant::now();
+        std::os::unix::fs::FileExt::write_all_at(&probe, &frames, (i % 64 * frames.len()) as u64).unwrap();
+        probe.sync_data().unwrap();
+        fsyncs.push(t0.elapsed());
     }
     let count = |counter: Counter| {
         (0..if bench_mode { 200 } else { 2 })
@@ -248,6 +264,7 @@ fn main() {
     row("whole run, synchronous=FULL (2 fsyncs)", runs_full, "");
     row("whole run, synchronous=NORMAL", runs_normal, "");
     row("  the provider round trip alone", trips, "");
+    row("  the disk alone: write 16 KiB, fdatasync", fsyncs, "");
     row("count a 20,000-token input, o200k", count(Counter::O200k), "< 5,000");
     row("count a 20,000-token input, cl100k", count(Counter::Cl100k), "< 5,000");
     row("count a 20,000-token input, Claude approx.", count(Counter::Approximate), "< 5,000");
