@@ -6,9 +6,9 @@
 //! responder (`provider::fake`, keep-alive HTTP/1.1 on loopback). The library's own time is
 //! each run's time minus its provider call (`RunResult::provider_micros`, measured by the
 //! library around the call); whole runs, the responder's round trip alone and the disk's
-//! fsync alone are reported too. Measured twice: with `synchronous=FULL` (each commit waits for an fsync of the WAL: the
-//! disk's latency, twice per run) and with `synchronous=NORMAL` (durable against a process
-//! crash, not a power loss: the library's own work).
+//! fsync alone are reported too. Measured twice: with `synchronous=FULL` (each commit waits
+//! for an fsync of the WAL: the disk's latency, twice per run) and with `synchronous=NORMAL`
+//! (durable against a process crash, not a power loss: the library's own work).
 //!
 //! `cargo bench --bench playground` prints criterion's figures, then a table of latency
 //! percentiles over many runs (targets: the library's own time per run, p99 under 1 ms;

@@ -98,7 +98,7 @@ async fn run() {
         db.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
         let stats0 = pg.batch_stats();
         let (own0, server0, machine0) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
-        let lsn0: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.unwrap().get(0);
+        let lsn0: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
         let t0 = Instant::now();
         let per = spends / callers;
         if short == "baseline" {
@@ -122,7 +122,8 @@ async fn run() {
         }
         let wall = t0.elapsed();
         let (own1, server1, machine1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
-        let lsn1: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.unwrap().get(0);
+        let lsn1: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+        let wal_bytes: f64 = db.query_one("SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)::float8", &[&lsn1, &lsn0]).await.unwrap().get(0);
         let batches = (pg.batch_stats().batches - stats0.batches).max(1);
         let n = (per * callers) as f64;
         let st = pg.batch_stats();
@@ -134,14 +135,14 @@ async fn run() {
             st.stale_batches - stats0.stale_batches,
             st.block_batches - stats0.block_batches
         );
-        println!("   WAL per spend: {:.0} bytes", (lsn1 - lsn0) as f64 / n);
+        println!("   WAL per spend: {:.0} bytes", wal_bytes / n);
         if std::env::var("PRPM_PROFILE_WAL").is_ok() {
             db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect").await.unwrap();
             let rows = db
                 .query(
                     "SELECT \"resource_manager/record_type\", count, record_size::float8, fpi_size::float8 FROM pg_get_wal_stats($1::text::pg_lsn, $2::text::pg_lsn, true)
                      WHERE count > 0 ORDER BY record_size + fpi_size DESC LIMIT 14",
-                    &[&lsn_text(lsn0), &lsn_text(lsn1)],
+                    &[&lsn0, &lsn1],
                 )
                 .await
                 .unwrap();
@@ -194,11 +195,6 @@ async fn run() {
     }
     let report = store.verify().await.unwrap();
     assert!(report.is_clean(), "{:?}", report.discrepancies);
-}
-
-/// A WAL position as PostgreSQL writes it (`hi/lo` in hex).
-fn lsn_text(lsn: i64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 /// `n` spends the way `benches/postgres.rs`'s baseline makes them (one transaction of a locked
