@@ -84,9 +84,11 @@ async fn run() {
     eprintln!("seeded {} accounts", ACCOUNTS + 1);
     // `PRPM_PROFILE_REPEAT=n` runs each shape n times (the machine's speed drifts).
     let repeat = std::env::var("PRPM_PROFILE_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
+    // `PRPM_PROFILE_CALLERS=n`: another number of callers over the 1,000 accounts.
+    let spread_callers = std::env::var("PRPM_PROFILE_CALLERS").ok().and_then(|v| v.parse().ok()).unwrap_or(32usize);
     let shapes = [
         ("one", "one caller", 1usize, 2_000usize, false),
-        ("spread", "32 callers, 1,000 accounts", 32, 20_000, false),
+        ("spread", "32 callers, 1,000 accounts", spread_callers, 20_000, false),
         ("hot", "32 callers, one hot account", 32, 20_000, true),
         ("baseline", "the bench's baseline, one caller", 1, 2_000, false),
     ];

@@ -894,3 +894,73 @@ fn batches_in_flight_never_share_an_account() {
         assert!(report.is_clean(), "{:?}", report.discrepancies);
     });
 }
+
+/// A batch that changed only its accounts' hot columns (the buckets but rollover, what is
+/// held, the cost counters) writes them with the narrow update; one that changed more (a
+/// rollover lot spent, a request window moved) writes whole rows. Either way another node,
+/// which reads the rows themselves, sees what the writing node has: balances, lots, cost
+/// counters, and the request window, whose hourly limit holds across the nodes.
+#[test]
+fn another_node_reads_every_column_a_batch_wrote() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let (store, other) = one_lane_and_another_node(&cluster).await;
+        let (a, b): (&dyn Store, &dyn Store) = (&store, &other);
+        // Unlimited users spending purchased credits: only hot columns change.
+        let hot: Vec<AccountId> = ["h1", "h2", "h3"].into_iter().map(acct).collect();
+        for x in &hot {
+            create_user(a, x.as_str()).await;
+            grant(a, x, Bucket::Purchased, 1_000, None, &format!("g{x}")).await;
+        }
+        // A free user (ten requests an hour) whose spends draw on a rollover lot.
+        let w = create_free_user(a, "w").await;
+        let expiry = chrono::Utc::now() + chrono::Duration::days(20);
+        grant(a, &w, Bucket::Rollover, 20, Some(expiry), "gw-rollover").await;
+        grant(a, &w, Bucket::Purchased, 100, None, "gw-purchased").await;
+        let spend = |x: &AccountId, k: String| Spend {
+            account: x.clone(),
+            amount: 2,
+            usage: Some(conformance::usage_of(1_000)),
+            reference: "run".into(),
+            key: conformance::key(&k),
+        };
+
+        let s0 = store.batch_stats();
+        for i in 0..8 {
+            let spends = hot.iter().chain([&w]).map(|x| a.spend(spend(x, format!("{x}-{i}"))));
+            for r in futures_util::future::join_all(spends).await {
+                assert!(!r.unwrap().unwrap().replayed);
+            }
+        }
+        let s1 = store.batch_stats();
+        assert_eq!(s1.failed_batches, 0, "{s1:?}");
+        assert!(s1.batched_commands - s0.batched_commands > s1.batches - s0.batches, "some batches took several accounts: {s1:?}");
+
+        for x in &hot {
+            let (balance, cost) = (b.balance(x).await.unwrap(), b.cost(x).await.unwrap());
+            // The signup's 5 credits and the grant's 1,000, less 16.
+            assert_eq!((balance.monthly, balance.purchased, balance.held), (0, 989, 0), "{x}");
+            assert_eq!((cost.day_cost_micros, cost.month_cost_micros, cost.held_cost_micros), (8_000, 8_000, 0), "{x}");
+        }
+        let balance = b.balance(&w).await.unwrap();
+        // 16 credits, all from the lot (rollover goes before purchased; the signup's 5 are
+        // purchased).
+        assert_eq!((balance.monthly, balance.rollover, balance.purchased), (0, 4, 105));
+        assert_eq!(balance.next_expiry.map(|l| l.amount), Some(4));
+        assert_eq!(b.cost(&w).await.unwrap().requests_last_hour, 8);
+
+        // The other node takes the last two requests of the hour; this node, whose cached row
+        // is now stale, is refused the next.
+        for i in 0..2 {
+            b.spend(spend(&w, format!("w-other-{i}"))).await.unwrap().unwrap();
+        }
+        match a.spend(spend(&w, "w-over".into())).await.unwrap() {
+            Err(Rejection::RateLimited { .. }) => {}
+            other => panic!("expected the hourly limit, got {other:?}"),
+        }
+        let balance = a.balance(&w).await.unwrap();
+        assert_eq!((balance.rollover, balance.purchased), (0, 105));
+        let report = a.verify().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.discrepancies);
+    });
+}
