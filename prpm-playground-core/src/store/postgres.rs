@@ -632,7 +632,7 @@ fn hot_columns_only(before: &AccountState, after: &AccountState) -> bool {
 
 async fn write_account(tx: &impl GenericClient, id: i64, s: &AccountState, now: DateTime<Utc>) -> Result<(), TxError> {
     let st = tx.prepare_cached(UPDATE_ACCOUNT_SQL).await?;
-    let n = tx.execute(&st, &AccountRow::new(id, s, now).params()).await?;
+    let n = tx.execute(&st, &AccountRow::new(id, s, now, true).params()).await?;
     if n != 1 {
         return Err(TxError::Fail(Error::Invariant(format!("account {id} not found to update"))));
     }
@@ -643,6 +643,7 @@ async fn write_account(tx: &impl GenericClient, id: i64, s: &AccountState, now: 
 struct AccountRow<'a> {
     id: i64,
     s: &'a AccountState,
+    wide: bool,
     rollover: i64,
     lots: serde_json::Value,
     now: DateTime<Utc>,
@@ -655,15 +656,18 @@ struct AccountRow<'a> {
 }
 
 impl<'a> AccountRow<'a> {
-    fn new(id: i64, s: &'a AccountState, now: DateTime<Utc>) -> Self {
+    /// `wide`: the row is for [`AccountRow::params`] or [`AccountColumns`]; otherwise only for
+    /// [`AccountRow::hot_params`] or [`HotColumns`], and its JSON columns are not made.
+    fn new(id: i64, s: &'a AccountState, now: DateTime<Utc>, wide: bool) -> Self {
         let c = &s.cost;
         AccountRow {
             id,
             s,
+            wide,
             rollover: s.rollover_total(),
-            lots: lots_value(&s.rollover),
+            lots: if wide { lots_value(&s.rollover) } else { serde_json::Value::Null },
             now,
-            throttle: c.throttle.as_ref().map(|t| serde_json::to_value(t).expect("throttles serialize")),
+            throttle: c.throttle.as_ref().filter(|_| wide).map(|t| serde_json::to_value(t).expect("throttles serialize")),
             lifts: c.throttle.as_ref().and_then(crate::cost::Throttle::lifts_at),
             alerted: encode_alerted(&c.alerted) as i32,
             next_expiry: s.next_expiry().map(|l| l.expires_at),
@@ -682,6 +686,7 @@ impl<'a> AccountRow<'a> {
     }
 
     fn params(&self) -> [&(dyn ToSql + Sync); 24] {
+        assert!(self.wide, "a row made for the hot columns only");
         let (s, c) = (self.s, &self.s.cost);
         [
             &self.id,
@@ -804,6 +809,7 @@ struct AccountColumns<'r> {
 
 impl<'r> AccountColumns<'r> {
     fn new(rows: &'r [AccountRow<'r>]) -> Self {
+        assert!(rows.iter().all(|r| r.wide), "rows made for the hot columns only");
         let col = |f: &dyn Fn(&AccountRow) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
         AccountColumns {
             ints: [
@@ -3058,10 +3064,10 @@ impl Core {
         }
         // Each written account's row, derived once, in id order (the order the unlocked
         // update locks them in, as the locked path does).
-        let mut dirty: Vec<AccountRow> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| AccountRow::new(*id, &a.state, now)).collect();
-        dirty.sort_unstable_by_key(|r| r.id);
         // Only the hot columns changed, on every account written: the narrower statements.
         let hot = accounts.values().filter(|a| a.dirty).all(|a| a.hot);
+        let mut dirty: Vec<AccountRow> = accounts.iter().filter(|(_, a)| a.dirty).map(|(id, a)| AccountRow::new(*id, &a.state, now, !hot)).collect();
+        dirty.sort_unstable_by_key(|r| r.id);
         // Two or more accounts: one statement that unpacks their rows from arrays.
         let columns = (dirty.len() > 1).then(|| if hot { Columns::Hot(HotColumns::new(&dirty)) } else { Columns::All(AccountColumns::new(&dirty)) });
 
