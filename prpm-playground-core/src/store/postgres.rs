@@ -733,7 +733,7 @@ const UPDATE_ACCOUNTS_SQL: &str = "UPDATE accounts SET monthly = u.m, rollover =
     WHERE accounts.id = u.id";
 
 /// [`UPDATE_ACCOUNTS_SQL`] when every account's write changed only the columns
-/// [`UPDATE_ACCOUNT_HOT_SQL`] writes: ten arrays to unpack, not twenty-two, and no JSON.
+/// [`UPDATE_ACCOUNT_HOT_SQL`] writes: nine arrays to unpack, not twenty-two, and no JSON.
 const UPDATE_ACCOUNTS_HOT_SQL: &str = "UPDATE accounts SET monthly = u.m, purchased = u.p, held = u.h, updated_at = $10,
     cost_day = u.cday, day_cost_micros = u.dc, cost_month = u.cmonth, month_cost_micros = u.mc, held_cost_micros = u.hc
     FROM (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::date[], $6::bigint[], $7::date[], $8::bigint[], $9::bigint[])
