@@ -2178,6 +2178,13 @@ impl Store for PgStore {
 
 /// Most commands one batch takes.
 const MAX_BATCH: usize = 256;
+/// The fewest commands a batch takes as its share when the commands about are split between
+/// lanes. A batch costs the machine about as much CPU as 28 spends' own rows whatever its
+/// size, so splitting 32 commands into two batches of 16 costs more than overlapping one
+/// batch's statement with the other's commit gains (`cargo bench --bench postgres`, see the
+/// README's PostgreSQL figures): fewer commands about than twice this make one batch.
+/// Commands that arrive while it is in flight still take the other lanes.
+const MIN_SHARE: usize = 32;
 /// Most commands the batcher takes off its channel ahead of the batches.
 const QUEUED_JOBS: usize = 4 * MAX_BATCH;
 /// How long the batcher waits for the callers its landed batches answered (the timer's
@@ -2431,8 +2438,9 @@ struct Flight {
 ///
 /// A batch takes at most its share of the commands about (in flight, queued, and those the
 /// landed batches answered, whose callers send their next command at once): batches of equal
-/// size take turns instead of one batch of all and idle lanes. It waits (at most
-/// [`GATHER_WAIT`] after the last landing) until its share is queued.
+/// size take turns instead of one batch of all and idle lanes, but none is cut below
+/// [`MIN_SHARE`] for it (see [`batch_share`]). It waits (at most [`GATHER_WAIT`] after the
+/// last landing) until its share is queued.
 ///
 /// If a batch fails (a lost race with another node, a connection lost), each of its commands
 /// is retried alone, so one cannot fail the others.
@@ -2453,7 +2461,7 @@ async fn batcher_loop(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>, lan
             // Commands on one account make one batch at a time: a queue of them waits for all.
             let one_account = queue.iter().all(|j| j.cmd.account().is_some() && j.cmd.account() == queue[0].cmd.account());
             let about = in_flight + queue.len() + owed;
-            let share = if one_account { about } else { about.div_ceil(lanes) }.clamp(1, MAX_BATCH);
+            let share = batch_share(about, lanes, one_account);
             if queue.len() < share && owed > 0 && tokio::time::Instant::now() < wait_until {
                 break;
             }
@@ -2547,6 +2555,13 @@ async fn batcher_loop(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>, lan
             _ = tokio::time::sleep_until(wait_until), if waiting && owed > 0 => owed = 0,
         }
     }
+}
+
+/// The most commands (of distinct accounts) the next batch takes, of `about` commands in
+/// flight, queued or owed: its share of the lanes, but at least [`MIN_SHARE`]; all of them
+/// when they name one account (they could not share lanes anyway).
+fn batch_share(about: usize, lanes: usize, one_account: bool) -> usize {
+    if one_account { about } else { about.div_ceil(lanes.max(1)).max(MIN_SHARE) }.clamp(1, MAX_BATCH)
 }
 
 /// One batch: each command with its result (not sent yet).
@@ -3303,6 +3318,28 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Commands are split between lanes only into batches of at least `MIN_SHARE`; commands on
+    /// one account make one batch; a batch holds at most `MAX_BATCH`.
+    #[test]
+    fn a_batch_takes_its_share_but_not_fewer_than_min_share() {
+        assert_eq!(MIN_SHARE, 32);
+        // 32 callers on two lanes: one batch of all, not two of 16.
+        assert_eq!(batch_share(32, 2, false), 32);
+        assert_eq!(batch_share(5, 2, false), 32);
+        // Enough for two batches of at least 32: split evenly.
+        assert_eq!(batch_share(64, 2, false), 32);
+        assert_eq!(batch_share(100, 2, false), 50);
+        assert_eq!(batch_share(101, 4, false), 32);
+        assert_eq!(batch_share(300, 4, false), 75);
+        // Never more than a batch holds.
+        assert_eq!(batch_share(10_000, 2, false), MAX_BATCH);
+        assert_eq!(batch_share(10_000, 1, true), MAX_BATCH);
+        // One account: all of them, and at least one.
+        assert_eq!(batch_share(3, 2, true), 3);
+        assert_eq!(batch_share(0, 2, true), 1);
+        assert_eq!(batch_share(7, 0, false), 32);
+    }
 
     /// A write takes the narrow statements only when nothing but the hot columns changed.
     #[test]
