@@ -452,6 +452,96 @@ fn batches_use_indexes_on_tables_that_grew() {
     });
 }
 
+/// The same for batches of many accounts, on every table a spend writes: the statement that
+/// updates several accounts from arrays is planned (once per connection, generic) while the
+/// tables are near empty, then runs on grown ones. Without the planner settings a batch's
+/// transaction begins with (`PLAN_SQL`), these plans scan whole tables.
+#[test]
+fn batches_of_many_accounts_use_indexes_on_tables_that_grew() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let db = connect(&url).await;
+        let store = PgStore::open(PgOptions::new(url.clone()).pool_size(1)).await.unwrap();
+        let s: &dyn Store = &store;
+        const USERS: usize = 8;
+        let mut users = Vec::new();
+        for i in 0..USERS {
+            let u = create_user(s, &format!("u{i}")).await;
+            grant(s, &u, Bucket::Purchased, 1_000, None, &format!("g{i}")).await;
+            users.push(u);
+        }
+        let round = |r: usize| {
+            let users = &users;
+            async move {
+                let spends = users.iter().enumerate().map(|(i, u)| {
+                    let cmd = Spend { usage: Some(conformance::usage_of(100)), ..spend_cmd(u, 1, &format!("r{r}-{i}")) };
+                    async move { s.spend(cmd).await.unwrap().unwrap() }
+                });
+                futures_util::future::join_all(spends).await;
+            }
+        };
+        round(0).await;
+        let before = store.batch_stats();
+        let mut totals = Vec::new();
+        for u in &users {
+            totals.push(s.balance(u).await.unwrap().total);
+        }
+        // The tables grow behind the store's back (no ANALYZE: the plans stay as they were
+        // made). The log's rows take ids below every id the store uses.
+        db.batch_execute(
+            "INSERT INTO accounts (external_id, kind, monthly, rollover, purchased, held, created_at, updated_at)
+             SELECT 'bulk-' || g, 'user', 0, 0, 0, 0, now(), now() FROM generate_series(1, 20000) g;
+             INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
+             SELECT -g, (SELECT min(id) FROM accounts WHERE external_id LIKE 'bulk-%'), now(), 'grant', 0, 0, 1, 0, 1, 0, 'bulk' FROM generate_series(1, 20000) g;
+             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
+             SELECT -g, (SELECT min(id) FROM accounts WHERE external_id LIKE 'bulk-%'), now(), 'run', 'm', 1, 1, 0, 0, 1, 1 FROM generate_series(1, 20000) g;
+             INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT 'bulk-' || g, 0, '\\x00', now() FROM generate_series(1, 20000) g;",
+        )
+        .await
+        .unwrap();
+        const ROUNDS: usize = 30;
+        for r in 1..=ROUNDS {
+            round(r).await;
+        }
+        let after = store.batch_stats();
+        let batches = after.batches - before.batches;
+        assert!(
+            after.batched_commands - before.batched_commands > batches,
+            "the spends of a round share batches ({batches} batches for {} spends)",
+            after.batched_commands - before.batched_commands
+        );
+        for (u, total) in users.iter().zip(totals) {
+            assert_eq!(s.balance(u).await.unwrap().total, total - ROUNDS as i64, "{u}");
+        }
+        drop(store);
+        let tables = ["accounts", "ledger_entries", "usage_records", "idempotency"];
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let left: i64 =
+                db.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()", &[]).await.unwrap().get(0);
+            db.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+            seen = db
+                .query("SELECT relname::text, seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = ANY($1) ORDER BY relname", &[&&tables[..]])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
+                .collect::<Vec<_>>();
+            if left == 0 && seen.iter().filter(|(t, ..)| t == "accounts").all(|(_, seq, idx)| seq + idx >= batches as i64) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(seen.len(), tables.len(), "{seen:?}");
+        // Counted since the database was created: the setup scans a few times; a batch
+        // planned with scans scans at least once per batch, {batches} times here.
+        for (table, seq, _) in &seen {
+            assert!(*seq < 20 && (*seq as u64) < batches, "{table}: {seq} scans of the whole table in {batches} batches; they must find their rows by index ({seen:?})");
+        }
+    });
+}
+
 /// An account's usage page is read through its log (migration V9): by index, whatever other
 /// accounts wrote, and with exactly the account's records, newest first.
 #[test]
