@@ -378,6 +378,38 @@ fn a_retry_on_another_node_replays_after_the_lock() {
     });
 }
 
+/// Each of `tables` (in name order) with its whole-table and index scans since the database
+/// was created, after `store` is closed. A backend reports its counters when it ends (or after
+/// ten idle seconds): this waits (at most ten seconds) until the store's connections have gone
+/// and `reported` holds for the counts.
+async fn scans_after_close(
+    db: &tokio_postgres::Client,
+    store: PgStore,
+    tables: &[&str],
+    reported: impl Fn(&[(String, i64, i64)]) -> bool,
+) -> Vec<(String, i64, i64)> {
+    drop(store);
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let left: i64 =
+            db.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()", &[]).await.unwrap().get(0);
+        db.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+        seen = db
+            .query("SELECT relname::text, seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = ANY($1) ORDER BY relname", &[&tables])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
+            .collect();
+        if left == 0 && reported(&seen) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.len(), tables.len(), "{seen:?}");
+    seen
+}
+
 /// Batches find their rows by index however the tables grew after their statements were first
 /// planned. (A generic plan is made once per connection, at a statement's first execution; made
 /// on a fresh database's near-empty tables, it scanned the whole accounts table, and the holds
@@ -411,17 +443,6 @@ fn batches_use_indexes_on_tables_that_grew() {
         )
         .await
         .unwrap();
-        let scans = || async {
-            db.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
-            let rows = db
-                .query(
-                    "SELECT relname::text, seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables WHERE relname IN ('accounts', 'holds') ORDER BY relname",
-                    &[],
-                )
-                .await
-                .unwrap();
-            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect::<Vec<_>>()
-        };
         // 80 batches, one command each.
         for i in 1..=40 {
             s.spend(spend_cmd(&warm, 1, &format!("s{i}"))).await.unwrap().unwrap();
@@ -430,19 +451,7 @@ fn batches_use_indexes_on_tables_that_grew() {
             pair(i).await;
         }
         assert_eq!(s.balance(&warm).await.unwrap().total, 1_005 - 1 - 1 - 40 - 20);
-        // A backend reports its counters when it ends (or after ten idle seconds): close the
-        // store's connection, wait until it has gone and its counts are in.
-        drop(store);
-        let mut seen = Vec::new();
-        for _ in 0..100 {
-            let left: i64 =
-                db.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()", &[]).await.unwrap().get(0);
-            seen = scans().await;
-            if left == 0 && seen.iter().all(|(_, seq, idx)| seq + idx >= 80) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        let seen = scans_after_close(&db, store, &["accounts", "holds"], |seen| seen.iter().all(|(_, seq, idx)| seq + idx >= 80)).await;
         // Counted since the database was created: the setup (migrations, the first account)
         // scans a few times; a batch planned with scans scans at least once, 80 times here.
         for (table, seq, idx) in &seen {
@@ -514,26 +523,8 @@ fn batches_of_many_accounts_use_indexes_on_tables_that_grew() {
         for (u, total) in users.iter().zip(totals) {
             assert_eq!(s.balance(u).await.unwrap().total, total - ROUNDS as i64, "{u}");
         }
-        drop(store);
-        let tables = ["accounts", "ledger_entries", "usage_records", "idempotency"];
-        let mut seen = Vec::new();
-        for _ in 0..100 {
-            let left: i64 =
-                db.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()", &[]).await.unwrap().get(0);
-            db.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
-            seen = db
-                .query("SELECT relname::text, seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = ANY($1) ORDER BY relname", &[&&tables[..]])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
-                .collect::<Vec<_>>();
-            if left == 0 && seen.iter().filter(|(t, ..)| t == "accounts").all(|(_, seq, idx)| seq + idx >= batches as i64) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert_eq!(seen.len(), tables.len(), "{seen:?}");
+        let tables = ["accounts", "idempotency", "ledger_entries", "usage_records"];
+        let seen = scans_after_close(&db, store, &tables, |seen| seen.iter().filter(|(t, ..)| t == "accounts").all(|(_, seq, idx)| seq + idx >= batches as i64)).await;
         // Counted since the database was created: the setup scans a few times; a batch
         // planned with scans scans at least once per batch, {batches} times here.
         for (table, seq, _) in &seen {
