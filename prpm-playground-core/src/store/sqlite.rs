@@ -3327,29 +3327,35 @@ mod tests {
         let s: Arc<dyn Store> = store.clone();
         fund_u(&rt, &*s, 1_000_000);
         let (callers, each) = (32, 300);
-        rt.block_on(async {
-            let tasks: Vec<_> = (0..callers)
-                .map(|c| {
-                    let s = s.clone();
-                    tokio::spawn(async move {
-                        for i in 0..each {
-                            s.execute(spend_of("u", &format!("s-{c}-{i}"))).await.unwrap().unwrap();
-                        }
+        // Whether a try finds no reader on the WAL depends on the threads' timing: on a loaded
+        // machine one stream may end without (the bound restarts the WAL then). Up to four.
+        let mut streams = 0;
+        while streams < 4 && store.checkpoint_stats().unwrap().early_restarts == 0 {
+            streams += 1;
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..callers)
+                    .map(|c| {
+                        let s = s.clone();
+                        tokio::spawn(async move {
+                            for i in 0..each {
+                                s.execute(spend_of("u", &format!("s-{streams}-{c}-{i}"))).await.unwrap().unwrap();
+                            }
+                        })
                     })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        });
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            });
+        }
         let stats = store.checkpoint_stats().unwrap();
-        assert!(stats.early_restarts >= 1, "{stats:?}");
+        assert!(stats.early_restarts >= 1, "{streams} streams: {stats:?}");
         assert!(stats.early_tries >= stats.early_restarts, "{stats:?}");
         assert!(rt.block_on(s.verify()).unwrap().is_clean());
         drop(s);
         store.close();
         drop(store);
-        assert_eq!(spends_in(&path), callers * each);
+        assert_eq!(spends_in(&path), streams * callers * each);
     }
 
     /// A lone caller's commands commit on its own thread once the writer thread sleeps (no
