@@ -304,10 +304,9 @@ fn verify_reports_every_difference() {
              UPDATE accounts SET held_cost_micros = 40 WHERE external_id = 'u';
              INSERT INTO ledger_entries (account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
                  SELECT id, now(), 'grant', 1, 0, 0, 0, 999, 0, 'forged' FROM accounts WHERE external_id = 'w';
-             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-                 VALUES (424242, 999, now(), 'run', 'm', 1, 1, 0, 0, 1, 1);
-             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-                 SELECT 434343, id, now(), 'run', 'm', 1, 1, 0, 0, 1, 1 FROM accounts WHERE external_id = 'u';",
+             INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference,
+                                         operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
+                 VALUES (424242, 999, now(), 'spend', -1, 0, 0, 0, 0, 0, 'forged', 'run', 'm', 1, 1, 0, 0, 1);",
         )
         .await
         .unwrap();
@@ -318,10 +317,9 @@ fn verify_reports_every_difference() {
         assert_eq!(
             found,
             vec![
-                ("(no account with internal id 999)".into(), "usage records".into(), 1, 0),
+                ("(no account with internal id 999)".into(), "log entries".into(), 1, 0),
                 ("u".into(), "held cost (micro-USD) of open holds".into(), 40, 0),
                 ("u".into(), "purchased".into(), 12, 5),
-                ("u".into(), "usage records without their log entry".into(), 1, 0),
                 ("w".into(), "entry balance_after".into(), 999, 6),
                 ("w".into(), "held".into(), 3, 0),
                 ("w".into(), "monthly".into(), 0, 1),
@@ -497,14 +495,14 @@ fn batches_of_many_accounts_use_indexes_on_tables_that_grew() {
             totals.push(s.balance(u).await.unwrap().total);
         }
         // The tables grow behind the store's back (no ANALYZE: the plans stay as they were
-        // made). The log's rows take ids below every id the store uses.
+        // made). The log's rows (with usage) take ids below every id the store uses.
         db.batch_execute(
             "INSERT INTO accounts (external_id, kind, monthly, rollover, purchased, held, created_at, updated_at)
              SELECT 'bulk-' || g, 'user', 0, 0, 0, 0, now(), now() FROM generate_series(1, 20000) g;
-             INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
-             SELECT -g, (SELECT min(id) FROM accounts WHERE external_id LIKE 'bulk-%'), now(), 'grant', 0, 0, 1, 0, 1, 0, 'bulk' FROM generate_series(1, 20000) g;
-             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-             SELECT -g, (SELECT min(id) FROM accounts WHERE external_id LIKE 'bulk-%'), now(), 'run', 'm', 1, 1, 0, 0, 1, 1 FROM generate_series(1, 20000) g;
+             INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference,
+                                         operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
+             SELECT -g, (SELECT min(id) FROM accounts WHERE external_id LIKE 'bulk-%'), now(), 'spend', 0, 0, -1, 0, 1, 0, 'bulk', 'run', 'm', 1, 1, 0, 0, 1
+             FROM generate_series(1, 20000) g;
              INSERT INTO idempotency (key, fingerprint, outcome, at) SELECT 'bulk-' || g, 0, '\\x00', now() FROM generate_series(1, 20000) g;",
         )
         .await
@@ -523,7 +521,7 @@ fn batches_of_many_accounts_use_indexes_on_tables_that_grew() {
         for (u, total) in users.iter().zip(totals) {
             assert_eq!(s.balance(u).await.unwrap().total, total - ROUNDS as i64, "{u}");
         }
-        let tables = ["accounts", "idempotency", "ledger_entries", "usage_records"];
+        let tables = ["accounts", "idempotency", "ledger_entries"];
         let seen = scans_after_close(&db, store, &tables, |seen| seen.iter().filter(|(t, ..)| t == "accounts").all(|(_, seq, idx)| seq + idx >= batches as i64)).await;
         // Counted since the database was created: the setup scans a few times; a batch
         // planned with scans scans at least once per batch, {batches} times here.
@@ -551,7 +549,7 @@ fn an_accounts_usage_is_found_through_its_log_by_index() {
         for i in 1..=5 {
             s.spend(used(&a, &format!("a{i}"), i)).await.unwrap().unwrap();
             s.spend(used(&b, &format!("b{i}"), 10 + i)).await.unwrap().unwrap();
-            // A spend without usage: a log entry without a record, skipped by the join.
+            // A spend without usage: a log entry without usage, skipped.
             s.spend(spend_cmd(&a, 1, &format!("plain{i}"))).await.unwrap().unwrap();
         }
         let page = s.usage(&a, 3).await.unwrap();
@@ -562,11 +560,11 @@ fn an_accounts_usage_is_found_through_its_log_by_index() {
         // Another account's log and usage grow large behind the store's back; with the tables
         // analyzed, the page is still found by index (no scan of either table).
         db.batch_execute(
-            "INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference)
-             SELECT 1000000 + g, (SELECT id FROM accounts WHERE external_id = 'b'), now(), 'spend', 0, 0, 0, 0, 0, 0, 'bulk' FROM generate_series(1, 50000) g;
-             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-             SELECT 1000000 + g, (SELECT id FROM accounts WHERE external_id = 'b'), now(), 'run', 'm', 1, 1, 0, 0, 0, 0 FROM generate_series(1, 50000) g;
-             ANALYZE ledger_entries; ANALYZE usage_records;",
+            "INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, reference,
+                                         operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
+             SELECT 1000000 + g, (SELECT id FROM accounts WHERE external_id = 'b'), now(), 'spend', 0, 0, 0, 0, 0, 0, 'bulk', 'run', 'm', 1, 1, 0, 0, 0
+             FROM generate_series(1, 50000) g;
+             ANALYZE ledger_entries;",
         )
         .await
         .unwrap();
@@ -584,12 +582,61 @@ fn an_accounts_usage_is_found_through_its_log_by_index() {
             // The small account's page walks its own entries. (For the account that owns nearly
             // every row, walking both keys backwards and stopping at the page's end is as good.)
             if who == "a" {
-                assert!(plan.contains("ledger_entries_by_account") && plan.contains("usage_records_pkey"), "{who}: {plan}");
+                assert!(plan.contains("ledger_entries_by_account"), "{who}: {plan}");
             }
         }
         assert_eq!(s.usage(&a, 10).await.unwrap().len(), 5);
         let newest = s.usage(&b, 1_000).await.unwrap();
         assert_eq!((newest.len(), newest[0].entry.0, newest[999].entry.0), (1_000, 1_050_000, 1_049_001));
+    });
+}
+
+/// Migration V10 moves each usage record into its log entry: the records already rolled up stay
+/// counted once, those not rolled up yet are rolled up on the way, an account's usage page reads
+/// the same, and the log is append-only again afterwards.
+#[test]
+fn usage_records_move_into_their_log_entries() {
+    let Some(cluster) = shared_cluster() else { return };
+    rt().block_on(async {
+        let url = cluster.create_database().await.unwrap();
+        let mut db = connect(&url).await;
+        postgres::migrate_up_to(&mut db, 9).await.unwrap();
+        // An account granted 100, then two runs on 2026-11-20: 3 credits (rolled up already)
+        // and 2 (not yet).
+        db.batch_execute(
+            "INSERT INTO accounts (id, external_id, kind, monthly, rollover, purchased, held, created_at, updated_at)
+                 VALUES (1, 'old', 'user', 0, 0, 95, 0, '2026-11-20T00:00:00Z', '2026-11-20T12:00:00Z');
+             INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, reference) VALUES
+                 (1, 1, '2026-11-20T10:00:00Z', 'grant', 0, 0, 100, 0, 100, 0, 'admin', 'g'),
+                 (2, 1, '2026-11-20T11:00:00Z', 'spend', 0, 0, -3, 0, 97, 0, NULL, 'r1'),
+                 (3, 1, '2026-11-20T12:00:00Z', 'spend', 0, 0, -2, 0, 95, 0, NULL, 'r2');
+             SELECT setval('ledger_entries_id_seq', 3); SELECT setval('accounts_id_seq', 1);
+             INSERT INTO usage_records (entry_id, account_id, at, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros, rolled_up) VALUES
+                 (2, 1, '2026-11-20T11:00:00Z', 'playground_run', 'm1', 100, 10, 1, 2, 3, 300, TRUE),
+                 (3, 1, '2026-11-20T12:00:00Z', 'playground_run', 'm2', 200, 20, 0, 0, 2, 200, FALSE);
+             INSERT INTO usage_daily VALUES (1, '2026-11-20', 1, 3, 100, 10, 1, 2, 300);",
+        )
+        .await
+        .unwrap();
+        let store = PgStore::open(PgOptions::new(url.clone())).await.unwrap();
+        let s: &dyn Store = &store;
+        let old = acct("old");
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap();
+        let q = DailyUsageQuery { account: Some(old.clone()), from: day, until: day.succ_opt().unwrap() };
+        let expect = vec![DailyUsage { day, runs: 2, credits: 5, tokens: TokenUsage { input: 300, output: 30, cache_read: 1, cache_write: 2 }, cost_micros: 500 }];
+        assert_eq!(s.daily_usage(&q).await.unwrap(), expect);
+        assert_eq!(s.refresh_analytics().await.unwrap().usage_records, 0, "rolled up by the migration");
+        assert_eq!(s.daily_usage(&q).await.unwrap(), expect);
+        let page = s.usage(&old, 10).await.unwrap();
+        let got: Vec<(i64, i64, &str, u64, i64)> = page.iter().map(|r| (r.entry.0, r.credits, r.usage.model.as_str(), r.usage.tokens.input, r.usage.cost_micros)).collect();
+        assert_eq!(got, vec![(3, 2, "m2", 200, 200), (2, 3, "m1", 100, 300)]);
+        assert!(s.verify().await.unwrap().is_clean(), "{:?}", s.verify().await.unwrap().discrepancies);
+        let e = db.execute("UPDATE ledger_entries SET reference = 'x' WHERE id = 1", &[]).await.unwrap_err();
+        assert!(e.to_string().contains("append-only") || format!("{e:?}").contains("append-only"), "{e:?}");
+        // A new spend with usage is rolled up once, after the migration's watermark.
+        s.spend(Spend { usage: Some(conformance::usage_of(700)), ..spend_cmd(&old, 4, "new") }).await.unwrap().unwrap();
+        assert_eq!(s.refresh_analytics().await.unwrap().usage_records, 1);
+        assert_eq!(s.refresh_analytics().await.unwrap().usage_records, 0);
     });
 }
 

@@ -90,6 +90,17 @@ async fn migrate_locked(client: &mut Client) -> Result<Vec<i64>> {
     Ok(report.applied_migrations().iter().map(|m| i64::from(m.version())).collect())
 }
 
+/// Applies the migrations up to `version` only: for tests of a migration that moves data.
+#[doc(hidden)]
+pub async fn migrate_up_to(client: &mut Client, version: i32) -> Result<()> {
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(version))
+        .run_async(client)
+        .await
+        .map_err(|e| Error::Backend(format!("migration failed: {e}")))?;
+    Ok(())
+}
+
 /// Whether `url` names a PostgreSQL database (a `postgres://` / `postgresql://` URL, or
 /// `key=value` pairs with a `dbname`) rather than a SQLite file path.
 pub fn is_postgres_url(url: &str) -> bool {
@@ -342,6 +353,8 @@ impl Core {
             tx.commit().await?;
             return Ok((Ok(Committed { effect, replayed: false }), Vec::new()));
         }
+        // Before any id is taken (see `USAGE_LOCK`).
+        tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&USAGE_LOCK]).await?;
         // Lock the account (for a settle or release: the hold's account), then read.
         let mut snap = Snapshot::default();
         let account_id: Option<i64> = match (cmd.hold(), cmd.account()) {
@@ -421,12 +434,18 @@ impl Core {
         let mut main_entry = None;
         let ins = tx
             .prepare_cached(
-                "INSERT INTO ledger_entries (account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
+                "INSERT INTO ledger_entries (account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at,
+                     operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) RETURNING id",
             )
             .await?;
+        if t.usage.is_some() && !t.entries.iter().any(|e| e.main) {
+            return Err(TxError::Fail(Error::Invariant("usage without a charge entry".into())));
+        }
         for e in &t.entries {
             let hold = e.hold.map(|h| if h == NEW_HOLD { new_hold.unwrap_or(h) } else { h });
+            // A charge's usage is its main entry's (migration V10).
+            let u = UsageColumns::of(if e.main { t.usage.as_ref() } else { None });
             let row = tx
                 .query_one(
                     &ins,
@@ -445,6 +464,13 @@ impl Core {
                         &e.ref_entry.map(|r| r.0),
                         &e.reference,
                         &e.rollover_expires_at,
+                        &u.operation,
+                        &u.model,
+                        &u.tokens[0],
+                        &u.tokens[1],
+                        &u.tokens[2],
+                        &u.tokens[3],
+                        &u.cost_micros,
                     ],
                 )
                 .await?;
@@ -454,28 +480,6 @@ impl Core {
         }
         if let Some((entry, _, _)) = main_entry {
             t.effect.set_entry(entry);
-        }
-        if let Some(u) = &t.usage {
-            let (entry, delta, hold) = main_entry.ok_or_else(|| Error::Invariant("usage without a charge entry".into()))?;
-            tx.execute(
-                "INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                &[
-                    &entry.0,
-                    &id,
-                    &now,
-                    &hold.map(|h| h.0),
-                    &u.operation,
-                    &u.model,
-                    &(u.tokens.input as i64),
-                    &(u.tokens.output as i64),
-                    &(u.tokens.cache_read as i64),
-                    &(u.tokens.cache_write as i64),
-                    &(-delta.total()),
-                    &u.cost_micros,
-                ],
-            )
-            .await?;
         }
         let mut alerts = Vec::new();
         for a in &t.alerts {
@@ -900,13 +904,36 @@ async fn load_charge(tx: &impl GenericClient, account_id: i64, entry: EntryId) -
     }))
 }
 
+/// A log entry's usage columns: all set (a charge with usage), or all NULL.
+struct UsageColumns<'a> {
+    operation: Option<&'a str>,
+    model: Option<&'a str>,
+    tokens: [Option<i64>; 4],
+    cost_micros: Option<i64>,
+}
+
+impl<'a> UsageColumns<'a> {
+    fn of(u: Option<&'a Usage>) -> Self {
+        UsageColumns {
+            operation: u.map(|u| u.operation.as_str()),
+            model: u.map(|u| u.model.as_str()),
+            tokens: [
+                u.map(|u| u.tokens.input as i64),
+                u.map(|u| u.tokens.output as i64),
+                u.map(|u| u.tokens.cache_read as i64),
+                u.map(|u| u.tokens.cache_write as i64),
+            ],
+            cost_micros: u.map(|u| u.cost_micros),
+        }
+    }
+}
+
 /// An account's usage records (`$1`, its internal id), newest first, below the entry `$3`, at
-/// most `$2`: its log walked newest first by `ledger_entries_by_account`, each entry joined to
-/// its record by key (migration V9 dropped the records' own index by account).
-pub const USAGE_PAGE_SQL: &str = "SELECT u.at, u.entry_id, u.hold_id, u.operation, u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-        u.cache_write_tokens, u.credits, u.cost_micros
-    FROM ledger_entries l JOIN usage_records u ON u.entry_id = l.id
-    WHERE l.account_id = $1 AND l.id < $3 AND u.account_id = $1 ORDER BY l.id DESC LIMIT $2";
+/// most `$2`: its log walked newest first by `ledger_entries_by_account`, the entries with usage
+/// (migration V10: a charge's usage is columns of its entry).
+pub const USAGE_PAGE_SQL: &str = "SELECT l.at, l.id, l.hold_id, l.operation, l.model, l.input_tokens, l.output_tokens, l.cache_read_tokens,
+        l.cache_write_tokens, -(l.d_monthly + l.d_rollover + l.d_purchased), l.cost_micros
+    FROM ledger_entries l WHERE l.account_id = $1 AND l.id < $3 AND l.model IS NOT NULL ORDER BY l.id DESC LIMIT $2";
 
 /// Allocates `$1` hold ids and `$2` entry ids, each list ascending.
 const IDS_SQL: &str =
@@ -1159,7 +1186,7 @@ impl PgStore {
         let orphans = tx
             .query(
                 "SELECT t, account_id, count(*) FROM (
-                     SELECT 'log entries' AS t, account_id FROM ledger_entries UNION ALL SELECT 'usage records', account_id FROM usage_records
+                     SELECT 'log entries' AS t, account_id FROM ledger_entries
                      UNION ALL SELECT 'holds', account_id FROM holds UNION ALL SELECT 'alerts', account_id FROM cost_alerts) x
                  WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.account_id) GROUP BY t, account_id ORDER BY t, account_id LIMIT 1000",
                 &[],
@@ -1168,25 +1195,6 @@ impl PgStore {
         for r in orphans {
             let (what, id, n): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
             report.discrepancies.push(Discrepancy { account: AccountId::new(format!("(no account with internal id {id})"))?, what, stored: n, from_log: 0 });
-        }
-        // A usage record is its log entry's, on the same account (an account's usage is read
-        // through its log: see V9).
-        let strays = tx
-            .query(
-                "SELECT a.external_id, count(*) FROM usage_records u JOIN accounts a ON a.id = u.account_id
-                 WHERE NOT EXISTS (SELECT 1 FROM ledger_entries l WHERE l.id = u.entry_id AND l.account_id = u.account_id)
-                 GROUP BY a.external_id ORDER BY a.external_id LIMIT 1000",
-                &[],
-            )
-            .await?;
-        for r in strays {
-            let n: i64 = r.get(1);
-            report.discrepancies.push(Discrepancy {
-                account: AccountId::new(r.get::<_, String>(0))?,
-                what: "usage records without their log entry".into(),
-                stored: n,
-                from_log: 0,
-            });
         }
         tx.commit().await?;
         Ok(report)
@@ -1280,15 +1288,17 @@ impl PgStore {
             ),
             None => None,
         };
-        // The rollups plus the records not rolled up yet, grouped alike.
+        // The rollups plus the usage above the watermark, grouped alike.
         let rows = tx
             .query(
                 "SELECT day, SUM(runs)::bigint, SUM(credits)::bigint, SUM(i)::bigint, SUM(o)::bigint, SUM(cr)::bigint, SUM(cw)::bigint, SUM(cost)::bigint FROM (
                      SELECT day, runs, credits, input_tokens AS i, output_tokens AS o, cache_read_tokens AS cr, cache_write_tokens AS cw, cost_micros AS cost
                      FROM usage_daily WHERE day >= $1 AND day < $2 AND ($3::bigint IS NULL OR account_id = $3)
                      UNION ALL
-                     SELECT (at AT TIME ZONE 'UTC')::date, 1, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros
-                     FROM usage_records WHERE NOT rolled_up AND at >= $4 AND at < $5 AND ($3::bigint IS NULL OR account_id = $3)
+                     SELECT (at AT TIME ZONE 'UTC')::date, 1, -(d_monthly + d_rollover + d_purchased), input_tokens, output_tokens, cache_read_tokens,
+                            cache_write_tokens, cost_micros
+                     FROM ledger_entries WHERE id > (SELECT rolled_upto FROM usage_rollup WHERE id = 1) AND model IS NOT NULL
+                       AND at >= $4 AND at < $5 AND ($3::bigint IS NULL OR account_id = $3)
                  ) u GROUP BY day ORDER BY day",
                 &[&q.from, &q.until, &account_id, &crate::cost::day_start(q.from), &crate::cost::day_start(q.until)],
             )
@@ -1312,14 +1322,21 @@ impl PgStore {
     }
 
     async fn refresh_analytics_once(&self) -> Result<AnalyticsReport> {
-        let client = self.core.client().await?;
-        // One statement: the records it marks are the ones it adds; a node running it at the
-        // same moment waits on the row locks and then finds them marked.
-        let row = client
+        let mut client = self.core.client().await?;
+        let tx = client.transaction().await?;
+        // Alone (see `USAGE_LOCK`): every transaction that took entry ids before this has
+        // committed, and this statement's snapshot (taken after the lock) sees them all. Every
+        // entry with usage up to the log's highest id is rolled up, and the watermark moves
+        // there. A node running it at the same moment waits, then finds nothing new.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&USAGE_LOCK]).await?;
+        let row = tx
             .query_one(
-                "WITH r AS (
-                     UPDATE usage_records SET rolled_up = TRUE WHERE NOT rolled_up
-                     RETURNING account_id, (at AT TIME ZONE 'UTC')::date AS day, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros
+                "WITH top AS (SELECT COALESCE(max(id), 0) AS id FROM ledger_entries),
+                 w AS (SELECT rolled_upto FROM usage_rollup WHERE id = 1 FOR UPDATE),
+                 r AS (
+                     SELECT account_id, (at AT TIME ZONE 'UTC')::date AS day, -(d_monthly + d_rollover + d_purchased) AS credits, input_tokens, output_tokens,
+                            cache_read_tokens, cache_write_tokens, cost_micros
+                     FROM ledger_entries WHERE id > (SELECT rolled_upto FROM w) AND id <= (SELECT id FROM top) AND model IS NOT NULL
                  ), ins AS (
                      INSERT INTO usage_daily (account_id, day, runs, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
                      SELECT account_id, day, count(*), SUM(credits), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens), SUM(cost_micros)
@@ -1330,11 +1347,17 @@ impl PgStore {
                         cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens,
                         cost_micros = usage_daily.cost_micros + excluded.cost_micros
                      RETURNING 1
+                 ), moved AS (
+                     UPDATE usage_rollup SET rolled_upto = GREATEST(rolled_upto, (SELECT id FROM top)) WHERE id = 1 RETURNING 1
                  )
-                 SELECT count(*) FROM r",
+                 SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM moved)",
                 &[],
             )
             .await?;
+        if row.get::<_, i64>(1) != 1 {
+            return Err(Error::Invariant("the usage roll-up's watermark is missing".into()));
+        }
+        tx.commit().await?;
         Ok(AnalyticsReport { usage_records: row.get::<_, i64>(0) as u64 })
     }
 }
@@ -2198,8 +2221,17 @@ const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 /// compiled on every execution. Prepared once per connection and sent after a plain `BEGIN`:
 /// as text, the server parsed and planned it for every batch (87 µs per batch in the server's
 /// log, against 46 µs now).
+/// It also takes [`USAGE_LOCK`] shared, before the batch takes ids or reads the watermark.
 const PLAN_SQL: &str = "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), \
-                        set_config('enable_mergejoin', 'off', true), set_config('jit', 'off', true)";
+                        set_config('enable_mergejoin', 'off', true), set_config('jit', 'off', true), \
+                        pg_advisory_xact_lock_shared(8102099357864587111)";
+
+/// The usage roll-up's lock (migration V10). Every transaction that may write log entries with
+/// usage holds it shared from before it takes their ids until it commits; the roll-up takes it
+/// alone, so when it reads the log's highest id, every entry up to it has committed. A batch
+/// whose ids were taken before its lock (from the node's block, or allocated ahead) checks that
+/// they lie above the roll-up's watermark.
+pub const USAGE_LOCK: i64 = 8_102_099_357_864_587_111;
 
 type BatchDone = (Vec<Result<Outcome>>, Vec<(AccountId, Alert)>);
 type BatchResult = Result<BatchDone>;
@@ -3044,27 +3076,19 @@ impl Core {
         let e_ref: Vec<Option<i64>> = entries.iter().map(|e| e.entry.ref_entry.map(|r| r.0)).collect();
         let e_reference: Vec<&str> = entries.iter().map(|e| e.entry.reference.as_str()).collect();
         let e_exp: Vec<Option<DateTime<Utc>>> = entries.iter().map(|e| e.entry.rollover_expires_at).collect();
-        let mut u_entry = Vec::new();
-        let mut u_acc = Vec::new();
-        let mut u_hold: Vec<Option<i64>> = Vec::new();
-        let mut u_op = Vec::new();
-        let mut u_model = Vec::new();
-        let mut u_tok: [Vec<i64>; 4] = Default::default();
-        let mut u_credits = Vec::new();
-        let mut u_cost = Vec::new();
-        for (job, acc, u) in &usages {
-            let (entry, delta, hold) = main_of_job.get(job).ok_or_else(|| Error::Invariant("usage without a charge entry".into()))?;
-            u_entry.push(entry.0);
-            u_acc.push(*acc);
-            u_hold.push(hold.map(|h| h.0));
-            u_op.push(u.operation.as_str());
-            u_model.push(u.model.as_str());
-            for (k, v) in [u.tokens.input, u.tokens.output, u.tokens.cache_read, u.tokens.cache_write].into_iter().enumerate() {
-                u_tok[k].push(v as i64);
+        // A charge's usage goes in its main entry's columns (migration V10).
+        let mut usage_of_job: HashMap<usize, &Usage> = HashMap::new();
+        for (job, _, u) in &usages {
+            if !main_of_job.contains_key(job) {
+                return Err(Error::Invariant("usage without a charge entry".into()));
             }
-            u_credits.push(-delta.total());
-            u_cost.push(u.cost_micros);
+            usage_of_job.insert(*job, u);
         }
+        let e_usage: Vec<UsageColumns> = entries.iter().map(|e| UsageColumns::of(if e.entry.main { usage_of_job.get(&e.job).copied() } else { None })).collect();
+        let u_op: Vec<Option<&str>> = e_usage.iter().map(|u| u.operation).collect();
+        let u_model: Vec<Option<&str>> = e_usage.iter().map(|u| u.model).collect();
+        let u_tok: [Vec<Option<i64>>; 4] = std::array::from_fn(|k| e_usage.iter().map(|u| u.tokens[k]).collect());
+        let u_cost: Vec<Option<i64>> = e_usage.iter().map(|u| u.cost_micros).collect();
         let a_acc: Vec<i64> = alerts.iter().map(|a| a.0).collect();
         let a_kind: Vec<&str> = alerts.iter().map(|a| alert_kind_str(a.1.kind)).collect();
         let a_month: Vec<NaiveDate> = alerts.iter().map(|a| a.1.month).collect();
@@ -3096,7 +3120,8 @@ impl Core {
         // a transaction id used again, after a restore or a wraparound), and the tiers as
         // cached. Ids from the block must lie above every id written so far (so a write that
         // ended before this one began, on this node or another, has lower ids); ids allocated now,
-        // above each account's last entry.
+        // above each account's last entry. Either way they were taken before the batch's
+        // `USAGE_LOCK`: they must lie above the usage roll-up's watermark.
         let mut stamps: (Vec<i64>, Vec<DateTime<Utc>>) = (Vec::new(), Vec::new());
         if !locked {
             for row in &dirty {
@@ -3150,7 +3175,8 @@ impl Core {
                 "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM unnest($1::bigint[]) AS a(id) WHERE (SELECT max(id) FROM ledger_entries WHERE account_id = a.id) >= $2)
                    AND (SELECT COALESCE(array_agg(xmin::text::bigint ORDER BY name), '{}') FROM cost_tiers WHERE name >= '') = $3::bigint[]
                    AND ($4::bigint IS NULL OR COALESCE((SELECT max(id) FROM holds), 0) <= $4)
-                   AND ($5::bigint IS NULL OR COALESCE((SELECT max(id) FROM ledger_entries), 0) <= $5)",
+                   AND ($5::bigint IS NULL OR COALESCE((SELECT max(id) FROM ledger_entries), 0) <= $5)
+                   AND (SELECT rolled_upto FROM usage_rollup WHERE id = 1) < $2",
                 vec![&each_account, &first_entry, &tier_stamp, &block_last.0, &block_last.1],
             );
         }
@@ -3172,22 +3198,38 @@ impl Core {
             );
         }
         if !entries.is_empty() {
-            w.part("INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at)
-             SELECT id, account_id, $15, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp
+            w.part("INSERT INTO ledger_entries (id, account_id, at, kind, d_monthly, d_rollover, d_purchased, d_held, balance_after, held_after, source, hold_id, ref_entry, reference, rollover_expires_at,
+                                        operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
+             SELECT id, account_id, $22, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp, op, model, i, o, cr, cw, cost
              FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
-                         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::timestamptz[])
-                  AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp)",
-                vec![&entry_id_list, &e_acc, &e_kind, &e_m, &e_r, &e_p, &e_h, &e_bal, &e_held, &e_src, &e_hold, &e_ref, &e_reference, &e_exp, &now],
+                         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::timestamptz[],
+                         $15::text[], $16::text[], $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[])
+                  AS u(id, account_id, kind, m, r, p, h, bal, held, src, hold, ref, reference, exp, op, model, i, o, cr, cw, cost)",
+                vec![
+                    &entry_id_list,
+                    &e_acc,
+                    &e_kind,
+                    &e_m,
+                    &e_r,
+                    &e_p,
+                    &e_h,
+                    &e_bal,
+                    &e_held,
+                    &e_src,
+                    &e_hold,
+                    &e_ref,
+                    &e_reference,
+                    &e_exp,
+                    &u_op,
+                    &u_model,
+                    &u_tok[0],
+                    &u_tok[1],
+                    &u_tok[2],
+                    &u_tok[3],
+                    &u_cost,
+                    &now,
+                ],
                 entries.len(),
-            );
-        }
-        if !usages.is_empty() {
-            w.part("INSERT INTO usage_records (entry_id, account_id, at, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros)
-             SELECT e, a, $12, h, op, model, i, o, cr, cw, c, cost
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
-                  AS u(e, a, h, op, model, i, o, cr, cw, c, cost)",
-                vec![&u_entry, &u_acc, &u_hold, &u_op, &u_model, &u_tok[0], &u_tok[1], &u_tok[2], &u_tok[3], &u_credits, &u_cost, &now],
-                usages.len(),
             );
         }
         if !k_key.is_empty() {
