@@ -2897,7 +2897,7 @@ impl Core {
         let mut entries: Vec<PendingEntry> = Vec::new();
         let mut new_holds: Vec<(usize, i64, rules::NewHold)> = Vec::new();
         let mut closed: Vec<(i64, &'static str)> = Vec::new();
-        let mut usages: Vec<(usize, i64, Usage)> = Vec::new();
+        let mut usages: Vec<(usize, Usage)> = Vec::new();
         let mut alerts: Vec<(i64, Alert)> = Vec::new();
         let mut temp_hold = 0i64;
         for (i, job) in jobs.iter().enumerate() {
@@ -2965,7 +2965,7 @@ impl Core {
             a.dirty = true;
             entries.extend(t.entries.into_iter().map(|entry| PendingEntry { job: i, account_id: id, entry }));
             if let Some(u) = t.usage {
-                usages.push((i, id, u));
+                usages.push((i, u));
             }
             alerts.extend(t.alerts.into_iter().map(|al| (id, al)));
             if let Some(key) = cmd.key() {
@@ -3078,7 +3078,7 @@ impl Core {
         let e_exp: Vec<Option<DateTime<Utc>>> = entries.iter().map(|e| e.entry.rollover_expires_at).collect();
         // A charge's usage goes in its main entry's columns (migration V10).
         let mut usage_of_job: HashMap<usize, &Usage> = HashMap::new();
-        for (job, _, u) in &usages {
+        for (job, u) in &usages {
             if !main_of_job.contains_key(job) {
                 return Err(Error::Invariant("usage without a charge entry".into()));
             }
@@ -3388,6 +3388,12 @@ mod tests {
         assert_eq!(batch_share(3, 2, true), 3);
         assert_eq!(batch_share(0, 2, true), 1);
         assert_eq!(batch_share(7, 0, false), 32);
+    }
+
+    /// Every batch takes the usage roll-up's lock shared (the number is written out in the SQL).
+    #[test]
+    fn the_batch_statement_takes_the_usage_lock() {
+        assert!(PLAN_SQL.contains(&format!("pg_advisory_xact_lock_shared({USAGE_LOCK})")), "{PLAN_SQL}");
     }
 
     /// A write takes the narrow statements only when nothing but the hot columns changed.
