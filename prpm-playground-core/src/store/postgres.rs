@@ -930,10 +930,9 @@ impl<'a> UsageColumns<'a> {
 
 /// An account's usage records (`$1`, its internal id), newest first, below the entry `$3`, at
 /// most `$2`: its log walked newest first by `ledger_entries_by_account`, the entries with usage
-/// (migration V10: a charge's usage is columns of its entry).
-pub const USAGE_PAGE_SQL: &str = "SELECT l.at, l.id, l.hold_id, l.operation, l.model, l.input_tokens, l.output_tokens, l.cache_read_tokens,
-        l.cache_write_tokens, -(l.d_monthly + l.d_rollover + l.d_purchased), l.cost_micros
-    FROM ledger_entries l WHERE l.account_id = $1 AND l.id < $3 AND l.model IS NOT NULL ORDER BY l.id DESC LIMIT $2";
+/// (the `usage_records` view of migration V10: a charge's usage is columns of its entry).
+pub const USAGE_PAGE_SQL: &str = "SELECT at, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros
+    FROM usage_records WHERE account_id = $1 AND entry_id < $3 ORDER BY entry_id DESC LIMIT $2";
 
 /// Allocates `$1` hold ids and `$2` entry ids, each list ascending.
 const IDS_SQL: &str =
@@ -1295,9 +1294,8 @@ impl PgStore {
                      SELECT day, runs, credits, input_tokens AS i, output_tokens AS o, cache_read_tokens AS cr, cache_write_tokens AS cw, cost_micros AS cost
                      FROM usage_daily WHERE day >= $1 AND day < $2 AND ($3::bigint IS NULL OR account_id = $3)
                      UNION ALL
-                     SELECT (at AT TIME ZONE 'UTC')::date, 1, -(d_monthly + d_rollover + d_purchased), input_tokens, output_tokens, cache_read_tokens,
-                            cache_write_tokens, cost_micros
-                     FROM ledger_entries WHERE id > (SELECT rolled_upto FROM usage_rollup WHERE id = 1) AND model IS NOT NULL
+                     SELECT (at AT TIME ZONE 'UTC')::date, 1, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros
+                     FROM usage_records WHERE entry_id > (SELECT rolled_upto FROM usage_rollup WHERE id = 1)
                        AND at >= $4 AND at < $5 AND ($3::bigint IS NULL OR account_id = $3)
                  ) u GROUP BY day ORDER BY day",
                 &[&q.from, &q.until, &account_id, &crate::cost::day_start(q.from), &crate::cost::day_start(q.until)],
@@ -1334,9 +1332,8 @@ impl PgStore {
                 "WITH top AS (SELECT COALESCE(max(id), 0) AS id FROM ledger_entries),
                  w AS (SELECT rolled_upto FROM usage_rollup WHERE id = 1 FOR UPDATE),
                  r AS (
-                     SELECT account_id, (at AT TIME ZONE 'UTC')::date AS day, -(d_monthly + d_rollover + d_purchased) AS credits, input_tokens, output_tokens,
-                            cache_read_tokens, cache_write_tokens, cost_micros
-                     FROM ledger_entries WHERE id > (SELECT rolled_upto FROM w) AND id <= (SELECT id FROM top) AND model IS NOT NULL
+                     SELECT account_id, (at AT TIME ZONE 'UTC')::date AS day, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros
+                     FROM usage_records WHERE entry_id > (SELECT rolled_upto FROM w) AND entry_id <= (SELECT id FROM top)
                  ), ins AS (
                      INSERT INTO usage_daily (account_id, day, runs, credits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
                      SELECT account_id, day, count(*), SUM(credits), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens), SUM(cost_micros)
