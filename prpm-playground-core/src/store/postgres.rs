@@ -207,7 +207,21 @@ pub struct BatchStats {
 struct Job {
     cmd: Command,
     fp: i64,
-    reply: oneshot::Sender<Result<Outcome>>,
+    reply: Reply,
+}
+
+/// Where a batched command's result goes: sent once, as soon as it is known (a batch answers
+/// its callers right after its `COMMIT`, before it updates the node's cache).
+struct Reply(std::sync::Mutex<Option<oneshot::Sender<Result<Outcome>>>>);
+
+impl Reply {
+    fn send(&self, r: Result<Outcome>) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        debug_assert!(tx.is_some(), "a command is answered once");
+        if let Some(tx) = tx {
+            let _ = tx.send(r);
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -1974,7 +1988,7 @@ impl Store for PgStore {
             return self.core.execute_single(&cmd, fp).await;
         }
         let (reply, rx) = oneshot::channel();
-        self.batcher.send(Job { cmd, fp, reply }).map_err(|_| Error::Closed)?;
+        self.batcher.send(Job { cmd, fp, reply: Reply(std::sync::Mutex::new(Some(reply))) }).map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -2230,8 +2244,8 @@ const PLAN_SQL: &str = "SELECT set_config('enable_seqscan', 'off', true), set_co
 /// they lie above the roll-up's watermark.
 pub const USAGE_LOCK: i64 = 8_102_099_357_864_587_111;
 
-type BatchDone = (Vec<Result<Outcome>>, Vec<(AccountId, Alert)>);
-type BatchResult = Result<BatchDone>;
+/// A batch that committed: its commands answered, its alerts sent, its stats counted.
+type BatchResult = Result<()>;
 
 /// What a batch reads before it applies its commands: under row locks, or from the node's cache.
 struct Reads {
@@ -2452,10 +2466,10 @@ fn batchable(cmd: &Command) -> bool {
     !matches!(cmd, Command::CreateAccount(_) | Command::Refund(_) | Command::SetTier(_))
 }
 
-/// A batch on its way: each command with its result, the cache entries it took (as it left
+/// A batch on its way: how many commands it answered, the cache entries it took (as it left
 /// them), and the accounts and holds it keeps from other batches until it lands.
 struct Flight {
-    done: Vec<(Job, Result<Outcome>)>,
+    done: usize,
     cache: NodeCache,
     accounts: Vec<AccountId>,
     holds: Vec<i64>,
@@ -2576,12 +2590,10 @@ async fn batcher_loop(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Job>, lan
                 if tiers.is_some() {
                     cache.tiers = tiers;
                 }
-                in_flight -= done.len();
-                owed += done.len();
+                // Its callers were answered as it committed.
+                in_flight -= done;
+                owed += done;
                 wait_until = tokio::time::Instant::now() + GATHER_WAIT;
-                for (j, r) in done {
-                    let _ = j.reply.send(r);
-                }
             },
             _ = tokio::time::sleep_until(wait_until), if waiting && owed > 0 => owed = 0,
         }
@@ -2595,28 +2607,23 @@ fn batch_share(about: usize, lanes: usize, one_account: bool) -> usize {
     if one_account { about } else { about.div_ceil(lanes.max(1)).max(MIN_SHARE) }.clamp(1, MAX_BATCH)
 }
 
-/// One batch: each command with its result (not sent yet).
-async fn run_one_batch(core: &Core, batch: Vec<Job>, cache: &mut NodeCache) -> Vec<(Job, Result<Outcome>)> {
+/// One batch, whose commands are all answered when it returns; the number of them.
+async fn run_one_batch(core: &Core, batch: Vec<Job>, cache: &mut NodeCache) -> usize {
     match core.run_batch(&batch, cache).await {
-        Ok((results, alerts)) => {
-            core.stats.batches.fetch_add(1, Ordering::Relaxed);
-            core.stats.batched_commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            core.notify(&alerts);
-            batch.into_iter().zip(results).collect()
-        }
+        // Its commands were answered as it committed.
+        Ok(()) => {}
+        // Nothing was answered (a batch answers only once it has committed).
         Err(e) => {
             // Whether it committed is unknown, and the commands below change the accounts.
             cache.clear();
             core.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
             *core.stats.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-            let mut out = Vec::with_capacity(batch.len());
-            for j in batch {
-                let r = core.execute_single(&j.cmd, j.fp).await;
-                out.push((j, r));
+            for j in &batch {
+                j.reply.send(core.execute_single(&j.cmd, j.fp).await);
             }
-            out
         }
     }
+    batch.len()
 }
 
 /// A batch's connection, inside the transaction the batch began on it (in the round trip of
@@ -2762,15 +2769,13 @@ impl Core {
     /// ones left, and writes everything with one statement. The state comes from the node's
     /// cache when it has everything the batch needs (one round trip: see [`NodeCache`]), and
     /// otherwise is read under the accounts' row locks taken in id order (two round trips).
-    /// `Err`: nothing was committed, or it is not known whether it was.
+    /// `Ok`: it committed, and every command has been answered. `Err`: nothing was committed,
+    /// or it is not known whether it was; no command has been answered.
     async fn run_batch(&self, jobs: &[Job], cache: &mut NodeCache) -> BatchResult {
         if let Some(reads) = cache.reads_for(jobs, to_millis(self.clock.now())) {
             let ids: Vec<i64> = reads.accounts.keys().copied().collect();
             match self.apply_batch(jobs, reads, BatchTx(Some(self.client().await?)), false, cache).await {
-                Ok(Some(done)) => {
-                    self.stats.unlocked_batches.fetch_add(1, Ordering::Relaxed);
-                    return Ok(done);
-                }
+                Ok(Some(())) => return Ok(()),
                 // A command the cache cannot decide alone (a rejection may be a replay of a
                 // key it does not know): nothing was sent.
                 Ok(None) => {}
@@ -2884,8 +2889,10 @@ impl Core {
     /// Applies the batch to `reads` and writes it on `batch_tx`: inside the transaction the
     /// reads began if `locked`; otherwise `reads` came from the node's cache, and the statement
     /// is sent with its `BEGIN` and `COMMIT` and fails unless every account is still as cached.
-    /// `Ok(None)` (only when not `locked`): declined, nothing sent.
-    async fn apply_batch(&self, jobs: &[Job], reads: Reads, mut batch_tx: BatchTx, locked: bool, cache: &mut NodeCache) -> Result<Option<BatchDone>> {
+    /// `Ok(None)` (only when not `locked`): declined, nothing sent. `Ok(Some(()))`: it
+    /// committed and, right after the `COMMIT`, counted itself, sent its alerts and answered
+    /// each command (in that order: a caller that has its answer sees the rest).
+    async fn apply_batch(&self, jobs: &[Job], reads: Reads, mut batch_tx: BatchTx, locked: bool, cache: &mut NodeCache) -> Result<Option<()>> {
         let Reads { stored, mut accounts, by_ext, mut named, tiers, tier_stamp, hold_ids: read_hold_ids, entry_ids: read_entry_ids, now } = reads;
         let tx: &deadpool_postgres::ClientWrapper = batch_tx.client();
 
@@ -3319,6 +3326,32 @@ impl Core {
         } else {
             return Err(Error::Invariant("an unlocked batch with nothing to write".into()));
         }
+        // Committed: nothing below can fail. The callers are answered before the node updates
+        // its cache, so they send their next commands meanwhile.
+        if !locked {
+            self.stats.unlocked_batches.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.batched_commands.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        let fresh = new_alerts;
+        let sent: Vec<(AccountId, Alert)> = alerts
+            .into_iter()
+            .filter(|(acc, a)| fresh.iter().any(|(fa, fk, fm)| fa == acc && fk == alert_kind_str(a.kind) && *fm == a.month))
+            .filter_map(|(acc, a)| accounts.get(&acc).map(|x| (x.ext.clone(), a)))
+            .collect();
+        self.notify(&sent);
+        let finals: Vec<Option<Effect>> = slots.iter().map(|s| if let Slot::Applied(e) = s { Some(e.clone()) } else { None }).collect();
+        for (job, slot) in jobs.iter().zip(slots) {
+            job.reply.send(match slot {
+                Slot::Done(r) => r,
+                Slot::Applied(effect) => Ok(Ok(Committed { effect, replayed: false })),
+                Slot::Replay(first) => match &finals[first] {
+                    Some(effect) => Ok(Ok(Committed { effect: effect.clone(), replayed: true })),
+                    None => Err(Error::Invariant("replay of a command that did not apply".into())),
+                },
+            });
+        }
+
         // What the node now knows of the accounts it wrote (their holds with their ids).
         if let Some(xid) = xid {
             let real: HashMap<i64, i64> = hold_id_list.iter().enumerate().map(|(k, id)| (-(k as i64) - 1, *id)).collect();
@@ -3339,25 +3372,7 @@ impl Core {
             }
         }
 
-        let fresh = new_alerts;
-        let sent = alerts
-            .into_iter()
-            .filter(|(acc, a)| fresh.iter().any(|(fa, fk, fm)| fa == acc && fk == alert_kind_str(a.kind) && *fm == a.month))
-            .filter_map(|(acc, a)| accounts.get(&acc).map(|x| (x.ext.clone(), a)))
-            .collect();
-        let mut results: Vec<Result<Outcome>> = Vec::with_capacity(slots.len());
-        let finals: Vec<Option<Effect>> = slots.iter().map(|s| if let Slot::Applied(e) = s { Some(e.clone()) } else { None }).collect();
-        for slot in slots {
-            results.push(match slot {
-                Slot::Done(r) => r,
-                Slot::Applied(effect) => Ok(Ok(Committed { effect, replayed: false })),
-                Slot::Replay(first) => match &finals[first] {
-                    Some(effect) => Ok(Ok(Committed { effect: effect.clone(), replayed: true })),
-                    None => Err(Error::Invariant("replay of a command that did not apply".into())),
-                },
-            });
-        }
-        Ok(Some((results, sent)))
+        Ok(Some(()))
     }
 }
 
