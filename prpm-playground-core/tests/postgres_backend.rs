@@ -522,11 +522,15 @@ fn batches_of_many_accounts_use_indexes_on_tables_that_grew() {
             assert_eq!(s.balance(u).await.unwrap().total, total - ROUNDS as i64, "{u}");
         }
         let tables = ["accounts", "idempotency", "ledger_entries"];
-        let seen = scans_after_close(&db, store, &tables, |seen| seen.iter().filter(|(t, ..)| t == "accounts").all(|(_, seq, idx)| seq + idx >= batches as i64)).await;
+        let seen =
+            scans_after_close(&db, store, &tables, |seen| seen.iter().filter(|(t, ..)| t == "accounts").all(|(_, seq, idx)| seq + idx >= batches as i64)).await;
         // Counted since the database was created: the setup scans a few times; a batch
         // planned with scans scans at least once per batch, {batches} times here.
         for (table, seq, _) in &seen {
-            assert!(*seq < 20 && (*seq as u64) < batches, "{table}: {seq} scans of the whole table in {batches} batches; they must find their rows by index ({seen:?})");
+            assert!(
+                *seq < 20 && (*seq as u64) < batches,
+                "{table}: {seq} scans of the whole table in {batches} batches; they must find their rows by index ({seen:?})"
+            );
         }
     });
 }
@@ -570,13 +574,8 @@ fn an_accounts_usage_is_found_through_its_log_by_index() {
         .unwrap();
         for who in ["a", "b"] {
             let id: i64 = db.query_one("SELECT id FROM accounts WHERE external_id = $1", &[&who]).await.unwrap().get(0);
-            let plan: Vec<String> = db
-                .query(&format!("EXPLAIN {}", postgres::USAGE_PAGE_SQL), &[&id, &50i64, &i64::MAX])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let plan: Vec<String> =
+                db.query(&format!("EXPLAIN {}", postgres::USAGE_PAGE_SQL), &[&id, &50i64, &i64::MAX]).await.unwrap().iter().map(|r| r.get(0)).collect();
             let plan = plan.join("\n");
             assert!(!plan.contains("Seq Scan"), "{who}: {plan}");
             // The small account's page walks its own entries. (For the account that owns nearly

@@ -945,7 +945,8 @@ impl<'a> UsageColumns<'a> {
 /// An account's usage records (`$1`, its internal id), newest first, below the entry `$3`, at
 /// most `$2`: its log walked newest first by `ledger_entries_by_account`, the entries with usage
 /// (the `usage_records` view of migration V10: a charge's usage is columns of its entry).
-pub const USAGE_PAGE_SQL: &str = "SELECT at, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros
+pub const USAGE_PAGE_SQL: &str =
+    "SELECT at, entry_id, hold_id, operation, model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, credits, cost_micros
     FROM usage_records WHERE account_id = $1 AND entry_id < $3 ORDER BY entry_id DESC LIMIT $2";
 
 /// Allocates `$1` hold ids and `$2` entry ids, each list ascending.
@@ -3088,7 +3089,8 @@ impl Core {
             }
             usage_of_job.insert(*job, u);
         }
-        let e_usage: Vec<UsageColumns> = entries.iter().map(|e| UsageColumns::of(if e.entry.main { usage_of_job.get(&e.job).copied() } else { None })).collect();
+        let e_usage: Vec<UsageColumns> =
+            entries.iter().map(|e| UsageColumns::of(if e.entry.main { usage_of_job.get(&e.job).copied() } else { None })).collect();
         let u_op: Vec<Option<&str>> = e_usage.iter().map(|u| u.operation).collect();
         let u_model: Vec<Option<&str>> = e_usage.iter().map(|u| u.model).collect();
         let u_tok: [Vec<Option<i64>>; 4] = std::array::from_fn(|k| e_usage.iter().map(|u| u.tokens[k]).collect());
