@@ -203,7 +203,10 @@ fn main() {
     });
     let bench = Bench { rt: rt.clone(), baseline, store: store.clone() };
 
-    let mut c = Criterion::default().configure_from_args().sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    // Each design is measured for ten seconds in twenty samples: over three seconds in ten, the
+    // machine's drift moved one design's estimate by 10-15 % between runs (the interleaved
+    // rounds below alternate the designs within seconds, which criterion cannot).
+    let mut c = Criterion::default().configure_from_args().sample_size(20).measurement_time(Duration::from_secs(10)).warm_up_time(Duration::from_secs(2));
     let mut g = c.benchmark_group("postgres_spend");
     g.throughput(Throughput::Elements(1));
     for shape in Shape::ALL {
