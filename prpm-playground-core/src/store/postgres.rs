@@ -2214,12 +2214,12 @@ impl Store for PgStore {
 /// Most commands one batch takes.
 const MAX_BATCH: usize = 256;
 /// The fewest commands a batch takes as its share when the commands about are split between
-/// lanes (it takes fewer only if fewer are queued). A batch has a cost of its own
-/// whatever its size, so small batches cost more than their overlap gains; 32 callers over
-/// 1,000 accounts ran faster as two batches of 16 that overlap (one runs its statement while
-/// the other waits for its `COMMIT`'s flush and its callers) than as one batch of 32, since
-/// batches answer their callers as they commit: `pg_profile`, 20 runs each, medians 20.0k
-/// against 18.0k spends/s, the machine 71 % busy against 49 % (README, PostgreSQL figures).
+/// lanes (it takes fewer only if fewer are queued). A batch has a cost of its own whatever
+/// its size, so very small batches cost more than their overlap gains. 32 callers over 1,000
+/// accounts ran faster as two batches of 16 that overlap (one runs its statement while the
+/// other waits for its `COMMIT`'s flush and its callers) than as one batch of 32: `pg_profile`,
+/// 20 runs each, medians 20.0k against 18.0k spends/s, the machine 71 % busy against 49 %
+/// (README, PostgreSQL figures; before V10 and the early answers, one batch of 32 had won).
 /// Commands that arrive while a batch is in flight still take the other lanes.
 const MIN_SHARE: usize = 16;
 /// Most commands the batcher takes off its channel ahead of the batches.
