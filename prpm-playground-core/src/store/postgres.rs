@@ -207,18 +207,15 @@ pub struct BatchStats {
 struct Job {
     cmd: Command,
     fp: i64,
-    reply: Reply,
+    /// Taken when the command is answered: once, as soon as its result is known (a batch
+    /// answers right after its `COMMIT`, before it updates the node's cache).
+    reply: Option<oneshot::Sender<Result<Outcome>>>,
 }
 
-/// Where a batched command's result goes: sent once, as soon as it is known (a batch answers
-/// its callers right after its `COMMIT`, before it updates the node's cache).
-struct Reply(std::sync::Mutex<Option<oneshot::Sender<Result<Outcome>>>>);
-
-impl Reply {
-    fn send(&self, r: Result<Outcome>) {
-        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        debug_assert!(tx.is_some(), "a command is answered once");
-        if let Some(tx) = tx {
+impl Job {
+    fn answer(&mut self, r: Result<Outcome>) {
+        debug_assert!(self.reply.is_some(), "a command is answered once");
+        if let Some(tx) = self.reply.take() {
             let _ = tx.send(r);
         }
     }
@@ -1989,7 +1986,7 @@ impl Store for PgStore {
             return self.core.execute_single(&cmd, fp).await;
         }
         let (reply, rx) = oneshot::channel();
-        self.batcher.send(Job { cmd, fp, reply: Reply(std::sync::Mutex::new(Some(reply))) }).map_err(|_| Error::Closed)?;
+        self.batcher.send(Job { cmd, fp, reply: Some(reply) }).map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -2611,8 +2608,8 @@ fn batch_share(about: usize, lanes: usize, one_account: bool) -> usize {
 }
 
 /// One batch, whose commands are all answered when it returns; the number of them.
-async fn run_one_batch(core: &Core, batch: Vec<Job>, cache: &mut NodeCache) -> usize {
-    match core.run_batch(&batch, cache).await {
+async fn run_one_batch(core: &Core, mut batch: Vec<Job>, cache: &mut NodeCache) -> usize {
+    match core.run_batch(&mut batch, cache).await {
         // Its commands were answered as it committed.
         Ok(()) => {}
         // Nothing was answered (a batch answers only once it has committed).
@@ -2621,8 +2618,9 @@ async fn run_one_batch(core: &Core, batch: Vec<Job>, cache: &mut NodeCache) -> u
             cache.clear();
             core.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
             *core.stats.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-            for j in &batch {
-                j.reply.send(core.execute_single(&j.cmd, j.fp).await);
+            for j in &mut batch {
+                let r = core.execute_single(&j.cmd, j.fp).await;
+                j.answer(r);
             }
         }
     }
@@ -2774,7 +2772,7 @@ impl Core {
     /// otherwise is read under the accounts' row locks taken in id order (two round trips).
     /// `Ok`: it committed, and every command has been answered. `Err`: nothing was committed,
     /// or it is not known whether it was; no command has been answered.
-    async fn run_batch(&self, jobs: &[Job], cache: &mut NodeCache) -> BatchResult {
+    async fn run_batch(&self, jobs: &mut [Job], cache: &mut NodeCache) -> BatchResult {
         if let Some(reads) = cache.reads_for(jobs, to_millis(self.clock.now())) {
             let ids: Vec<i64> = reads.accounts.keys().copied().collect();
             match self.apply_batch(jobs, reads, BatchTx(Some(self.client().await?)), false, cache).await {
@@ -2895,7 +2893,7 @@ impl Core {
     /// `Ok(None)` (only when not `locked`): declined, nothing sent. `Ok(Some(()))`: it
     /// committed and, right after the `COMMIT`, counted itself, sent its alerts and answered
     /// each command (in that order: a caller that has its answer sees the rest).
-    async fn apply_batch(&self, jobs: &[Job], reads: Reads, mut batch_tx: BatchTx, locked: bool, cache: &mut NodeCache) -> Result<Option<()>> {
+    async fn apply_batch(&self, jobs: &mut [Job], reads: Reads, mut batch_tx: BatchTx, locked: bool, cache: &mut NodeCache) -> Result<Option<()>> {
         let Reads { stored, mut accounts, by_ext, mut named, tiers, tier_stamp, hold_ids: read_hold_ids, entry_ids: read_entry_ids, now } = reads;
         let tx: &deadpool_postgres::ClientWrapper = batch_tx.client();
 
@@ -3345,8 +3343,8 @@ impl Core {
             .collect();
         self.notify(&sent);
         let finals: Vec<Option<Effect>> = slots.iter().map(|s| if let Slot::Applied(e) = s { Some(e.clone()) } else { None }).collect();
-        for (job, slot) in jobs.iter().zip(slots) {
-            job.reply.send(match slot {
+        for (job, slot) in jobs.iter_mut().zip(slots) {
+            job.answer(match slot {
                 Slot::Done(r) => r,
                 Slot::Applied(effect) => Ok(Ok(Committed { effect, replayed: false })),
                 Slot::Replay(first) => match &finals[first] {
