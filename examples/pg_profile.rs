@@ -8,6 +8,7 @@
 //! cargo run --release --example pg_profile
 //! PRPM_PG_LANES=4 cargo run --release --example pg_profile   # another lane count
 //! PRPM_PROFILE_SHAPE=one cargo run --release --example pg_profile   # one shape (`one`, `spread`, `hot`)
+//! PRPM_PROFILE_SPENDS=2400 cargo run --release --example pg_profile   # runs as short as the bench's rounds
 //! ```
 
 use std::sync::Arc;
@@ -86,10 +87,13 @@ async fn run() {
     let repeat = std::env::var("PRPM_PROFILE_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
     // `PRPM_PROFILE_CALLERS=n`: another number of callers over the 1,000 accounts.
     let spread_callers = std::env::var("PRPM_PROFILE_CALLERS").ok().and_then(|v| v.parse().ok()).unwrap_or(32usize);
+    // `PRPM_PROFILE_SPENDS=n`: n spends per run of the spread and hot shapes (the bench's
+    // interleaved rounds make 2,400).
+    let many = std::env::var("PRPM_PROFILE_SPENDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000usize);
     let shapes = [
         ("one", "one caller", 1usize, 2_000usize, false),
-        ("spread", "32 callers, 1,000 accounts", spread_callers, 20_000, false),
-        ("hot", "32 callers, one hot account", 32, 20_000, true),
+        ("spread", "32 callers, 1,000 accounts", spread_callers, many, false),
+        ("hot", "32 callers, one hot account", 32, many, true),
         ("baseline", "the bench's baseline, one caller", 1, 2_000, false),
     ];
     for (short, shape, callers, spends, hot) in shapes.into_iter().flat_map(|s| std::iter::repeat_n(s, if s.0 == "baseline" { 1 } else { repeat })) {
@@ -116,13 +120,16 @@ async fn run() {
                         let s = Spend { account, amount: 1, usage: Some(usage_of(9_600)), reference: "profile".into(), key: IdempotencyKey::generate() };
                         store.spend(s).await.unwrap().unwrap();
                     }
+                    t0.elapsed()
                 })
             })
             .collect();
+        let mut finished = Vec::new();
         for t in tasks {
-            t.await.unwrap();
+            finished.push(t.await.unwrap());
         }
         let wall = t0.elapsed();
+        finished.sort();
         let (own1, server1, machine1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
         let lsn1: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
         let wal_bytes: f64 = db.query_one("SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)::float8", &[&lsn1, &lsn0]).await.unwrap().get(0);
@@ -137,6 +144,10 @@ async fn run() {
             st.stale_batches - stats0.stale_batches,
             st.block_batches - stats0.block_batches
         );
+        if let (Some(first), Some(half)) = (finished.first(), finished.get(finished.len() / 2)) {
+            // How long the last callers ran without the others (a round's tail).
+            println!("   callers finished: first at {:.1} ms, half at {:.1} ms, last at {:.1} ms", first.as_secs_f64() * 1e3, half.as_secs_f64() * 1e3, wall.as_secs_f64() * 1e3);
+        }
         println!("   WAL per spend: {:.0} bytes", wal_bytes / n);
         if std::env::var("PRPM_PROFILE_WAL").is_ok() {
             db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect").await.unwrap();
