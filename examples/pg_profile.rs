@@ -9,6 +9,7 @@
 //! PRPM_PG_LANES=4 cargo run --release --example pg_profile   # another lane count
 //! PRPM_PROFILE_SHAPE=one cargo run --release --example pg_profile   # one shape (`one`, `spread`, `hot`)
 //! PRPM_PROFILE_SPENDS=2400 cargo run --release --example pg_profile   # runs as short as the bench's rounds
+//! PRPM_PROFILE_SLOW_US=5000 cargo run --release --example pg_profile   # print each spend that took 5 ms or more
 //! ```
 
 use std::sync::Arc;
@@ -90,6 +91,8 @@ async fn run() {
     // `PRPM_PROFILE_SPENDS=n`: n spends per run of the spread and hot shapes (the bench's
     // interleaved rounds make 2,400).
     let many = std::env::var("PRPM_PROFILE_SPENDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000usize);
+    // `PRPM_PROFILE_SLOW_US=n`: print each spend that took n µs or more (when, and whose).
+    let slow_us: Option<u64> = std::env::var("PRPM_PROFILE_SLOW_US").ok().and_then(|v| v.parse().ok());
     let shapes = [
         ("one", "one caller", 1usize, 2_000usize, false),
         ("spread", "32 callers, 1,000 accounts", spread_callers, many, false),
@@ -115,21 +118,31 @@ async fn run() {
             .map(|c| {
                 let store = store.clone();
                 tokio::spawn(async move {
+                    let mut latencies_us = Vec::with_capacity(per);
                     for i in 0..per {
                         let account = if hot { name(ACCOUNTS) } else { name((c * 7919 + i * 104_729) % ACCOUNTS) };
                         let s = Spend { account, amount: 1, usage: Some(usage_of(9_600)), reference: "profile".into(), key: IdempotencyKey::generate() };
+                        let started = Instant::now();
                         store.spend(s).await.unwrap().unwrap();
+                        let took_us = started.elapsed().as_micros() as u64;
+                        if slow_us.is_some_and(|slow| took_us >= slow) {
+                            eprintln!("   slow: caller {c}, spend {i}, sent {} us into the run, took {took_us} us", (started - t0).as_micros());
+                        }
+                        latencies_us.push(took_us);
                     }
-                    t0.elapsed()
+                    (t0.elapsed(), latencies_us)
                 })
             })
             .collect();
-        let mut finished = Vec::new();
+        let (mut finished, mut latencies_us) = (Vec::new(), Vec::new());
         for t in tasks {
-            finished.push(t.await.unwrap());
+            let (done, l) = t.await.unwrap();
+            finished.push(done);
+            latencies_us.extend(l);
         }
         let wall = t0.elapsed();
         finished.sort();
+        latencies_us.sort_unstable();
         let (own1, server1, machine1) = (cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()), server_ticks(), machine_ticks());
         let lsn1: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
         let wal_bytes: f64 = db.query_one("SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)::float8", &[&lsn1, &lsn0]).await.unwrap().get(0);
@@ -147,6 +160,10 @@ async fn run() {
         if let (Some(first), Some(half)) = (finished.first(), finished.get(finished.len() / 2)) {
             // How long the last callers ran without the others (a round's tail).
             println!("   callers finished: first at {:.1} ms, half at {:.1} ms, last at {:.1} ms", first.as_secs_f64() * 1e3, half.as_secs_f64() * 1e3, wall.as_secs_f64() * 1e3);
+        }
+        if let Some(max) = latencies_us.last() {
+            let q = |p: usize| latencies_us[(latencies_us.len() - 1) * p / 100];
+            println!("   a spend's latency: p50 {} us, p90 {} us, p99 {} us, max {max} us", q(50), q(90), q(99));
         }
         println!("   WAL per spend: {:.0} bytes", wal_bytes / n);
         if std::env::var("PRPM_PROFILE_WAL").is_ok() {
