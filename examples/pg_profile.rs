@@ -159,7 +159,12 @@ async fn run() {
         );
         if let (Some(first), Some(half)) = (finished.first(), finished.get(finished.len() / 2)) {
             // How long the last callers ran without the others (a round's tail).
-            println!("   callers finished: first at {:.1} ms, half at {:.1} ms, last at {:.1} ms", first.as_secs_f64() * 1e3, half.as_secs_f64() * 1e3, wall.as_secs_f64() * 1e3);
+            println!(
+                "   callers finished: first at {:.1} ms, half at {:.1} ms, last at {:.1} ms",
+                first.as_secs_f64() * 1e3,
+                half.as_secs_f64() * 1e3,
+                wall.as_secs_f64() * 1e3
+            );
         }
         if let Some(max) = latencies_us.last() {
             let q = |p: usize| latencies_us[(latencies_us.len() - 1) * p / 100];
