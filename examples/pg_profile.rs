@@ -170,7 +170,7 @@ async fn run() {
             let q = |p: usize| latencies_us[(latencies_us.len() - 1) * p / 100];
             println!("   a spend's latency: p50 {} us, p90 {} us, p99 {} us, max {max} us", q(50), q(90), q(99));
         }
-        println!("   WAL per spend: {:.0} bytes", wal_bytes / n);
+        println!("   WAL per spend: {:.0} bytes (from {lsn0} to {lsn1})", wal_bytes / n);
         if std::env::var("PRPM_PROFILE_WAL").is_ok() {
             db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect").await.unwrap();
             let rows = db
