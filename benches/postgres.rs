@@ -6,8 +6,9 @@
 //! row, `UPDATE` of the three buckets in priority order, `INSERT` of the log row, `INSERT` of
 //! the usage row, `COMMIT`. Each workload runs for both in the same shape (one caller; 32
 //! callers over 1,000 accounts; 32 callers on one hot account) and the ratio is ours over the
-//! baseline's. `cargo bench --bench postgres` prints criterion's figures and then a table from
-//! interleaved rounds. Under `cargo test --all-targets` each runs once on small counts; without
+//! baseline's. `cargo bench --bench postgres` prints criterion's figures and then two tables from
+//! interleaved rounds: rounds of a fixed time (the targets' measure) and rounds of a fixed
+//! number of spends per caller. Under `cargo test --all-targets` each runs once on small counts; without
 //! PostgreSQL installed it says so and does nothing.
 
 use std::collections::BTreeMap;
