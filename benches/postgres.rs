@@ -68,6 +68,12 @@ impl Baseline {
         Baseline { pool }
     }
 
+    /// An account's credits, all buckets.
+    async fn balance(&self, a: &str) -> i64 {
+        let c = self.pool.get().await.unwrap();
+        c.query_one("SELECT monthly + rollover + purchased FROM credits WHERE account_id = $1", &[&a]).await.unwrap().get(0)
+    }
+
     /// One spend, the plain way.
     async fn spend(&self, a: &str, amount: i64) {
         let mut c = self.pool.get().await.unwrap();
@@ -137,18 +143,18 @@ struct Bench {
 impl Bench {
     /// `n` spends in `shape`, by the baseline or by the store, each caller making its share;
     /// (spends, wall time).
-    fn run(&self, ours: bool, shape: Shape, n: u64) -> (u64, Duration) {
+    fn run(&self, ours: bool, shape: Shape, n: u64) -> Run {
         let per = n.div_ceil(shape.callers() as u64).max(1);
         self.callers(ours, shape, Until::Spends(per))
     }
 
     /// `shape`'s callers each spending, by the baseline or by the store, until `round` has
-    /// passed (each makes at least one spend, and finishes the one it is in); (spends, wall time).
-    fn run_for(&self, ours: bool, shape: Shape, round: Duration) -> (u64, Duration) {
+    /// passed (each makes at least one spend, and finishes the one it is in).
+    fn run_for(&self, ours: bool, shape: Shape, round: Duration) -> Run {
         self.callers(ours, shape, Until::Deadline(Instant::now() + round))
     }
 
-    fn callers(&self, ours: bool, shape: Shape, until: Until) -> (u64, Duration) {
+    fn callers(&self, ours: bool, shape: Shape, until: Until) -> Run {
         let this = self.clone();
         self.rt.block_on(async move {
             let t0 = Instant::now();
@@ -172,19 +178,32 @@ impl Bench {
                                 Until::Deadline(d) => Instant::now() >= d,
                             };
                             if done {
-                                return i;
+                                return (i, Instant::now());
                             }
                         }
                     })
                 })
                 .collect();
-            let mut spends = 0;
+            let (mut spends, mut first, mut last) = (0, None::<Instant>, None::<Instant>);
             for t in tasks {
-                spends += t.await.unwrap();
+                let (n, at) = t.await.unwrap();
+                spends += n;
+                first = Some(first.map_or(at, |f| f.min(at)));
+                last = Some(last.map_or(at, |l| l.max(at)));
             }
-            (spends, t0.elapsed())
+            let wall = t0.elapsed();
+            Run { spends, wall, spread: last.unwrap() - first.unwrap() }
         })
     }
+}
+
+/// What a run did.
+struct Run {
+    spends: u64,
+    /// From its start to its last caller's last answer.
+    wall: Duration,
+    /// From its first caller's last answer to its last caller's.
+    spread: Duration,
 }
 
 /// When each caller of a run stops.
@@ -244,7 +263,7 @@ fn main() {
             let name = format!("{}_{}", if ours { "ours" } else { "baseline" }, shape.name());
             g.bench_function(name, |b| {
                 b.iter_custom(|iters| {
-                    let (ops, e) = bench.run(ours, shape, iters);
+                    let Run { spends: ops, wall: e, .. } = bench.run(ours, shape, iters);
                     e.mul_f64(iters as f64 / ops as f64)
                 })
             });
@@ -253,28 +272,33 @@ fn main() {
     g.finish();
     c.final_summary();
 
-    // Interleaved rounds: the disk's drifting fsync latency weighs on both alike. The target's
+    // Interleaved rounds: the disk's drifting fsync latency weighs on both alike. The targets'
     // measure is a round of a fixed time, the same for both designs, as pgbench's `-T`: every
-    // caller spends until it ends, so all of them are in flight for the whole round. Rounds of a
-    // fixed number of spends per caller (each timed round is followed by one of those, same
-    // design and shape) end with the last few callers alone; that tail, a few tens of
-    // milliseconds for either design, weighs four times as much on ours, whose rounds are four
-    // times shorter (see the README's PostgreSQL figures).
+    // caller spends until it ends, so all of them are in flight for the whole round, and a
+    // round's fixed costs (its start from idle, its last answers) weigh the same share of it for
+    // both. Rounds of a fixed number of spends per caller (the measure before, still printed:
+    // after each round's six timed runs, six of those in the same order) end with the last few
+    // callers alone, and that tail weighs four times as much on ours, whose rounds are four times
+    // shorter (see the README's PostgreSQL figures).
     let rounds = if bench_mode { 8 } else { 1 };
     let round = if bench_mode { Duration::from_millis(400) } else { Duration::from_millis(5) };
     let per_round: u64 = if bench_mode { 300 } else { 4 };
-    let mut timed: BTreeMap<(Shape, bool), (u64, Duration)> = BTreeMap::new();
-    let mut counted: BTreeMap<(Shape, bool), (u64, Duration)> = BTreeMap::new();
+    // (spends, wall time, the callers' finish spreads) by shape and design.
+    type Totals = BTreeMap<(Shape, bool), (u64, Duration, Duration)>;
+    let (mut timed, mut counted): (Totals, Totals) = Default::default();
     let hot_before = rt.block_on(store.balance(&acct("hot"))).unwrap().total;
+    let baseline_hot_before = rt.block_on(bench.baseline.balance("hot"));
     for r in 0..rounds {
-        for k in 0..6 {
-            let k = (k + r) % 6;
-            let (shape, ours) = (Shape::ALL[k / 2], k % 2 == 1);
-            let n = if shape == Shape::Single { per_round } else { per_round * 8 };
-            for (totals, (ops, e)) in [(&mut timed, bench.run_for(ours, shape, round)), (&mut counted, bench.run(ours, shape, n))] {
+        for is_timed in [true, false] {
+            for k in 0..6 {
+                let k = (k + r) % 6;
+                let (shape, ours) = (Shape::ALL[k / 2], k % 2 == 1);
+                let n = if shape == Shape::Single { per_round } else { per_round * 8 };
+                let (run, totals) = if is_timed { (bench.run_for(ours, shape, round), &mut timed) } else { (bench.run(ours, shape, n), &mut counted) };
                 let t = totals.entry((shape, ours)).or_default();
-                t.0 += ops;
-                t.1 += e;
+                t.0 += run.spends;
+                t.1 += run.wall;
+                t.2 += run.spread;
             }
         }
     }
@@ -282,22 +306,31 @@ fn main() {
     assert!(report.is_clean(), "{:?}", report.discrepancies);
     // Every spend the store said it applied, and only those (zero overspend).
     let hot = rt.block_on(store.balance(&acct("hot"))).unwrap().total;
-    let spent_hot: u64 = [&timed, &counted].iter().map(|t| t.get(&(Shape::Hot, true)).map_or(0, |t| t.0)).sum();
-    assert_eq!(hot, hot_before - spent_hot as i64, "the hot account");
+    let spent_hot = |ours: bool| -> i64 { [&timed, &counted].iter().map(|t| t.get(&(Shape::Hot, ours)).map_or(0, |t| t.0)).sum::<u64>() as i64 };
+    assert_eq!(hot, hot_before - spent_hot(true), "the hot account");
+    assert_eq!(rt.block_on(bench.baseline.balance("hot")), baseline_hot_before - spent_hot(false), "the baseline's hot account");
 
     for (totals, what) in [
         (&timed, format!("{rounds} interleaved rounds of {round:?} (the targets' measure)")),
         (&counted, format!("{rounds} interleaved rounds of {per_round} spends per 1 caller, {} per 32", per_round * 8)),
     ] {
-        let rate = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|(n, t)| *n as f64 / t.as_secs_f64()).unwrap_or(f64::NAN);
+        let rate = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|(n, t, _)| *n as f64 / t.as_secs_f64()).unwrap_or(f64::NAN);
+        let spread = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|(_, _, s)| s.as_secs_f64() * 1e3 / rounds as f64).unwrap_or(f64::NAN);
         println!("\nPostgreSQL spend path (local cluster, fsync on, synchronous_commit on): spends per second over {what}");
-        println!("{:<36} {:>12} {:>12} {:>8} {:>8}", "shape", "baseline/s", "ours/s", "ratio", "target");
+        println!("{:<36} {:>12} {:>12} {:>8} {:>8}   callers' last answers apart (ms, mean)", "shape", "baseline/s", "ours/s", "ratio", "target");
         for (shape, label, target) in [
             (Shape::Single, "single caller", ">= 0.8"),
             (Shape::Spread, "32 callers over 1,000 accounts", ">= 3"),
             (Shape::Hot, "32 callers on one hot account", ">= 10"),
         ] {
-            println!("{label:<36} {:>12.0} {:>12.0} {:>7.2}x {target:>8}", rate(shape, false), rate(shape, true), rate(shape, true) / rate(shape, false));
+            println!(
+                "{label:<36} {:>12.0} {:>12.0} {:>7.2}x {target:>8}   baseline {:.1}, ours {:.1}",
+                rate(shape, false),
+                rate(shape, true),
+                rate(shape, true) / rate(shape, false),
+                spread(shape, false),
+                spread(shape, true)
+            );
         }
     }
     drop(cluster);
