@@ -141,8 +141,7 @@ struct Bench {
 }
 
 impl Bench {
-    /// `n` spends in `shape`, by the baseline or by the store, each caller making its share;
-    /// (spends, wall time).
+    /// `n` spends in `shape`, by the baseline or by the store, each caller making its share.
     fn run(&self, ours: bool, shape: Shape, n: u64) -> Run {
         let per = n.div_ceil(shape.callers() as u64).max(1);
         self.callers(ours, shape, Until::Spends(per))
@@ -277,9 +276,9 @@ fn main() {
     // caller spends until it ends, so all of them are in flight for the whole round, and a
     // round's fixed costs (its start from idle, its last answers) weigh the same share of it for
     // both. Rounds of a fixed number of spends per caller (the measure before, still printed:
-    // after each round's six timed runs, six of those in the same order) end with the last few
-    // callers alone, and that tail weighs four times as much on ours, whose rounds are four times
-    // shorter (see the README's PostgreSQL figures).
+    // after each round's six timed runs, six of those in the same order) end with fewer callers
+    // in flight, and ours, a batch of whoever is waiting, slows with them where the baseline
+    // does not (see the README's PostgreSQL figures).
     let rounds = if bench_mode { 8 } else { 1 };
     let round = if bench_mode { Duration::from_millis(400) } else { Duration::from_millis(5) };
     let per_round: u64 = if bench_mode { 300 } else { 4 };
@@ -304,7 +303,8 @@ fn main() {
     }
     let report = rt.block_on(store.verify()).unwrap();
     assert!(report.is_clean(), "{:?}", report.discrepancies);
-    // Every spend the store said it applied, and only those (zero overspend).
+    // Every spend the store said it applied, and only those. (The bookkeeping: the account never
+    // runs dry here; refusals past a balance under concurrency are the conformance suite's.)
     let hot = rt.block_on(store.balance(&acct("hot"))).unwrap().total;
     let spent_hot = |ours: bool| -> i64 { [&timed, &counted].iter().map(|t| t.get(&(Shape::Hot, ours)).map_or(0, |t| t.0)).sum::<u64>() as i64 };
     assert_eq!(hot, hot_before - spent_hot(true), "the hot account");
