@@ -6,10 +6,10 @@
 //! row, `UPDATE` of the three buckets in priority order, `INSERT` of the log row, `INSERT` of
 //! the usage row, `COMMIT`. Each workload runs for both in the same shape (one caller; 32
 //! callers over 1,000 accounts; 32 callers on one hot account) and the ratio is ours over the
-//! baseline's. `cargo bench --bench postgres` prints criterion's figures and then two tables from
-//! interleaved rounds: rounds of a fixed time (the targets' measure) and rounds of a fixed
-//! number of spends per caller. Under `cargo test --all-targets` each runs once on small counts; without
-//! PostgreSQL installed it says so and does nothing.
+//! baseline's. `cargo bench --bench postgres` prints criterion's figures and then two tables
+//! from interleaved rounds: rounds of a fixed time (the targets' measure) and rounds of a fixed
+//! number of spends per caller. Under `cargo test --all-targets` each runs once on small counts;
+//! without PostgreSQL installed it says so and does nothing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -183,26 +183,34 @@ impl Bench {
                     })
                 })
                 .collect();
-            let (mut spends, mut first, mut last) = (0, None::<Instant>, None::<Instant>);
+            let mut done = Vec::with_capacity(tasks.len());
             for t in tasks {
-                let (n, at) = t.await.unwrap();
-                spends += n;
-                first = Some(first.map_or(at, |f| f.min(at)));
-                last = Some(last.map_or(at, |l| l.max(at)));
+                done.push(t.await.unwrap());
             }
             let wall = t0.elapsed();
-            Run { spends, wall, spread: last.unwrap() - first.unwrap() }
+            let last_answers = || done.iter().map(|d| d.1);
+            let spread = last_answers().max().expect("a run has callers") - last_answers().min().expect("a run has callers");
+            Run { spends: done.iter().map(|d| d.0).sum(), wall, spread }
         })
     }
 }
 
-/// What a run did.
+/// What a run did (or several, summed).
+#[derive(Default)]
 struct Run {
     spends: u64,
     /// From its start to its last caller's last answer.
     wall: Duration,
     /// From its first caller's last answer to its last caller's.
     spread: Duration,
+}
+
+impl std::ops::AddAssign for Run {
+    fn add_assign(&mut self, r: Run) {
+        self.spends += r.spends;
+        self.wall += r.wall;
+        self.spread += r.spread;
+    }
 }
 
 /// When each caller of a run stops.
@@ -282,8 +290,8 @@ fn main() {
     let rounds = if bench_mode { 8 } else { 1 };
     let round = if bench_mode { Duration::from_millis(400) } else { Duration::from_millis(5) };
     let per_round: u64 = if bench_mode { 300 } else { 4 };
-    // (spends, wall time, the callers' finish spreads) by shape and design.
-    type Totals = BTreeMap<(Shape, bool), (u64, Duration, Duration)>;
+    // Each shape's and design's runs, summed.
+    type Totals = BTreeMap<(Shape, bool), Run>;
     let (mut timed, mut counted): (Totals, Totals) = Default::default();
     let hot_before = rt.block_on(store.balance(&acct("hot"))).unwrap().total;
     let baseline_hot_before = rt.block_on(bench.baseline.balance("hot"));
@@ -294,10 +302,7 @@ fn main() {
                 let (shape, ours) = (Shape::ALL[k / 2], k % 2 == 1);
                 let n = if shape == Shape::Single { per_round } else { per_round * 8 };
                 let (run, totals) = if is_timed { (bench.run_for(ours, shape, round), &mut timed) } else { (bench.run(ours, shape, n), &mut counted) };
-                let t = totals.entry((shape, ours)).or_default();
-                t.0 += run.spends;
-                t.1 += run.wall;
-                t.2 += run.spread;
+                *totals.entry((shape, ours)).or_default() += run;
             }
         }
     }
@@ -306,7 +311,7 @@ fn main() {
     // Every spend the store said it applied, and only those. (The bookkeeping: the account never
     // runs dry here; refusals past a balance under concurrency are the conformance suite's.)
     let hot = rt.block_on(store.balance(&acct("hot"))).unwrap().total;
-    let spent_hot = |ours: bool| -> i64 { [&timed, &counted].iter().map(|t| t.get(&(Shape::Hot, ours)).map_or(0, |t| t.0)).sum::<u64>() as i64 };
+    let spent_hot = |ours: bool| -> i64 { [&timed, &counted].iter().map(|t| t.get(&(Shape::Hot, ours)).map_or(0, |t| t.spends)).sum::<u64>() as i64 };
     assert_eq!(hot, hot_before - spent_hot(true), "the hot account");
     assert_eq!(rt.block_on(bench.baseline.balance("hot")), baseline_hot_before - spent_hot(false), "the baseline's hot account");
 
@@ -314,8 +319,8 @@ fn main() {
         (&timed, format!("{rounds} interleaved rounds of {round:?} (the targets' measure)")),
         (&counted, format!("{rounds} interleaved rounds of {per_round} spends per 1 caller, {} per 32", per_round * 8)),
     ] {
-        let rate = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|(n, t, _)| *n as f64 / t.as_secs_f64()).unwrap_or(f64::NAN);
-        let spread = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|(_, _, s)| s.as_secs_f64() * 1e3 / rounds as f64).unwrap_or(f64::NAN);
+        let rate = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|t| t.spends as f64 / t.wall.as_secs_f64()).unwrap_or(f64::NAN);
+        let spread = |shape: Shape, ours: bool| totals.get(&(shape, ours)).map(|t| t.spread.as_secs_f64() * 1e3 / rounds as f64).unwrap_or(f64::NAN);
         println!("\nPostgreSQL spend path (local cluster, fsync on, synchronous_commit on): spends per second over {what}");
         println!("{:<36} {:>12} {:>12} {:>8} {:>8}   callers' last answers apart (ms, mean)", "shape", "baseline/s", "ours/s", "ratio", "target");
         for (shape, label, target) in [
